@@ -11,49 +11,75 @@ spirit). Each subcommand prints a readable table and, as its last line, one `BEN
     python bench.py infer       # end-to-end generative inference, whole vs slide
 
 Peak memory on CPU is measured honestly: each side runs in its own fresh subprocess, which reports its
-peak resident set size (ru_maxrss) minus its own baseline taken after imports and input creation.
-Timings are medians of interleaved repeats.
+peak resident set size (VmHWM, reset after imports and input creation) minus its RSS at that point.
+Timings are medians of interleaved repeats. The machine's cores may be shared: compare ratios, not seconds.
 """
 import argparse
 import json
 import multiprocessing as mp
 import resource
 import statistics
-import sys
 import time
 
+import os
+import tempfile
 
-def _peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+import datasets
+import gss
+import swin
+import train_prior
 
 
-def _child(setup, args, repeats, threads, queue):
+def _rss_mb(field):
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process in MB, from /proc/self/status (Linux)."""
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ':')) / 1024
+
+
+def _child(setup, args, threads, warmup, queue):
     import torch
     torch.set_num_threads(threads)
-    fn = setup(*args)  # builds inputs and returns a zero-argument callable
-    base = _peak_rss_mb()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-        del out
-    queue.put({'seconds': times, 'peak_mb': _peak_rss_mb() - base})
+    fn = setup(*args)  # builds the model and inputs, returns the callable to time
+    if warmup:
+        fn()  # first call: kernel creation, allocator growth
+    # reset the peak RSS (VmHWM) to the current RSS (Linux >= 4.0): ru_maxrss cannot be reset, and a spawned
+    # child inherits its parent's high-water mark
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+    base = _rss_mb('VmRSS')
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    queue.put({'seconds': time.perf_counter() - t0, 'cpu_seconds': time.process_time() - c0,
+               'peak_mb': _rss_mb('VmHWM') - base})
 
 
-def measure(setup, args=(), repeats=3, threads=2):
-    """Run setup(*args)() `repeats` times in a fresh process; return (median seconds, peak MB above baseline).
-
-    `setup` must be a module-level function (it is pickled into a spawned process) returning the callable
-    to time; the first call counts towards memory but the median is taken over all calls.
-    """
+def run_side(setup, args=(), threads=2, warmup=True):
+    """setup(*args)() in a fresh spawned process (after a warm-up call unless warmup=False) -> dict of its wall and
+    CPU seconds and its peak RSS above the RSS just before the call. `setup` must be a module-level function."""
     ctx = mp.get_context('spawn')
     queue = ctx.Queue()
-    p = ctx.Process(target=_child, args=(setup, args, repeats, threads, queue))
+    p = ctx.Process(target=_child, args=(setup, args, threads, warmup, queue))
     p.start()
-    result = queue.get()
+    out = queue.get()
     p.join()
-    return statistics.median(result['seconds']), result['peak_mb']
+    return out
+
+
+def interleaved(sides, repeats, threads, warmup=True):
+    """sides: {name: (setup, args)}; `repeats` rounds, one fresh process per side per round, sides alternating.
+    -> {name: {'seconds': median, 'cpu_seconds': median, 'peak_mb': median}}."""
+    runs = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, (setup, args) in sides.items():
+            runs[name].append(run_side(setup, args, threads, warmup))
+    return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
 
 
 def report(title, rows, figures):
@@ -65,7 +91,527 @@ def report(title, rows, figures):
     print('BENCH ' + json.dumps(figures))
 
 
-BENCHES = {}
+
+# ----------------------------------------------------------------------------------------------------
+# swin: our Swin-T vs torchvision's swin_t (same weights, batch 2, 3x256x256, CPU)
+
+SWIN_SIDES, SWIN_MODES = ('ours', 'torchvision'), ('fwd_bwd', 'fwd')
+
+
+def _swin_model(side):
+    """(model, loss) for one side; loss(x) is a scalar over what a segmentation decoder would use."""
+    if side == 'torchvision':
+        tv = torchvision.models.swin_t()  # stochastic_depth_prob=0.2 is fixed by this builder
+        return tv, lambda x: tv.norm(tv.features(x)).mean()  # features + final norm, no classifier head
+    ours = swin.build_swin('swin_t', drop_path_rate=0.2)
+    return ours, lambda x: sum(o.mean() for o in ours(x))  # the 4 normed output maps
+
+
+def _swin_step(model, loss, x, mode):
+    """'fwd_bwd': a training step without the optimizer; 'fwd': an inference forward."""
+    if mode == 'fwd_bwd':
+        model.train()
+        model.zero_grad(set_to_none=True)
+        loss(x).backward()
+    else:
+        model.eval()
+        with torch.no_grad():
+            loss(x)
+
+
+def _swin_step_setup(side, mode):
+    """run_side() setup: one side's model and input; returns one step."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 256, 256)
+    model, loss = _swin_model(side)
+    return lambda: _swin_step(model, loss, x, mode)
+
+
+def _swin_times(models, x, repeats):
+    """Median seconds per (side, mode) over interleaved repeats, sides alternating which goes first."""
+    times = {(s, m): [] for s in SWIN_SIDES for m in SWIN_MODES}
+    for s in SWIN_SIDES:
+        for m in SWIN_MODES:
+            _swin_step(*models[s], x, m)  # warm-up
+    for r in range(repeats):
+        for s in (SWIN_SIDES if r % 2 == 0 else SWIN_SIDES[::-1]):
+            for m in SWIN_MODES:
+                t0 = time.perf_counter()
+                _swin_step(*models[s], x, m)
+                times[s, m].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_swin(args):
+    repeats = getattr(args, 'repeats', None) or 7
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 256, 256)
+    models = {side: _swin_model(side) for side in SWIN_SIDES}
+    swin.load_pretrained(models['ours'][0], models['torchvision'][0].state_dict())  # same weights
+    threads = torch.get_num_threads()
+    sec = _swin_times(models, x, repeats)
+    rows = [('fwd_bwd_s', f'fwd+bwd time, {threads} threads (s)', sec, 'fwd_bwd'),
+            ('fwd_s', f'forward time, {threads} threads (s)', sec, 'fwd')]
+    if threads > 1:  # one thread too: steadier when the cores are shared with other jobs
+        torch.set_num_threads(1)
+        sec1 = _swin_times(models, x, repeats)
+        torch.set_num_threads(threads)
+        rows += [('fwd_bwd_1thread_s', 'fwd+bwd time, 1 thread (s)', sec1, 'fwd_bwd'),
+                 ('fwd_1thread_s', 'forward time, 1 thread (s)', sec1, 'fwd')]
+    mib = {(s, m): statistics.median(run_side(_swin_step_setup, (s, m), warmup=False)['peak_mb'] for _ in range(3))
+           for m in SWIN_MODES for s in SWIN_SIDES}
+    rows += [('fwd_bwd_peak_mib', 'peak RSS fwd+bwd (MiB)', mib, 'fwd_bwd'),
+             ('fwd_peak_mib', 'peak RSS forward (MiB)', mib, 'fwd')]
+
+    print(f"swin_t vs torchvision swin_t: batch 2, 3x256x256, CPU, {repeats} interleaved repeats (medians)")
+    print("peak memory: bench.run_side (own subprocess per side), median of 3")
+    print(f"{'':32s}{'ours':>10s}{'torchvision':>13s}{'ours/tv':>10s}")
+    figures = {'bench': 'swin', 'model': 'swin_t', 'input': [2, 3, 256, 256], 'device': 'cpu',
+               'threads': threads, 'repeats': repeats,
+               'memory_method': 'VmHWM minus VmRSS after setup, own subprocess per side, median of 3'}
+    for key, name, d, m in rows:
+        ours, tv = d['ours', m], d['torchvision', m]
+        print(f"{name:32s}{ours:10.3f}{tv:13.3f}{ours / tv:10.3f}")
+        figures.update({f'ours_{key}': ours, f'tv_{key}': tv, f'ratio_{key}': ours / tv})
+    print("BENCH " + json.dumps(figures))
+
+
+# ----------------------------------------------------------------------------------------------------
+# data: images per second through the training pipeline
+
+def bench_data(args):
+    """Images/s through the training pipeline (DataLoader, 2 workers) on the synthetic set and on
+    64 ADE20K-sized 512x683 JPEG/PNG pairs written here; plus generation time of the synthetic set."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0, c0 = time.perf_counter(), time.process_time()
+        datasets.synthetic_root(tmp)
+        gen_s, gen_cpu = time.perf_counter() - t0, time.process_time() - c0
+        rng = np.random.default_rng(0)
+        for i in range(64):  # smooth random scenes with blocky labels 0..150, ADE layout
+            img = Image.fromarray(rng.integers(0, 256, (16, 21, 3), np.uint8)).resize((683, 512), Image.BILINEAR)
+            img = np.clip(np.asarray(img, np.int16) + rng.integers(-20, 21, (512, 683, 3)), 0, 255).astype(np.uint8)
+            lab = Image.fromarray(rng.integers(0, 151, (8, 11), np.uint8)).resize((683, 512), Image.NEAREST)
+            for sub, im, ext in [('images', Image.fromarray(img), 'jpg'), ('annotations', lab, 'png')]:
+                os.makedirs(f'{tmp}/ade/{sub}/training', exist_ok=True)
+                im.save(f'{tmp}/ade/{sub}/training/ADE_train_{i:08d}.{ext}', quality=90)
+        rows, figures = [], {'synthetic_generation_s': round(gen_s, 2), 'synthetic_generation_cpu_s': round(gen_cpu, 2)}
+        sets = [('synthetic', 'synthetic', tmp, 1024, 16), ('ade', 'ade20k', f'{tmp}/ade', 64, 8)]
+        for key, name, root, n, batch in sets:
+            ds = datasets.build_dataset(name, 'train', root)
+            torch.manual_seed(0)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as in a DataLoader worker
+            t0 = time.process_time()  # CPU time: robust to other load on the machine
+            for i in range(64):
+                ds[i]
+            ms = (time.process_time() - t0) / 64 * 1000
+            torch.set_num_threads(threads)
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch, shuffle=True,
+                                                 num_workers=2, persistent_workers=True)
+            speeds = []
+            for rep in range(4):  # the first pass starts the workers and is not counted
+                t0 = time.perf_counter()
+                for _ in loader:
+                    pass
+                speeds.append(n / (time.perf_counter() - t0))
+            ips = statistics.median(speeds[1:])
+            size = 'x'.join(map(str, datasets.read_image(ds.files[0][0]).shape[:2]))
+            rows.append((name, size, ds.preset['crop_size'], batch, ms, ips))
+            figures.update({f'{key}_cpu_ms_per_image': round(ms, 2), f'{key}_images_per_s_2workers': round(ips, 1)})
+    print(f"synthetic set (2000+200 images, 64x64) generated in {gen_s:.1f} s ({gen_cpu:.1f} s CPU)")
+    print(f"{'dataset':<10} {'image':>8} {'crop':>5} {'batch':>5} {'CPU ms/img':>11} {'img/s 2 workers':>16}")
+    for name, size, crop, batch, ms, ips in rows:
+        print(f"{name:<10} {size:>8} {crop:>5} {batch:>5} {ms:>11.2f} {ips:>16.1f}")
+    print(f"CPU ms/img: one process; img/s: median of 3 passes after a warm-up pass; torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print("BENCH " + json.dumps(figures))
+
+
+# ----------------------------------------------------------------------------------------------------
+# token-loss: the token head's 2048 -> 8192 conv + CE, chunked vs naive
+
+TOKEN_LOSS_SHAPE = (2, 128, 128, 2048, 8192)  # batch 2, a 512 crop's 128x128 tokens, conv 2048 -> 8192 (facts §6.2)
+
+
+def _token_loss_inputs(B, h, w, C, V):
+    torch.manual_seed(0)
+    x = torch.randn(B, C, h, w, requires_grad=True)  # the token head's features after dropout
+    conv = torch.nn.Conv2d(C, V, 1)
+    torch.nn.init.normal_(conv.weight, std=0.01)  # conv_seg's init
+    target = torch.randint(0, V, (B, h, w))
+    target[:, :h // 8] = V  # some ignored tokens (fully unlabeled blocks)
+    return x, conv, target
+
+
+def _token_loss(side, x, conv, target, V):
+    if side == 'naive':
+        return F.cross_entropy(conv(x), target, ignore_index=V)
+    return gss.token_cross_entropy(x, conv, target, V)[0]
+
+
+def _token_loss_step(side, B, h, w, C, V):
+    """run_side() setup: one side's forward + backward on fresh inputs."""
+    x, conv, target = _token_loss_inputs(B, h, w, C, V)
+
+    def step():
+        _token_loss(side, x, conv, target, V).backward()
+        x.grad = conv.weight.grad = conv.bias.grad = None
+    return step
+
+
+def bench_token_loss(args):
+    """Token head's last 1x1 conv + CE with ignore, forward + backward: chunked (ours) vs conv + F.cross_entropy."""
+    B, h, w, C, V = TOKEN_LOSS_SHAPE
+    m = interleaved({side: (_token_loss_step, (side, B, h, w, C, V)) for side in ('naive', 'ours')}, args.repeats,
+                    args.threads, warmup=False)
+    med = {k: v['seconds'] for k, v in m.items()}
+    mem = {k: v['peak_mb'] for k, v in m.items()}
+    # same numbers: loss and gradients at a quarter of the positions, in this process
+    x, conv, target = _token_loss_inputs(B, h // 2, w // 2, C, V)
+    grads = {}
+    for side in m:
+        loss = _token_loss(side, x, conv, target, V)
+        grads[side] = [loss.detach(), *torch.autograd.grad(loss, (x, conv.weight, conv.bias))]
+    rel = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads['ours'], grads['naive']))
+    figures = dict(shape=dict(batch=B, positions=f'{h}x{w}', channels=C, vocab=V), threads=args.threads,
+                   seconds_naive=round(med['naive'], 2), seconds_ours=round(med['ours'], 2),
+                   time_ratio=round(med['ours'] / med['naive'], 3), peak_mb_naive=round(mem['naive']),
+                   peak_mb_ours=round(mem['ours']), memory_ratio=round(mem['ours'] / mem['naive'], 3),
+                   max_rel_diff_loss_and_grads=rel, memory_method='bench.run_side: VmHWM above the RSS after setup, fresh subprocess per run, median')
+    rows = [('side', 'fwd+bwd s (median)', 'peak MB above baseline'),
+            ('naive conv + F.cross_entropy', f"{med['naive']:.2f}", f"{mem['naive']:.0f}"),
+            ('ours: chunked token_cross_entropy', f"{med['ours']:.2f}", f"{mem['ours']:.0f}"),
+            ('ratio ours / naive', f"{figures['time_ratio']:.3f}", f"{figures['memory_ratio']:.3f}")]
+    report(f"token-loss: batch {B}, {h}x{w} positions, {C} -> {V}, {args.repeats} interleaved rounds, "
+           f"{args.threads} threads; peak RSS per fresh subprocess (bench.run_side); max rel diff of loss and grads {rel:.1e}",
+           rows, figures)
+
+
+# ----------------------------------------------------------------------------------------------------
+# stage I: inverse and tokenizer
+
+def _table(title, header, rows):
+    print(title)
+    rows = [header] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        print('  '.join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# inverse: X^-1 accuracy (nearest colour vs least squares vs FF-R) and the cost of nearest-colour decoding
+
+def blobs(B, S, K, seed):
+    """Label maps (B, S, S) covering all K classes with random rectangles."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(B * S * S).view(B, S, S) % K
+    labels = labels[:, torch.randperm(S, generator=g)]
+    for _ in range(4 * K):
+        b, y, x = (int(torch.randint(0, n, (), generator=g)) for n in (B, S - 8, S - 8))
+        h, w = (int(torch.randint(8, S // 3, (), generator=g)) for _ in range(2))
+        labels[b, y:y + h, x:x + w] = int(torch.randint(0, K, (), generator=g))
+    return labels
+
+
+def _miou(pred, labels, K):
+    inter = torch.bincount(labels[pred == labels], minlength=K).double()
+    union = torch.bincount(labels.flatten(), minlength=K).double() + torch.bincount(pred.flatten(), minlength=K) - inter
+    return (inter / union)[union > 0].mean().item() * 100
+
+
+def _nearest_setup(side, S, K):
+    palette = gss.make_palette(K)
+    maskige = torch.rand(1, 3, S, S, generator=torch.Generator().manual_seed(0))
+    if side == 'ours':
+        nc = gss.NearestColour(palette)
+        return lambda: nc.labels(maskige)
+    p = palette.float()
+    # the official decode_from_segmap: squared distances to every class colour by broadcasting, then argmin
+    return lambda: ((maskige[:, None] * 255 - p[None, :, :, None, None]) ** 2).sum(2).argmin(1)  # (1, K, S, S)
+
+
+def bench_inverse(args):
+    K = 150
+    full = gss.official_palette('ade20k')
+    palettes = {'official ADE20K': full[:-1], 'random (FF-R)': gss.random_palette(K)}
+    labels = blobs(4, 256, K, seed=0)
+    g = torch.Generator().manual_seed(1)
+    noise = 0.1 * torch.randn(4, 3, 256, 256, generator=g)
+    rows, figures = [], {}
+    for pname, palette in palettes.items():
+        clean = gss.paint(labels, palette, gss.ignore_colour_for(palette))  # (4, 3, 256, 256), no ignore pixels
+        inverses = {'nearest': gss.NearestColour(palette), 'lstsq': gss.LeastSquares(palette)}
+        for iname, inverse in inverses.items():
+            for nname, m in (('clean', clean), ('noisy', (clean + noise).clamp(0, 1))):
+                with torch.no_grad():
+                    pred = inverse(m).argmax(1)  # (4, 256, 256)
+                acc = (pred == labels).float().mean().item() * 100
+                miou = _miou(pred, labels, K)
+                rows.append([pname, iname, nname, acc, miou])
+                key = f"{'ade' if pname.startswith('official') else 'ffr'}_{iname}_{nname}"
+                figures.update({f"{key}_acc": round(acc, 2), f"{key}_miou": round(miou, 2)})
+    _table(f"X^-1 accuracy, K={K}, 4 blob label maps 256x256 with all classes (pixel accuracy %, mIoU %)",
+           ['palette', 'inverse', 'maskige (noisy: + N(0, 0.1))', 'acc', 'mIoU'], rows)
+
+    S = 1024
+    same = torch.equal(_nearest_setup('ours', S, K)(), _nearest_setup('naive', S, K)())
+    m = interleaved({s: (_nearest_setup, (s, S, K)) for s in ('naive', 'ours')}, args.repeats, args.threads)
+    t_ratio = m['ours']['seconds'] / m['naive']['seconds']
+    mem_ratio = max(m['ours']['peak_mb'], 1.0) / m['naive']['peak_mb']
+    _table(f"\nnearest-colour decode of a {S}x{S} maskige, K={K}: ours (chunked 2x.p - |p|^2 matmul + argmax) vs the "
+           f"naive (1, K, 3, H, W) broadcast; medians of {args.repeats} interleaved runs, each side in its own process "
+           f"(peak RSS above the warm process's RSS; peaks under 1 MB count as 1 MB)",
+           ['side', 'seconds', 'cpu s', 'peak MB'],
+           [[s, m[s]['seconds'], m[s]['cpu_seconds'], m[s]['peak_mb']] for s in ('naive', 'ours')])
+    print(f"ratios ours/naive: time {t_ratio:.3f} (target <= 0.2), memory {mem_ratio:.4f} (target <= 0.1), "
+          f"identical labels: {same}")
+    figures.update(nearest_time_ratio=round(t_ratio, 4), nearest_mem_ratio=round(mem_ratio, 4),
+                   nearest_identical=same, nearest_naive_s=round(m['naive']['seconds'], 3),
+                   nearest_ours_s=round(m['ours']['seconds'], 4), nearest_naive_mb=round(m['naive']['peak_mb'], 1),
+                   nearest_ours_mb=round(m['ours']['peak_mb'], 1))
+    print("BENCH " + json.dumps(figures))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tokenizer: the DALL-E-size dVAE, ours vs the naive use of the dall_e package
+
+def _dalle_size():
+    torch.manual_seed(0)
+    tok = gss.build_tokenizer(n_hid=256, vocab_size=8192, n_init=128, n_blk_per_group=2)  # DALL-E's shapes
+    # random weights give an almost flat grey maskige; spread the colours as a trained decoder would (as the golden
+    # vectors of the official code do), so the bf16 class agreement below is measured on varied colours
+    with torch.no_grad():
+        tok.decoder.blocks.output.conv.w.mul_(300)
+        tok.decoder.blocks.output.conv.b.normal_(0, 1)
+    return tok
+
+
+def _tokenizer_setup(side, op, S):
+    import dall_e
+    tok = _dalle_size()
+    maskige = gss.paint(blobs(1, S, 150, seed=0), gss.make_palette(150), torch.tensor([0, 0, 0]))  # (1, 3, S, S)
+    tokens = tok.encode(maskige) if op == 'decode' else None
+    if op == 'encode':
+        if side == 'naive':  # the official get_codebook_indices: argmax of the dall_e Encoder's logits
+            def naive():
+                with torch.no_grad():
+                    return tok.encoder(dall_e.utils.map_pixels(maskige)).argmax(1)  # logits (1, 8192, S/8, S/8)
+            return naive
+        return lambda: tok.encode(maskige)
+    if side == 'naive':  # the official Dalle_VAE.decode: one-hot over the vocabulary into the dall_e Decoder
+        def naive():
+            with torch.no_grad():
+                onehot = F.one_hot(tokens, tok.vocab_size).permute(0, 3, 1, 2).float()  # (1, 8192, S/8, S/8)
+                return dall_e.utils.unmap_pixels(torch.sigmoid(tok.decoder(onehot)[:, :3].float()))
+        return naive
+    return lambda: tok.decode(tokens, dtype=torch.bfloat16 if side == 'ours bf16' else torch.float32)
+
+
+def bench_tokenizer(args):
+    import dall_e
+    rows, figures = [], {}
+    for S in (256, 512):
+        for op in ('encode', 'decode'):
+            sides = ['naive', 'ours'] + (['ours bf16'] if op == 'decode' else [])
+            m = interleaved({s: (_tokenizer_setup, (s, op, S)) for s in sides}, args.repeats, args.threads)
+            for s in sides:
+                t_ratio = m[s]['seconds'] / m['naive']['seconds']
+                mem_ratio = m[s]['peak_mb'] / m['naive']['peak_mb']
+                rows.append([f"{op} {S}", s, m[s]['seconds'], m[s]['cpu_seconds'], m[s]['peak_mb'], t_ratio, mem_ratio])
+                key = f"{op}{S}" + ('' if s == 'naive' else '_' + s.replace(' ', '_'))
+                figures.update({f"{key}_s": round(m[s]['seconds'], 2), f"{key}_mb": round(m[s]['peak_mb'], 1)})
+                if s != 'naive':
+                    figures.update({f"{key}_time_ratio": round(t_ratio, 3), f"{key}_mem_ratio": round(mem_ratio, 3)})
+    _table(f"DALL-E-size dVAE (n_hid 256, vocab 8192, random weights), batch 1, float32 unless bf16; medians of "
+           f"{args.repeats} interleaved runs, each side in its own process after a warm-up call; peak memory = peak "
+           f"RSS of the timed call above the RSS before it (model and inputs built)",
+           ['op', 'side', 'seconds', 'cpu s', 'peak MB', 'time ratio', 'mem ratio'], rows)
+
+    # outputs, in this process: ours vs naive (float32), and bf16 classes after nearest colour
+    tok = _dalle_size()
+    palette = gss.make_palette(150)
+    maskige = gss.paint(blobs(1, 512, 150, seed=0), palette, torch.tensor([0, 0, 0]))
+    with torch.no_grad():
+        tokens = tok.encode(maskige)
+        same_tokens = torch.equal(tokens, tok.encoder(dall_e.utils.map_pixels(maskige)).argmax(1))
+        onehot = F.one_hot(tokens, tok.vocab_size).permute(0, 3, 1, 2).float()
+        naive = dall_e.utils.unmap_pixels(torch.sigmoid(tok.decoder(onehot)[:, :3]))
+        del onehot
+    ours = tok.decode(tokens)
+    bf16 = tok.decode(tokens, dtype=torch.bfloat16)
+    nc = gss.NearestColour(palette)
+    diff = (ours - naive).abs().max().item()
+    agree = (nc.labels(bf16) == nc.labels(ours)).float().mean().item() * 100
+    print(f"\n512x512: encode tokens identical to the naive argmax: {same_tokens}; decode max |ours - naive| = "
+          f"{diff:.2e} (target <= 1e-5); bf16 vs float32: {agree:.3f}% of pixels decode to the same class after "
+          f"nearest colour (K=150, target >= 99.9), max |bf16 - float32| = {(bf16 - ours).abs().max().item():.3f}")
+    figures.update(encode512_tokens_identical=same_tokens, decode512_max_abs_diff=diff,
+                   decode512_bf16_same_class_pct=round(agree, 3))
+    print("BENCH " + json.dumps(figures))
+
+
+# ----------------------------------------------------------------------------------------------------
+# train: one stage-II step split into its parts
+
+# One stage-II training step on CPU as train_prior.py runs it, split into its parts:
+#   synthetic:   the synthetic preset as `python train_prior.py --dataset synthetic` trains it (swin_mini, the CPU-sized
+#                head train_prior.SYNTHETIC_HEAD, batch 16 of 64x64 crops), with a 64-wide, 512-code tokenizer;
+#   synthetic-paper-head: the same with the paper's head widths (384/512/2048, 16 heads), the cost it avoids;
+#   swin_t:      Swin-T and the paper's head (vocabulary 8192) with the DALL-E-size tokenizer (n_hid 256, 8192 codes),
+#                the ADE20K pipeline and K = 150, batch 1 at 256x256. The issue's 512x512 crop has 4x the FLOPs of every
+#                part (all scale with the pixel count): 6.8 TFLOP, about 85 s per step on one core here, too slow to
+#                repeat in a benchmark.
+TRAIN_BENCH_CONFIGS = {
+    'synthetic': dict(backbone='swin_mini', head=train_prior.SYNTHETIC_HEAD, dataset='synthetic', num_classes=10,
+                      crop=64, batch=16, n_hid=64, vocab=512),
+    'synthetic-paper-head': dict(backbone='swin_mini', head={}, dataset='synthetic', num_classes=10, crop=64, batch=16,
+                                 n_hid=64, vocab=512),
+    'swin_t': dict(backbone='swin_t', head={}, dataset='ade20k', num_classes=150, crop=256, batch=1, n_hid=256,
+                   vocab=8192, steps=1),
+}
+
+
+def _wall_and_cpu():
+    """(wall seconds, CPU seconds of this process): the second is robust to other load on the machine."""
+    return np.array([time.perf_counter(), time.process_time()])
+
+
+class _TimedForward(torch.nn.Module):
+    """model(images), timed into times['encoder forward']; gss.compute_loss reaches the model through .module."""
+
+    def __init__(self, module, times):
+        super().__init__()
+        self.module, self.times = module, times
+
+    def forward(self, images):
+        t0 = _wall_and_cpu()
+        out = self.module(images)
+        self.times['encoder forward'] += _wall_and_cpu() - t0
+        return out
+
+
+def _train_step_child(name, steps, threads, queue):
+    """Build the configuration; run a warm-up step (its FLOPs counted) and `steps` timed ones; put the per-part
+    (wall, CPU) seconds (lists over steps), FLOPs and the matmul FLOP/s of this process in `queue`."""
+    c = TRAIN_BENCH_CONFIGS[name]
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        if c['dataset'] == 'ade20k':  # two 512x512 scenes in the ADE20K layout, read through the real ADE20K pipeline
+            for i in range(2):
+                img, lab = datasets.synthetic_scene(np.random.default_rng(i), 512)
+                for sub, array, ext in (('images', img, 'jpg'), ('annotations', lab, 'png')):
+                    os.makedirs(f'{tmp}/{sub}/training', exist_ok=True)
+                    Image.fromarray(array).save(f'{tmp}/{sub}/training/ADE_train_{i:08d}.{ext}', quality=90)
+            dataset = datasets.build_dataset('ade20k', 'train', root=tmp)
+            dataset.preset = dict(dataset.preset, crop_size=c['crop'])
+        else:
+            dataset = datasets.build_dataset('synthetic', 'train')
+        model = gss.GSS(c['backbone'], num_classes=c['num_classes'], vocab_size=c['vocab'], **c['head'])
+        tokenizer = gss.build_tokenizer(n_hid=c['n_hid'], vocab_size=c['vocab'])
+        palette = gss.make_palette(c['num_classes'])  # (K, 3)
+        optimizer = torch.optim.AdamW(train_prior.param_groups(model), lr=1e-4, weight_decay=0.01, fused=True)
+        times = {}
+        timed_model, encode = _TimedForward(model, times), tokenizer.encode
+        def timed_encode(maskige):
+            t0 = _wall_and_cpu()
+            tokens = encode(maskige)
+            times['tokenizer'] += _wall_and_cpu() - t0
+            return tokens
+        tokenizer.encode = timed_encode
+
+        def step(i):
+            times['encoder forward'] = times['tokenizer'] = 0.0
+            marks = [_wall_and_cpu()]
+            batch = [dataset[(i * c['batch'] + j) % len(dataset)] for j in range(c['batch'])]
+            images = torch.stack([b['image'] for b in batch])  # (B, 3, crop, crop)
+            labels = torch.stack([b['label'] for b in batch])  # (B, crop, crop)
+            marks.append(_wall_and_cpu())
+            loss, _ = gss.compute_loss(timed_model, tokenizer, palette, images, labels)
+            marks.append(_wall_and_cpu())
+            loss.backward()
+            marks.append(_wall_and_cpu())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            marks.append(_wall_and_cpu())
+            data, loss_s, backward, opt = (marks[k + 1] - marks[k] for k in range(4))
+            return {'data': data, 'encoder forward': times['encoder forward'], 'tokenizer': times['tokenizer'],
+                    'token CE (conv_seg fwd+grads), aux CE': loss_s - times['encoder forward'] - times['tokenizer'],
+                    'backward': backward, 'optimizer': opt}
+
+        with FlopCounterMode(display=False) as counter:
+            step(0)
+        step_flops = counter.get_total_flops()
+        parts = [step(i) for i in range(1, 1 + steps)]
+        with FlopCounterMode(display=False) as counter:
+            encode(torch.rand(c['batch'], 3, 2 * c['crop'], 2 * c['crop']))  # the 2x maskige (B, 3, 2H, 2W)
+        tokenizer_flops = counter.get_total_flops()
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)  # dense fp32 matmul FLOP/s in this process
+    mm = []
+    for _ in range(6):
+        t0 = _wall_and_cpu()
+        a @ b
+        mm.append(2 * 2048 ** 3 / (_wall_and_cpu() - t0))  # (wall, CPU) FLOP/s
+    queue.put({'parts': {k: [p[k] for p in parts] for k in parts[0]}, 'step_flops': step_flops,
+               'tokenizer_flops': tokenizer_flops, 'matmul_flops': np.median(mm[1:], axis=0),
+               'params': sum(p.numel() for p in model.parameters()),
+               'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def bench_train(args):
+    """One stage-II step on CPU per configuration, each in a fresh process: wall and CPU seconds per part (median
+    of args.repeats steps after a warm-up step; 1 for swin_t), images/s, FLOPs per step (FlopCounterMode) and the
+    achieved FLOP/s as a fraction of a dense 2048^3 fp32 matmul's FLOP/s measured in the same process. CPU seconds
+    (all threads of the process) are robust to other load on a shared machine, wall seconds are not; with other
+    processes busy use --threads 1: OpenMP threads then wait for each other at every op (measured here at load 6:
+    the synthetic step takes 2.3 s on 1 thread, 20 s on 2)."""
+    ctx = mp.get_context('spawn')
+    figures = {}
+    for name, c in TRAIN_BENCH_CONFIGS.items():
+        queue = ctx.Queue()
+        steps = c.get('steps', args.repeats)
+        p = ctx.Process(target=_train_step_child, args=(name, steps, args.threads, queue))
+        p.start()
+        r = queue.get()
+        p.join()
+        med = {k: np.median(v, axis=0) for k, v in r['parts'].items()}  # part -> (wall, CPU) seconds
+        total = sum(med.values())
+        achieved = r['step_flops'] / (total - med['data'])  # (wall, CPU) FLOP/s outside data loading
+        print(f"\n{name}: {c['backbone']} ({r['params'] / 1e6:.1f} M parameters), batch {c['batch']} x "
+              f"{c['crop']}x{c['crop']}, tokenizer n_hid {c['n_hid']} / {c['vocab']} codes, {args.threads} threads, "
+              f"median of {steps} step(s) after a warm-up step")
+        print(f"  {'part':<38} {'wall s':>8} {'share':>6} {'CPU s':>8} {'share':>6}")
+        for k, (wall, cpu) in med.items():
+            print(f"  {k:<38} {wall:>8.3f} {100 * wall / total[0]:>5.1f}% {cpu:>8.3f} {100 * cpu / total[1]:>5.1f}%")
+        print(f"  {'step':<38} {total[0]:>8.3f} {'':>6} {total[1]:>8.3f}   {c['batch'] / total[0]:.2f} images/s")
+        print(f"  FLOPs per step {r['step_flops'] / 1e12:.3f} T: tokenizer {r['tokenizer_flops'] / 1e12:.3f} T, "
+              f"model forward + backward {(r['step_flops'] - r['tokenizer_flops']) / 1e12:.3f} T")
+        print(f"  achieved {achieved[0] / 1e9:.1f} GFLOP/s = {100 * achieved[0] / r['matmul_flops'][0]:.0f}% of "
+              f"the {r['matmul_flops'][0] / 1e9:.1f} GFLOP/s of a 2048^3 fp32 matmul (per CPU-second: "
+              f"{100 * achieved[1] / r['matmul_flops'][1]:.0f}%); peak RSS {r['peak_rss_mb']:.0f} MB")
+        figures[name] = {'wall_s': {k: round(v[0], 4) for k, v in med.items()},
+                         'cpu_s': {k: round(v[1], 4) for k, v in med.items()},
+                         'step_wall_s': round(total[0], 3), 'step_cpu_s': round(total[1], 3),
+                         'images_per_s': round(c['batch'] / total[0], 3),
+                         'step_tflops': round(r['step_flops'] / 1e12, 4),
+                         'tokenizer_tflops': round(r['tokenizer_flops'] / 1e12, 4),
+                         'fraction_of_matmul_peak': round(achieved[0] / r['matmul_flops'][0], 3),
+                         'fraction_of_matmul_peak_per_cpu_s': round(achieved[1] / r['matmul_flops'][1], 3),
+                         'matmul_gflops': round(r['matmul_flops'][0] / 1e9, 1), 'peak_rss_mb': round(r['peak_rss_mb'])}
+    paper, ours, swin_t = figures['synthetic-paper-head'], figures['synthetic'], figures['swin_t']
+    figures['synthetic_paper_head_over_cpu_head_cpu_s'] = round(paper['step_cpu_s'] / ours['step_cpu_s'], 2)
+    print(f"\nbiggest avoidable cost: on the synthetic preset, the paper-size head (its step takes "
+          f"{paper['step_cpu_s'] / ours['step_cpu_s']:.1f}x the CPU seconds of the CPU-sized head train_prior now "
+          f"uses there). With the paper's model (swin_t) the largest part is the frozen float32 tokenizer on the "
+          f"2H x 2W maskige ({100 * swin_t['cpu_s']['tokenizer'] / swin_t['step_cpu_s']:.0f}% of the step's CPU "
+          f"seconds, {100 * swin_t['tokenizer_tflops'] / swin_t['step_tflops']:.0f}% of its FLOPs): the method's "
+          f"own cost (bf16 would change the targets).")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; torch {torch.__version__}")
+    print("BENCH " + json.dumps(figures))
+
+
+BENCHES = {'swin': bench_swin, 'data': bench_data, 'inverse': bench_inverse, 'tokenizer': bench_tokenizer,
+           'token-loss': bench_token_loss, 'train': bench_train}
 
 
 def main():

@@ -15,10 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-try:
-    from gss import UserError
-except ImportError:  # TEMP until gss.py lands; lead removes
-    class UserError(Exception): pass
+from gss import UserError
 
 IGNORE = 255
 

@@ -1,12 +1,30 @@
 """
-Evaluation for GSS: segmentation metrics with mmsegmentation's exact semantics (conventions 3.4,
-official_gss_facts 11), and the inference CLI.
+Evaluation for GSS: segmentation metrics with mmsegmentation's exact semantics (aAcc, mIoU, mAcc and the
+per-class table), generative inference over a dataset split side by side with the auxiliary head's per-pixel
+baseline, the stage-I reconstruction oracle, and the demo that segments arbitrary images.
+
+    python evaluate.py --checkpoint runs/synthetic/prior/latest.pt                    # GSS-FF + aux head
+    python evaluate.py --checkpoint CKPT --posterior runs/synthetic/posterior.pt \
+                       --posterior runs/synthetic/posterior-ftw.pt --recon              # several X^-1 + oracle
+    python evaluate.py --recon --posterior runs/synthetic/posterior.pt                 # the oracle alone
+    python evaluate.py --checkpoint CKPT --images photos/ --save-dir out/               # the demo
+    python evaluate.py --checkpoint gss-ff_swin-l_512x512_160k_ade20k.pth --dataset ade20k --data-root data/ade
 """
+import argparse
 import math
+import os
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+import datasets
+import gss
 
 # -----------------------------------------------------------------------------
 # metrics: per-class areas accumulated over the whole dataset, then IoU / Acc (mmseg IoUMetric)
@@ -80,3 +98,229 @@ def harmonic_mean(values):
     if any(v == 0 for v in values):
         return 0.0
     return len(values) / sum(1 / v for v in values)
+
+
+# -----------------------------------------------------------------------------
+# evaluation of a stage-II model over a dataset split (also used by train_prior.py's validation)
+
+def resized_argmax(scores, size):
+    """(B, K, h, w) scores -> (B, *size) labels: bilinear resize to the label's size, then argmax (mmseg)."""
+    if tuple(scores.shape[-2:]) != tuple(size):
+        scores = F.interpolate(scores.float(), size=size, mode='bilinear', align_corners=False)
+    return scores.argmax(1)
+
+
+@torch.no_grad()
+def evaluate_split(model, tokenizer, inverses, dataset, test_cfg, aux=True, indices=None, on_item=None):
+    """Metrics over `dataset` (test items, see datasets.py) of the generative prediction with each X^-1 in
+    `inverses` ({name: module}) and of the auxiliary head's per-pixel prediction ('aux head', when aux=True).
+    indices: the items to visit (default all; a rank's share under DDP, followed by SegMetric.all_reduce).
+    on_item(item, preds) is called with each item and its {name: (H, W) labels}, e.g. to save them."""
+    names = list(inverses) + (['aux head'] if aux else [])
+    metrics = {name: SegMetric(dataset.num_classes) for name in names}
+    device = next(model.parameters()).device
+    for i in range(len(dataset)) if indices is None else indices:
+        item = dataset[i]
+        image = item['image'][None].to(device)  # (1, 3, h, w) at the test scale
+        label = item['label'].to(device)  # (H, W) at the original resolution
+        preds = {name: resized_argmax(gss.predict(model, tokenizer, inv, image, **test_cfg), label.shape)[0]
+                 for name, inv in inverses.items()}
+        if aux:
+            preds['aux head'] = resized_argmax(gss.predict_aux(model, image, **test_cfg), label.shape)[0]
+        for name, pred in preds.items():
+            metrics[name].update(pred, label)
+        if on_item is not None:
+            on_item(item, preds)
+    return metrics
+
+
+@torch.no_grad()
+def reconstruction_oracle(tokenizer, palette, ignore_colour, dataset, indices=None):
+    """The stage-I oracle (official dalle_reconstruction configs, facts 5): each ground truth at test resolution
+    painted (255 with the ignore colour), tokenized at 1/8, decoded, nearest colour; metrics of the round trip."""
+    metric = SegMetric(dataset.num_classes)
+    nearest = gss.NearestColour(palette)
+    device = next(tokenizer.parameters()).device
+    for i in range(len(dataset)) if indices is None else indices:
+        label = dataset[i]['label'].to(device)  # (H, W)
+        H, W = label.shape
+        padded = F.pad(label, (0, -W % 8, 0, -H % 8), value=255)[None]  # (1, H8, W8): the encoder's stride is 8
+        maskige = gss.reconstruct(tokenizer, padded, palette.to(device), ignore_colour.to(device))[..., :H, :W]
+        metric.update(nearest.labels(maskige)[0], label)
+    return metric
+
+
+# -----------------------------------------------------------------------------
+# outputs: label PNGs, overlays, maskiges, Cityscapes labelIds
+
+def save_outputs(save_dir, image_path, pred, palette, maskige=None, cityscapes_ids=False):
+    """Write <stem>.png (palette-mode labels, colours = the maskige palette), <stem>_overlay.jpg (labels over the
+    image), <stem>_maskige.png (the predicted maskige, when given) and, for the Cityscapes test server,
+    <stem>_labelIds.png (trainIds mapped back to label ids)."""
+    os.makedirs(save_dir, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    labels = pred.to(torch.uint8).cpu().numpy()  # (H, W)
+    png = Image.fromarray(labels, mode='P')
+    flat = palette.to(torch.uint8).flatten().tolist()
+    png.putpalette(flat + [0] * (768 - len(flat)))  # classes beyond the palette (255 = ignore) are black
+    png.save(os.path.join(save_dir, stem + '.png'))
+    image = datasets.read_image(image_path)  # (H, W, 3) uint8
+    colours = np.asarray(png.convert('RGB'))
+    overlay = (0.5 * image + 0.5 * colours).astype(np.uint8)
+    Image.fromarray(overlay).save(os.path.join(save_dir, stem + '_overlay.jpg'), quality=92)
+    if maskige is not None:
+        m = (maskige.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # (2H, 2W, 3)
+        Image.fromarray(m).save(os.path.join(save_dir, stem + '_maskige.png'))
+    if cityscapes_ids:
+        train_to_id = np.zeros(256, np.uint8)  # trainId -> label id; 255 -> 0 (unlabeled)
+        for label_id, train_id in datasets.CITYSCAPES_ID_TO_TRAINID.items():
+            train_to_id[train_id] = label_id
+        Image.fromarray(train_to_id[labels]).save(os.path.join(save_dir, stem.replace('_leftImg8bit', '') + '_labelIds.png'))
+
+
+# -----------------------------------------------------------------------------
+# loading a stage-II model: ours (train_prior.py) or an official GSS release
+
+def load_stage2(path, posterior_paths, dataset, device):
+    """-> (model, tokenizer, {name: inverse}, palette, ignore_colour). Our checkpoints record their stage-I artifact
+    (used when no --posterior is given, and checked against each given one); official releases carry the DALL-E
+    weights and, for GSS-FT-W, the inverse; their palette is the official one of `dataset` (not stored in them)."""
+    ckpt = gss.load_file(path, 'checkpoint')
+    if isinstance(ckpt, dict) and ckpt.get('kind') == 'gss-prior':
+        posteriors = [gss.load_posterior(p) for p in posterior_paths or [ckpt['posterior']['path']]]
+        for p, post in zip(posterior_paths or [ckpt['posterior']['path']], posteriors):
+            gss.check_posterior_match(ckpt['posterior'], post, path)
+        model = gss.GSS.from_config(ckpt['config'])
+        model.load_state_dict(ckpt['model'])
+        tokenizer = gss.load_tokenizer(posteriors[0]['tokenizer'])
+        inverses = {f"GSS-{post['variant'].upper()}": gss.build_inverse(post) for post in posteriors}
+        palette, ignore = torch.tensor(posteriors[0]['palette']), torch.tensor(posteriors[0]['ignore_colour'])
+    elif isinstance(ckpt, dict) and any(k.startswith(('decode_head.', 'backbone.')) for k in ckpt.get('state_dict', ckpt)):
+        if dataset not in gss.OFFICIAL_PALETTES:
+            raise gss.UserError(f"--dataset {dataset}: official checkpoints use the official palette of the dataset "
+                                f"they were trained on; expected one of {', '.join(gss.OFFICIAL_PALETTES)}")
+        model, tokenizer, ftw = gss.load_official_checkpoint(ckpt)
+        official = gss.official_palette(dataset)  # (K+1, 3), the last entry is the ignore colour
+        palette, ignore = official[:-1], official[-1]
+        inverses = {'GSS-FT-W': ftw} if ftw is not None else {'GSS-FF': gss.NearestColour(palette)}
+    else:
+        raise gss.UserError(f"{path}: neither a train_prior.py checkpoint nor an official GSS state dict")
+    model, tokenizer = model.to(device).eval(), tokenizer.to(device).eval()
+    return model, tokenizer, {k: v.to(device).eval() for k, v in inverses.items()}, palette, ignore
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--checkpoint', help="stage-II checkpoint (train_prior.py's latest.pt / best.pt, or an official "
+                                        "GSS release .pth)")
+    p.add_argument('--posterior', action='append', help="stage-I artifact(s) of train_posterior.py; repeat to compare "
+                   "several X^-1 on one model (default: the one the checkpoint was trained with)")
+    p.add_argument('--recon', action='store_true', help="also report the tokenizer's maskige-reconstruction oracle "
+                                                        "(needs only --posterior)")
+    p.add_argument('--dataset', default='synthetic', help="preset: " + ", ".join(datasets.DATASET_PRESETS))
+    p.add_argument('--data-root', help="dataset root (default: the preset's)")
+    p.add_argument('--split', default='val')
+    p.add_argument('--max-images', type=int, help="evaluate the first N images only")
+    p.add_argument('--mode', choices=['whole', 'slide'], help="default: the preset's (ADE20K whole, Cityscapes slide)")
+    p.add_argument('--crop', type=int, help="sliding-window size (default: the preset's, 768 for Cityscapes)")
+    p.add_argument('--stride', type=int, help="sliding-window stride (default: the preset's, 512 for Cityscapes)")
+    p.add_argument('--images', help="segment these image files or folders instead of a dataset split (the demo)")
+    p.add_argument('--save-dir', help="write label PNGs, overlays and predicted maskiges here")
+    p.add_argument('--cityscapes-ids', action='store_true', help="also write *_labelIds.png for the Cityscapes server")
+    p.add_argument('--device', choices=['cpu', 'cuda'], help="default cuda when available")
+    args = p.parse_args(argv)
+    if args.dataset not in datasets.DATASET_PRESETS:
+        raise gss.UserError(f"--dataset {args.dataset}: unknown dataset; expected one of "
+                            f"{', '.join(datasets.DATASET_PRESETS)}")
+    if args.checkpoint is None and not (args.recon and args.posterior):
+        raise gss.UserError("--checkpoint: required (or --recon with --posterior for the reconstruction oracle alone)")
+    if args.images and not args.checkpoint:
+        raise gss.UserError("--images: needs --checkpoint")
+    preset = datasets.DATASET_PRESETS[args.dataset]
+    args.mode = args.mode or preset['test_mode']
+    args.crop, args.stride = args.crop or preset['test_crop'], args.stride or preset['test_stride']
+    args.device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    return args
+
+
+def image_files(path):
+    """A file, or the images in a folder (recursively)."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise gss.UserError(f"--images {path}: no such file or folder")
+    files = sorted(str(p) for p in Path(path).rglob('*') if p.suffix.lower() in datasets.IMAGE_EXTS)
+    if not files:
+        raise gss.UserError(f"--images {path}: no *.jpg or *.png images in this folder")
+    return files
+
+
+def segment_images(args, model, tokenizer, inverse, palette):
+    """The demo: segment arbitrary image files, write labels, overlays and maskiges to --save-dir."""
+    preset = datasets.DATASET_PRESETS[args.dataset]
+    test_cfg = dict(mode=args.mode, crop=args.crop, stride=args.stride)
+    save_dir = args.save_dir or 'predictions'
+    for path in image_files(args.images):
+        img = datasets.read_image(path)  # (H, W, 3) uint8
+        H, W = img.shape[:2]
+        image = datasets.test_transform(img, np.zeros((H, W), np.uint8), preset)['image'][None].to(args.device)
+        pred = resized_argmax(gss.predict(model, tokenizer, inverse, image, **test_cfg), (H, W))[0]
+        maskige = gss.generate(model, tokenizer, image)[0] if args.mode == 'whole' else None
+        save_outputs(save_dir, path, pred, palette, maskige, args.cityscapes_ids)
+        print(f"{path}: {H}x{W} -> {save_dir}")
+
+
+def run(args):
+    dataset = None if args.images else datasets.build_dataset(args.dataset, args.split, args.data_root, train=False)
+    indices = None if dataset is None else range(min(len(dataset), args.max_images or len(dataset)))
+    results = {}
+    if args.checkpoint:
+        model, tokenizer, inverses, palette, ignore = load_stage2(args.checkpoint, args.posterior, args.dataset,
+                                                                  args.device)
+        if args.images:
+            return segment_images(args, model, tokenizer, next(iter(inverses.values())), palette)
+
+        def save(item, preds):  # the first X^-1's labels and the model's maskige
+            if args.save_dir:
+                image = item['image'][None].to(args.device)
+                maskige = gss.generate(model, tokenizer, image)[0] if args.mode == 'whole' else None
+                save_outputs(args.save_dir, item['path'], next(iter(preds.values())), palette, maskige,
+                             args.cityscapes_ids)
+        t0 = time.time()
+        results = evaluate_split(model, tokenizer, inverses, dataset,
+                                 dict(mode=args.mode, crop=args.crop, stride=args.stride), indices=indices,
+                                 on_item=save)
+        print(f"evaluated {len(indices)} images of {args.dataset} {args.split} in {time.time() - t0:.1f} s "
+              f"({args.mode} inference)")
+    if args.recon:
+        post = gss.load_posterior(args.posterior[0])
+        tok = gss.load_tokenizer(post['tokenizer']).to(args.device) if not args.checkpoint else tokenizer
+        oracle = reconstruction_oracle(tok, torch.tensor(post['palette']), torch.tensor(post['ignore_colour']),
+                                       dataset, indices)
+        results = {'tokenizer oracle': oracle, **results}
+    classes = dataset.classes
+    for name, metric in results.items():
+        print(f"\n{name}\n" + format_table(metric.compute(), classes))
+    print(f"\n{args.dataset} {args.split}: {len(indices)} images")
+    print(f"{'':<18} {'aAcc':>6} {'mIoU':>6} {'mAcc':>6}")
+    for name, metric in results.items():
+        m = metric.compute()
+        print(f"{name:<18} {m['aAcc']:6.2f} {m['mIoU']:6.2f} {m['mAcc']:6.2f}")
+    return results
+
+
+def main(argv=None):
+    """CLI entry: user errors print one line `error: ...` on stderr and exit 2, no traceback."""
+    try:
+        run(parse_args(argv))
+        return 0
+    except gss.UserError as e:
+        print(f"error: {str(e).splitlines()[-1]}", file=sys.stderr)  # a DataLoader worker prefixes its traceback
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())

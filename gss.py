@@ -4,6 +4,7 @@ Stage I (latent posterior): a frozen VQ tokenizer (DALL-E dVAE) over "maskiges" 
 palette, X), and an inverse X^-1 from maskige back to class logits. Stage II (latent prior): an image encoder
 predicting the tokenizer's discrete codes.
 """
+import math
 import os
 import tempfile
 import warnings
@@ -30,6 +31,9 @@ def save_atomic(obj, path):
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + '.', suffix='.tmp')
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file 0600; give it the permissions open() would
     try:
         with os.fdopen(fd, 'wb') as f:
             torch.save(obj, f)
@@ -49,9 +53,8 @@ def load_file(path, what):
         raise UserError(f"{path}: no such {what}")
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: not a readable {what} (truncated or corrupt?): {type(e).__name__}") from None
-
+    except Exception:
+        raise UserError(f"{path}: not a readable {what} (truncated or corrupt?)") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -60,33 +63,34 @@ def load_file(path, what):
 # Official palettes (facts 2.4), hex RRGGBB in class order; the last entry is the colour of ignore/unlabeled pixels.
 OFFICIAL_PALETTES = {
     'ade20k': (  # 150 classes, posterior_learning.py grid 5x6x5 with noise and hand edits, ignore D7D8C4
-        'DEDE91 121E07 08172F 1E0660 010DA4 0C1CBF 193420 1D3034 0F335F 1938A7 192AD2 1B511F 095836 1B5C71 0B6397 1A6EB7 '
-        '18821A 047A4B 038462 1A93A7 1184C5 05A91C 13B843 00BE7A 0CA793 06A1C4 02CD03 05DC3D 17E16B 07D99D 19D0BF 4A0A08 '
-        '451E45 380462 3D1DA4 3C0AC2 3C3413 4A4534 414474 5129A1 463CC5 42510E 376B3D 4C6E6C 4A68A2 485EC5 3C8510 458043 '
-        '3B9468 41859A 4480B7 4FB50B 4CAA38 47AF67 35A289 35B6B7 33E51A 33CA33 45D57A 3FD5A1 47CBC5 780B1F 7C0344 830262 '
-        '7101A2 660DD1 6D321E 7E292F 6B2E76 703193 6D29BD 67530F 7E6346 7C6568 83679F 806EB7 779409 708932 7B7F74 6B7CA7 '
-        '6694CB 7CB40F 74A841 68B666 6FA4A3 69AEBF 66DA14 7ECB40 6CD76D 6EDD9D 6BE6C0 A0190B A50C41 990275 B6158D A013BC '
-        'B03A13 AF3A38 AA455D B02A92 9D2CD3 9D6902 B46249 B6555C A95D98 9C59CA 9D9016 B4974D 9A9276 A2888F AB86B8 AAAE0F '
-        'B2B441 B0B778 AFA993 B5A5C5 9CE303 A7DA3D A0D877 A4FB8D B1C9FB E71E0D DB063B D31A7A D81099 D10CC0 D8460F D72E3C '
-        'EA3D70 E0359D E331CF DD6C08 DC5D49 E66F71 DA598F E75AC3 E39016 D08931 D28074 E1879D DD87C1 D3AE12 DEB932 E5B75D '
-        'E9A29B FFA7CD D3D70F E8E147 000000 FFFFFF D7D8C4'),
+        'DEDE91 121E07 08172F 1E0660 010DA4 0C1CBF 193420 1D3034 0F335F 1938A7 192AD2 1B511F 095836 1B5C71 0B6397 '
+        '1A6EB7 18821A 047A4B 038462 1A93A7 1184C5 05A91C 13B843 00BE7A 0CA793 06A1C4 02CD03 05DC3D 17E16B 07D99D '
+        '19D0BF 4A0A08 451E45 380462 3D1DA4 3C0AC2 3C3413 4A4534 414474 5129A1 463CC5 42510E 376B3D 4C6E6C 4A68A2 '
+        '485EC5 3C8510 458043 3B9468 41859A 4480B7 4FB50B 4CAA38 47AF67 35A289 35B6B7 33E51A 33CA33 45D57A 3FD5A1 '
+        '47CBC5 780B1F 7C0344 830262 7101A2 660DD1 6D321E 7E292F 6B2E76 703193 6D29BD 67530F 7E6346 7C6568 83679F '
+        '806EB7 779409 708932 7B7F74 6B7CA7 6694CB 7CB40F 74A841 68B666 6FA4A3 69AEBF 66DA14 7ECB40 6CD76D 6EDD9D '
+        '6BE6C0 A0190B A50C41 990275 B6158D A013BC B03A13 AF3A38 AA455D B02A92 9D2CD3 9D6902 B46249 B6555C A95D98 '
+        '9C59CA 9D9016 B4974D 9A9276 A2888F AB86B8 AAAE0F B2B441 B0B778 AFA993 B5A5C5 9CE303 A7DA3D A0D877 A4FB8D '
+        'B1C9FB E71E0D DB063B D31A7A D81099 D10CC0 D8460F D72E3C EA3D70 E0359D E331CF DD6C08 DC5D49 E66F71 DA598F '
+        'E75AC3 E39016 D08931 D28074 E1879D DD87C1 D3AE12 DEB932 E5B75D E9A29B FFA7CD D3D70F E8E147 000000 FFFFFF '
+        'D7D8C4'),
     'cityscapes': (  # 19 trainIds, the standard Cityscapes colours, ignore black
-        '804080 F423E8 464646 66669C BE9999 999999 FAAA1E DCDC00 6B8E23 98FB98 4682B4 DC143C FF0000 00008E 000046 003C64 '
-        '005064 0000E6 770B20 000000'),
+        '804080 F423E8 464646 66669C BE9999 999999 FAAA1E DCDC00 6B8E23 98FB98 4682B4 DC143C FF0000 00008E 000046 '
+        '003C64 005064 0000E6 770B20 000000'),
     'mseg': (  # 194 universal classes, posterior_learning.py grid 5x5x8 [6:] with noise, ignore black
-        '0207D6 0910EA 033405 0D4132 09344F 05406A 054388 0341B4 093ED7 0E3BF2 067508 03682A 0B734C 027173 047286 056CA7 '
-        '026ECB 0676F1 0EA80D 0D9C28 059E52 099E65 059B89 09A6A9 0EA0D4 02A5F3 0CD20D 09D729 07D64E 0CD26C 0BD08A 00D8B1 '
-        '00CEC8 0ED2EA 3A0A09 370F32 420752 460172 3B0486 3F10AE 440BCD 3A10F5 3D3606 39342E 434045 3C3C68 3D3E95 3A42A7 '
-        '413BCB 3C43F7 42760E 37752E 376D4A 436D71 446C89 406CB5 4169D5 3774F3 45A709 41A228 3BA64D 3CA165 3E9E8C 3FA0B2 '
-        '469ACF 419EF7 3DD504 3ED72C 42DA4F 39D96C 3FD488 3CD7B3 37CDC8 38D2EF 70040E 730623 7B0552 77066D 740587 7902B5 '
-        '6F05D4 7606EE 744205 7A352B 743B45 6E3570 703792 753DAF 783DD3 6F39F8 7C760B 7A6A24 7B6953 6E6A6C 747389 7468AB '
-        '6F6CD1 7769EA 7DA709 7AA630 77A948 76A365 73A189 74A2A7 76A2D3 7BA6EC 7CDA02 76D125 7CD753 6FD374 73DB8B 7CCDB0 '
-        '73DBD3 72CFF8 AB0D0F B30A2D AC0A4F AB0E74 B10687 AD04B6 B401D7 AB08EB AB4205 B33923 A84246 AB3E6B AC388A A939B2 '
-        'B243CD B443EC B2730A AD7529 B36B4F B16873 AE6889 A673A9 A76DD4 AF74EB ACA80F B09E24 A99F44 A59E73 A79A93 B09AAC '
-        'A59ACE AB9AF7 B0D804 A6CD32 A9D853 B4D86A B0CF8C ABCDB3 ADDBD7 B4DCF6 EA030A E50E2E E00F45 E30767 E60794 EB0DA9 '
-        'DD02D5 E507EB EA3E0A EB3526 E24144 E33C69 E53891 E736A8 E634D7 E839F0 E4670A DD6F2F E56746 E5766C EA6B8A E66DB1 '
-        'E571D1 EA67EF E7A811 EA9A2B E3A253 E3A470 DE9C92 E99BAE DC9ED5 DDA3EC E4D304 E8DC28 E9D54E E9DC71 E9D28E DFD9AD '
-        'E1CFCF E2DCF3 000000'),
+        '0207D6 0910EA 033405 0D4132 09344F 05406A 054388 0341B4 093ED7 0E3BF2 067508 03682A 0B734C 027173 047286 '
+        '056CA7 026ECB 0676F1 0EA80D 0D9C28 059E52 099E65 059B89 09A6A9 0EA0D4 02A5F3 0CD20D 09D729 07D64E 0CD26C '
+        '0BD08A 00D8B1 00CEC8 0ED2EA 3A0A09 370F32 420752 460172 3B0486 3F10AE 440BCD 3A10F5 3D3606 39342E 434045 '
+        '3C3C68 3D3E95 3A42A7 413BCB 3C43F7 42760E 37752E 376D4A 436D71 446C89 406CB5 4169D5 3774F3 45A709 41A228 '
+        '3BA64D 3CA165 3E9E8C 3FA0B2 469ACF 419EF7 3DD504 3ED72C 42DA4F 39D96C 3FD488 3CD7B3 37CDC8 38D2EF 70040E '
+        '730623 7B0552 77066D 740587 7902B5 6F05D4 7606EE 744205 7A352B 743B45 6E3570 703792 753DAF 783DD3 6F39F8 '
+        '7C760B 7A6A24 7B6953 6E6A6C 747389 7468AB 6F6CD1 7769EA 7DA709 7AA630 77A948 76A365 73A189 74A2A7 76A2D3 '
+        '7BA6EC 7CDA02 76D125 7CD753 6FD374 73DB8B 7CCDB0 73DBD3 72CFF8 AB0D0F B30A2D AC0A4F AB0E74 B10687 AD04B6 '
+        'B401D7 AB08EB AB4205 B33923 A84246 AB3E6B AC388A A939B2 B243CD B443EC B2730A AD7529 B36B4F B16873 AE6889 '
+        'A673A9 A76DD4 AF74EB ACA80F B09E24 A99F44 A59E73 A79A93 B09AAC A59ACE AB9AF7 B0D804 A6CD32 A9D853 B4D86A '
+        'B0CF8C ABCDB3 ADDBD7 B4DCF6 EA030A E50E2E E00F45 E30767 E60794 EB0DA9 DD02D5 E507EB EA3E0A EB3526 E24144 '
+        'E33C69 E53891 E736A8 E634D7 E839F0 E4670A DD6F2F E56746 E5766C EA6B8A E66DB1 E571D1 EA67EF E7A811 EA9A2B '
+        'E3A253 E3A470 DE9C92 E99BAE DC9ED5 DDA3EC E4D304 E8DC28 E9D54E E9DC71 E9D28E DFD9AD E1CFCF E2DCF3 000000'),
 }
 PALETTE_T = 15  # appendix B (iii): random additive factors t in [0, T], T = 15
 
@@ -224,14 +228,43 @@ def upsample_labels_2x(labels):
 # ----------------------------------------------------------------------------------------------------------
 # 4. X^-1: maskige (B, 3, H, W) in [0, 1] -> class logits (B, K, H, W)
 
+def _sq_dist(x, p):
+    """Squared distances, channels summed in order like the official sum over dim 2: x (..., 3), p (..., 3) -> (...)."""
+    d = (x[..., 0] - p[..., 0]) ** 2
+    d += (x[..., 1] - p[..., 1]) ** 2
+    d += (x[..., 2] - p[..., 2]) ** 2
+    return d
+
+
+def _candidate_table(palette, cells):
+    """Split the RGB cube [0, 255]^3 into cells^3 boxes; for each box, the classes that can be the nearest colour of
+    some point in it: colour k qualifies iff its distance to the box is at most the smallest distance D from any
+    colour to the box's farthest point (every point of the box has a colour within D), plus a margin for float
+    rounding. -> (cells^3, M) class indices, ascending, padded with the first (M = 13 for the official ADE20K)."""
+    p = palette.float()  # (K, 3)
+    lo = torch.arange(cells, device=p.device)[:, None, None] * (255 / cells)  # (cells, 1, 1) box starts per axis
+    hi = lo + 255 / cells
+    near = ((lo - p).clamp(min=0) + (p - hi).clamp(min=0)) ** 2  # (cells, K, 3) per-axis distance to the box
+    far = torch.maximum((lo - p).abs(), (hi - p).abs()) ** 2  # (cells, K, 3) ... to its farthest point
+    box = lambda t: t[:, None, None, :, 0] + t[None, :, None, :, 1] + t[None, None, :, :, 2]  # (cells, cells, cells, K)
+    cand = box(near) <= box(far).min(-1, keepdim=True).values + 1.0
+    K, M = len(p), int(cand.sum(-1).max())
+    k = torch.arange(K, device=p.device)
+    idx = torch.where(cand, k, K).sort(-1).values[..., :M].reshape(-1, M)  # (cells^3, M)
+    return torch.where(idx == K, idx[:, :1], idx)
+
+
 class NearestColour(nn.Module):
     """GSS-FF's inverse as the official code implements it (facts 3): the class of the nearest palette colour in
     0-255 RGB, as soft scores -||255 x - p_k||^2 / tau. .labels() gives the argmin without any (B, K, H, W) tensor."""
+
+    cells = 16  # candidate-table resolution per axis (boxes of 16 colour units)
 
     def __init__(self, palette, tau=1.0):
         super().__init__()
         self.tau = tau
         self.register_buffer('palette', palette.float().reshape(-1, 3))  # (K, 3) on 0-255
+        self.register_buffer('candidates', _candidate_table(self.palette, self.cells), persistent=False)
 
     def forward(self, maskige):
         x = maskige.float() * 255  # (B, 3, H, W)
@@ -240,17 +273,23 @@ class NearestColour(nn.Module):
         return -d / self.tau
 
     @torch.no_grad()
-    def labels(self, maskige, chunk=16384):
-        """argmin_k ||255 x - p_k||^2 -> (B, H, W) long, as argmax_k of 2 x.p_k - |p_k|^2 (|x|^2 is the same for
-        every k) over chunks of pixels: one small matmul per chunk. Exact in float32 for integer colours; ties:
-        first index wins, like the official argmin."""
+    def labels(self, maskige, chunk=2 ** 16):
+        """argmin_k ||255 x - p_k||^2 -> (B, H, W) long, identical to the official broadcast over all K (same float
+        formula, first index wins ties) at a fraction of the cost: each pixel is compared only with the M candidate
+        colours of its box of the RGB cube (_candidate_table); pixels outside the cube compare with all K."""
         B, _, H, W = maskige.shape
         x = maskige.float().permute(0, 2, 3, 1).reshape(-1, 3) * 255  # (N, 3), N = B*H*W
-        weight = 2 * self.palette.t()  # (3, K)
-        bias = -(self.palette ** 2).sum(1)  # (K,)
         out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+        n = self.cells
         for i in range(0, x.shape[0], chunk):
-            out[i:i + chunk] = torch.addmm(bias, x[i:i + chunk], weight).argmax(1)  # (n, K) -> (n,)
+            xc = x[i:i + chunk]  # (c, 3)
+            box = (xc * (n / 255)).long().clamp(0, n - 1)  # (c, 3)
+            cand = self.candidates[(box[:, 0] * n + box[:, 1]) * n + box[:, 2]]  # (c, M)
+            d = _sq_dist(xc[:, None], self.palette[cand])  # (c, M)
+            out[i:i + chunk] = cand.gather(1, d.argmin(1, keepdim=True))[:, 0]
+            outside = ((xc < 0) | (xc > 255)).any(1).nonzero()[:, 0]  # (o,)
+            if len(outside):
+                out[i + outside] = _sq_dist(xc[outside, None], self.palette).argmin(1)
         return out.view(B, H, W)
 
 
@@ -315,15 +354,33 @@ def build_inverse(posterior):
     return inverse.eval()
 
 
+def resize_one_hot(labels, num_classes, size):
+    """F.interpolate(one_hot(labels), size, mode='bilinear', align_corners=False) for labels (B, H, W) -> (B, K, *size)
+    without the (B, K, H, W) one-hot: each output pixel adds the bilinear weights of its 4 source taps to their
+    classes (4 scatter-adds at the output size). Same source indices and weights as PyTorch's kernel."""
+    B, H, W = labels.shape
+    taps = []
+    for n_in, n_out in ((H, size[0]), (W, size[1])):
+        dst = torch.arange(n_out, device=labels.device, dtype=torch.float32)
+        src = ((dst + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)  # source coordinate of each output pixel
+        i0 = src.floor().long().clamp(max=n_in - 1)
+        frac = src - i0
+        taps.append(((i0, 1 - frac), ((i0 + 1).clamp(max=n_in - 1), frac)))  # (index, weight) x 2 per axis
+    scores = torch.zeros(B, num_classes, *size, device=labels.device)
+    for iy, wy in taps[0]:
+        for ix, wx in taps[1]:
+            scores.scatter_add_(1, labels[:, iy][:, :, ix][:, None], (wy[:, None] * wx[None]).expand(B, 1, *size))
+    return scores
+
+
 def maskige_scores(inverse, maskige, size):
     """X^-1 then the official resize to `size` (facts 10): nearest colour is one-hot before the bilinear resize (a
-    smoothed majority vote), learned inverses resize their logits. -> (B, K, *size) scores for an argmax."""
+    smoothed majority vote; resize_one_hot), learned inverses resize their logits. -> (B, K, *size) scores."""
     if isinstance(inverse, NearestColour):
-        scores = F.one_hot(inverse.labels(maskige), len(inverse.palette)).permute(0, 3, 1, 2).float()  # (B, K, H, W)
-    else:
-        scores = inverse(maskige)  # (B, K, H, W)
+        return resize_one_hot(inverse.labels(maskige), len(inverse.palette), tuple(size))
+    scores = inverse(maskige)  # (B, K, H, W)
     if tuple(scores.shape[-2:]) != tuple(size):
-        scores = F.interpolate(scores, size=size, mode='bilinear', align_corners=False)
+        scores = F.interpolate(scores, size=tuple(size), mode='bilinear', align_corners=False)
     return scores
 
 
@@ -367,8 +424,8 @@ def _relu_conv(conv, x, out=None, alpha=1.0, channels=None):
 def _residual_stack(blocks, x):
     """The groups of a dall_e Encoder/Decoder (`blocks.group_1..4`), run by hand so that every intermediate dies as
     soon as it can: each block is id_path(x) + post_gain * res_path(x), res_path = (ReLU, conv) x 4. Max-pools run
-    as they come; a nearest 2x upsample is moved past the next block's pointwise id_path and conv_1 (they commute
-    exactly), so the wide tensor before them never exists at the high resolution."""
+    as they come; a nearest 2x upsample is moved past the next block's id_path and conv_1 (both 1x1 in the Decoder,
+    so they commute with it exactly), so the wide tensor before them never exists at the high resolution."""
     upsample = False
     for group in (blocks.group_1, blocks.group_2, blocks.group_3, blocks.group_4):
         for layer in group.children():
@@ -379,12 +436,11 @@ def _residual_stack(blocks, x):
                 upsample = True
                 continue
             r = layer.res_path
-            if upsample and r.conv_1.kw != 1:  # not the case in dall_e's Decoder; kept exact for other shapes
-                x, upsample = F.interpolate(x, scale_factor=2.0, mode='nearest'), False
             h = _relu_conv(r.conv_1, x)  # (B, n_hid, H, W)
             x = x if isinstance(layer.id_path, nn.Identity) else _conv(layer.id_path, x)  # (B, n_out, H, W)
             if upsample:
-                h, x = F.interpolate(h, scale_factor=2.0, mode='nearest'), F.interpolate(x, scale_factor=2.0, mode='nearest')
+                h = F.interpolate(h, scale_factor=2.0, mode='nearest')  # (B, n_hid, 2H, 2W)
+                x = F.interpolate(x, scale_factor=2.0, mode='nearest')  # (B, n_out, 2H, 2W)
                 upsample = False
             h = _relu_conv(r.conv_2, h)
             h = _relu_conv(r.conv_3, h)
@@ -411,10 +467,10 @@ class Tokenizer(nn.Module):
     def train(self, mode=True):  # frozen: stays in eval mode inside a model that is being trained
         return super().train(False)
 
-    def encoder_logits(self, maskige, dtype=torch.float32):
+    def encoder_logits(self, maskige):
         """Encoder logits (B, vocab, H/8, W/8), differentiable w.r.t. the maskige (GSS-TF/TT, tokenizer training)."""
         with torch.autocast(maskige.device.type, enabled=False):
-            x = _conv(self.encoder.blocks.input, (1 - 2 * LOGIT_LAPLACE_EPS) * maskige.to(dtype) + LOGIT_LAPLACE_EPS)
+            x = _conv(self.encoder.blocks.input, (1 - 2 * LOGIT_LAPLACE_EPS) * maskige.float() + LOGIT_LAPLACE_EPS)
             x = _residual_stack(self.encoder.blocks, x)  # (B, 8 n_hid, H/8, W/8)
             return _relu_conv(self.encoder.blocks.output.conv, x).float()  # (B, vocab, H/8, W/8)
 
@@ -433,15 +489,15 @@ class Tokenizer(nn.Module):
                 tokens.append(torch.cat([_conv(conv, F.relu(s)).argmax(1) for s in x.split(rows, dim=2)], dim=1))
             return torch.cat(tokens)  # (B, h, w)
 
-    def decoder_logits(self, x):
-        """Decoder trunk on the first conv's output x (B, n_init, h, w) -> the 3 colour logits (B, 3, 8h, 8w): the
-        logit-Laplace means (channels :3 of 6); the scale channels 3: are not computed."""
+    def _decoder_trunk(self, x):
+        """Decoder after its first conv: x (B, n_init, h, w) -> the 3 colour logits (B, 3, 8h, 8w), i.e. the
+        logit-Laplace means (channels :3 of 6; the scale channels 3: are not computed)."""
         x = _residual_stack(self.decoder.blocks, x)  # (B, n_hid, 8h, 8w)
         return _relu_conv(self.decoder.blocks.output.conv, x, channels=3).float()  # (B, 3, 8h, 8w)
 
     @torch.no_grad()
     def decode(self, tokens, dtype=torch.float32, max_tokens=2 ** 12):
-        """tokens (B, h, w) -> maskige (B, 3, 8h, 8w) in [0, 1] = unmap(sigmoid(decoder logits)), over micro-batches
+        """tokens (B, h, w) -> maskige (B, 3, 8h, 8w) in [0, 1] = unmap(sigmoid(colour logits)), over micro-batches
         of at most max_tokens tokens (one 64x64-token image). The one-hot first 1x1 conv is a gather of its columns."""
         conv = self.decoder.blocks.input
         table = conv.w[:, :, 0, 0].t().to(dtype)  # (vocab, n_init)
@@ -449,15 +505,18 @@ class Tokenizer(nn.Module):
             out = []
             for t in tokens.split(max(1, max_tokens // (tokens.shape[1] * tokens.shape[2]))):
                 x = (F.embedding(t, table) + conv.b.to(dtype)).permute(0, 3, 1, 2).contiguous()  # (b, n_init, h, w)
-                out.append(_unmap(torch.sigmoid(self.decoder_logits(x))))
+                out.append(_unmap(torch.sigmoid(self._decoder_trunk(x))))
             return torch.cat(out)  # (B, 3, 8h, 8w)
 
-    def decode_soft(self, probs):
-        """Differentiable decode of token probabilities / relaxed one-hots (B, vocab, h, w) -> maskige (B, 3, 8h, 8w)
-        in [0, 1] (the official Dalle_VAE.forward path; GSS-TF/TT)."""
+    def decoder_logits(self, probs):
+        """Differentiable: token probabilities or relaxed one-hots (B, vocab, h, w) -> colour logits (B, 3, 8h, 8w)
+        (the official Dalle_VAE.forward feeds soft probabilities the same way; GSS-TF/TT, tokenizer training)."""
         with torch.autocast(probs.device.type, enabled=False):
-            x = _conv(self.decoder.blocks.input, probs.float())  # (B, n_init, h, w)
-            return _unmap(torch.sigmoid(self.decoder_logits(x)))
+            return self._decoder_trunk(_conv(self.decoder.blocks.input, probs.float()))
+
+    def decode_soft(self, probs):
+        """Differentiable decode: (B, vocab, h, w) probabilities -> maskige (B, 3, 8h, 8w) in [0, 1]."""
+        return _unmap(torch.sigmoid(self.decoder_logits(probs)))
 
 
 def _unmap(x):
@@ -532,9 +591,23 @@ def convert_dalle(encoder_pkl, decoder_pkl, out):
 
 
 def reconstruct(tokenizer, labels, palette, ignore_colour):
-    """The official maskige-reconstruction oracle's round trip (facts 5): labels (B, H, W) at test resolution, no 2x
-    upsampling, 255 painted with the ignore colour, tokens at 1/8 -> decoded maskige (B, 3, 8(H//8), 8(W//8))."""
+    """X then the VQ round trip: labels (B, H, W), 255 painted with the ignore colour -> tokens at 1/8 -> decoded
+    maskige (B, 3, 8(H//8), 8(W//8))."""
     return tokenizer.decode(tokenizer.encode(paint(labels, palette, ignore_colour)))
+
+
+@torch.no_grad()
+def recon_scores(tokenizer, inverse, labels, palette, ignore_colour, size=None, upsample=False):
+    """The official maskige-reconstruction oracle (facts 5, dalle_reconstruction_*.py) for label maps (B, H, W) at
+    their original resolution: resized (nearest) to the test resolution `size` (default: as they are), reconstructed
+    without the 2x upsampling (tokens at 1/8), X^-1, scores resized back to (H, W) -> (B, K, H, W) for an argmax.
+    upsample=True takes stage II's 2x path instead (tokens at 1/4 of the test resolution: its ceiling)."""
+    src = labels
+    if size is not None and tuple(size) != tuple(labels.shape[-2:]):  # mmseg resizes the GT with nearest, as here
+        src = F.interpolate(labels[:, None].float(), size=tuple(size), mode='nearest')[:, 0].long()  # (B, h, w)
+    if upsample:
+        src = upsample_labels_2x(src)
+    return maskige_scores(inverse, reconstruct(tokenizer, src, palette, ignore_colour), labels.shape[-2:])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -578,7 +651,511 @@ def load_posterior(path):
     return post
 
 
-try:
-    from _parts.gss_prior import *  # noqa: E402,F401,F403  TEMP: stage-II part until the lead merges it
-except ImportError as e:  # TEMP
-    import warnings; warnings.warn(f"stage-II part not loaded: {e}")
+def posterior_summary(posterior, path):
+    """What a checkpoint records about the stage-I artifact it was trained with (plain types)."""
+    return {'path': os.path.abspath(path), 'num_classes': int(posterior['num_classes']),
+            'palette': [[int(c) for c in rgb] for rgb in posterior['palette']],
+            'vocab_size': int(posterior['vocab_size'])}
+
+
+def check_posterior_match(saved, posterior, path):
+    """UserError naming each of class count / palette / vocabulary size that differs between a checkpoint's record
+    `saved` (posterior_summary) and the stage-I artifact `posterior`."""
+    now = posterior_summary(posterior, saved['path'])
+    diffs = []
+    if saved['num_classes'] != now['num_classes']:
+        diffs.append(f"class count {saved['num_classes']} vs {now['num_classes']}")
+    elif saved['palette'] != now['palette']:
+        k = next(i for i, (a, b) in enumerate(zip(saved['palette'], now['palette'])) if a != b)
+        diffs.append(f"palette (first at class {k}: {saved['palette'][k]} vs {now['palette'][k]})")
+    if saved['vocab_size'] != now['vocab_size']:
+        diffs.append(f"vocabulary size {saved['vocab_size']} vs {now['vocab_size']}")
+    if diffs:
+        raise UserError(f"{path}: does not match the stage-I artifact: " + "; ".join(diffs) +
+                            f" (checkpoint vs artifact); expected the artifact it was trained with, {saved['path']}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Image encoder I_psi: backbone -> MLA -> Swin blocks -> token logits at 1/4 (paper Sec. 3.4, facts §6)
+
+class ResNet(nn.Module):
+    """torchvision ResNet-50/101 dilated like the official ResNet-V1c-D8 (gss-ff_r101.py, facts §6.1): layer3 and
+    layer4 trade their stride for dilation 2 and 4 (first block contracted), so levels 2-4 stay at stride 8.
+    deep_stem: the V1c stem of three 3x3 convs (mmseg keys stem.0 ... stem.7), to load the official R101 files."""
+
+    def __init__(self, depth, deep_stem=False):
+        super().__init__()
+        import torchvision  # here, not at the top: only the ResNet backbones need it
+        net = getattr(torchvision.models, f'resnet{depth}')(replace_stride_with_dilation=[False, True, True])
+        if deep_stem:
+            self.stem = nn.Sequential(*[m for cin, cout, stride in ((3, 32, 2), (32, 32, 1), (32, 64, 1)) for m in (
+                nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))])
+        else:
+            self.stem = nn.Sequential(net.conv1, net.bn1, net.relu)
+        self.maxpool = net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.channels = [256, 512, 1024, 2048]
+
+    def forward(self, x):
+        """(B, 3, H, W) -> 4 levels (B, C_i, ceil(H/s), ceil(W/s)) at strides s = 4, 8, 8, 8."""
+        x = self.maxpool(self.stem(x))  # (B, 64, H/4, W/4)
+        outs = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            outs.append(x)
+        return outs
+
+
+BACKBONES = [*swin.SWIN_PRESETS, 'resnet50', 'resnet101', 'resnet50_v1c', 'resnet101_v1c']
+
+
+def build_backbone(name, pretrained=None):
+    """-> (module mapping images (B, 3, H, W) to 4 feature levels, their channels). Swin presets of swin.py
+    (the paper's main backbone: swin_l) or dilated ResNets; pretrained: a local ImageNet file (official,
+    torchvision or mmseg layout)."""
+    if name in swin.SWIN_PRESETS:
+        model = swin.build_swin(name, drop_path_rate=0.3)  # official gss-ff_swin-l.py
+        if pretrained:
+            missing, unexpected = _load_swin(model, load_file(pretrained, 'Swin checkpoint'), pretrained)
+            missing = [k for k in missing if not k.startswith(('norm0.', 'norm1.', 'norm2.', 'norm3.'))]  # new norms
+            if missing or unexpected:
+                raise UserError(f"{pretrained}: {_key_report(missing, unexpected)}; expected a {name} checkpoint")
+    elif name in BACKBONES:
+        model = ResNet(int(name.removesuffix('_v1c')[len('resnet'):]), deep_stem=name.endswith('_v1c'))
+        if pretrained:
+            sd = load_file(pretrained, 'ResNet checkpoint')
+            sd = {k.removeprefix('backbone.'): v for k, v in sd.get('state_dict', sd).items() if not k.startswith('fc.')}
+            for old, new in (('conv1.', 'stem.0.'), ('bn1.', 'stem.1.')):  # torchvision names of the 7x7 stem
+                sd = {new + k[len(old):] if k.startswith(old) else k: v for k, v in sd.items()}
+            _load_strict(model, sd, pretrained)
+    else:
+        raise UserError(f"--backbone: unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
+    return model, model.channels
+
+
+class ConvBNReLU(nn.Module):
+    """1x1 conv (no bias) + BatchNorm + ReLU: mmcv's ConvModule as the official head uses it."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        nn.init.kaiming_normal_(self.conv.weight, mode='fan_out', nonlinearity='relu')  # mmcv ConvModule init
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class MLA(nn.Module):
+    """Multi-Level Aggregation (official feature_aggregation, facts §6.2): per level 1x1 conv + BN + ReLU,
+    bilinear resize to the stride-4 level, concat, 1x1 conv + BN + ReLU. Levels in natural order (the official
+    in_index=[1, 0, 2, 3] order is undone when its checkpoints are loaded)."""
+
+    def __init__(self, in_channels, channels, out_channels):
+        super().__init__()
+        self.convs = nn.ModuleList([ConvBNReLU(c, channels) for c in in_channels])
+        self.fusion = ConvBNReLU(len(in_channels) * channels, out_channels)
+
+    def forward(self, feats):
+        """4 levels (B, C_i, h_i, w_i) -> (B, out_channels, h_0, w_0)."""
+        size = feats[0].shape[-2:]
+        x = [F.interpolate(conv(f), size, mode='bilinear', align_corners=False) for conv, f in zip(self.convs, feats)]
+        return self.fusion(torch.cat(x, 1))  # (B, 4 * channels, h, w) -> (B, out_channels, h, w)
+
+
+class GSSHead(nn.Module):
+    """Token head: MLA -> D Swin blocks -> LayerNorm -> 1x1 conv + BN + ReLU -> Dropout2d -> conv_seg to the
+    vocabulary (facts §6.2), and the unlabeled-area auxiliary head p_xi: a separate MLA -> 1x1 conv to K (§7)."""
+
+    def __init__(self, in_channels, num_classes, vocab_size=8192, mla_channels=384, fused_channels=512,
+                 token_channels=2048, depth=2, num_heads=16, window_size=7, dropout=0.1):
+        super().__init__()
+        self.mla = MLA(in_channels, mla_channels, fused_channels)
+        self.blocks = swin.SwinStage(fused_channels, depth, num_heads, window_size, mlp_ratio=2.0)  # FFN 2x
+        self.swin_norm = nn.LayerNorm(fused_channels)
+        self.conv_before_seg = ConvBNReLU(fused_channels, token_channels)
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(token_channels, vocab_size, 1)
+        self.aux_mla = MLA(in_channels, mla_channels, mla_channels)
+        self.aux_cls = nn.Conv2d(mla_channels, num_classes, 1)
+        for conv in (self.conv_seg, self.aux_cls):  # mmseg BaseDecodeHead.init_weights
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def token_features(self, feats):
+        """4 levels -> (B, token_channels, h, w) at stride 4, after dropout: conv_seg's input."""
+        x = self.mla(feats).permute(0, 2, 3, 1)  # (B, h, w, fused)
+        x = self.swin_norm(self.blocks(x)[0])  # (B, h, w, fused)
+        return self.dropout(self.conv_before_seg(x.permute(0, 3, 1, 2).contiguous()))  # (B, token_channels, h, w)
+
+    def aux_logits(self, feats):
+        """4 levels -> (B, K, h, w) per-pixel class logits at stride 4."""
+        return self.aux_cls(self.aux_mla(feats))
+
+    def token_logits(self, x):
+        """(B, token_channels, h, w) -> (B, V, h, w). Large: training uses token_cross_entropy, inference token_argmax."""
+        return self.conv_seg(x)
+
+    def forward(self, feats):
+        return self.token_features(feats), self.aux_logits(feats)
+
+
+class GSS(nn.Module):
+    """The image encoder I_psi: backbone + GSSHead. `config` (plain types) rebuilds it: GSS.from_config(config)."""
+
+    def __init__(self, backbone='swin_l', num_classes=150, vocab_size=8192, mla_channels=384, fused_channels=512,
+                 token_channels=2048, depth=None, num_heads=16, window_size=7, dropout=0.1, pretrained=None):
+        super().__init__()
+        depth = depth if depth is not None else (6 if backbone.startswith('resnet') else 2)  # paper: D=2 Swin, 6 R101
+        self.config = dict(backbone=backbone, num_classes=num_classes, vocab_size=vocab_size, mla_channels=mla_channels,
+                           fused_channels=fused_channels, token_channels=token_channels, depth=depth,
+                           num_heads=num_heads, window_size=window_size, dropout=dropout)
+        self.backbone, channels = build_backbone(backbone, pretrained)
+        self.head = GSSHead(channels, num_classes, vocab_size, mla_channels, fused_channels, token_channels, depth,
+                            num_heads, window_size, dropout)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def forward(self, images):
+        """(B, 3, H, W) -> (token features (B, token_channels, H/4, W/4), aux logits (B, K, H/4, W/4))."""
+        return self.head(self.backbone(images))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. Targets and losses (paper Eq. 7 as the official code computes it, facts §6.3, §7)
+
+def _chunks(x, chunk):
+    """Yield (b, rows, x[b, :, rows] as a (C, n) view) over blocks of whole rows, about `chunk` positions each."""
+    B, C, h, w = x.shape
+    step = max(1, chunk // w)
+    for b in range(B):
+        for r in range(0, h, step):
+            rows = slice(r, min(r + step, h))
+            yield b, rows, x[b, :, rows].flatten(1)  # (C, n), n = rows * w
+
+
+class TokenCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of a 1x1 conv's logits over the non-ignored positions, without ever holding the
+    (B, V, h, w) logits or their gradient: both exist one chunk of positions at a time (issue 7 item 3).
+    The loss ends the graph, so the gradient arriving in backward is a scalar: the gradients for x, weight and
+    bias are computed in forward while each chunk's logits are at hand, and backward only scales them.
+    (Recomputing the logits in backward instead costs a fourth matmul: 4/3 of the naive time.)"""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, ignore_index, chunk, with_grad):
+        W = weight.flatten(1)  # (V, C)
+        valid = target != ignore_index  # (B, h, w)
+        loss = torch.zeros((), device=x.device)
+        correct = torch.zeros((), dtype=torch.long, device=x.device)
+        if with_grad:  # gradients of the summed loss; backward divides by the count (fp16-safe magnitudes)
+            gx = torch.empty_like(x)
+            gw, gb = W.new_zeros(W.shape, dtype=torch.float32), W.new_zeros(W.shape[0], dtype=torch.float32)
+        for b, rows, xc in _chunks(x, chunk):
+            t, m = target[b, rows].flatten(), valid[b, rows].flatten()  # (n,)
+            logits = torch.addmm(bias, xc.t(), W.t()).float()  # (n, V); the matmul follows autocast
+            tc = t.clamp(max=W.shape[0] - 1)[:, None]  # (n, 1); ignored rows are masked below
+            target_logit, top = logits.gather(1, tc)[:, 0], logits.argmax(1)  # (n,)
+            peak = logits.amax(1, keepdim=True)  # (n, 1)
+            e = logits.sub_(peak).exp_()  # (n, V) exp(logits - peak), in place
+            total = e.sum(1)  # (n,)
+            loss += ((peak[:, 0] + total.log() - target_logit) * m).sum()  # logsumexp - target logit
+            correct += ((top == t) & m).sum()
+            if with_grad:  # d loss_sum / d logits = softmax - onehot(t) on valid rows, 0 elsewhere
+                g = e.mul_((m / total)[:, None]).scatter_add_(1, tc, -m[:, None].float()).to(x.dtype)  # (n, V)
+                gx[b, :, rows] = (W.t() @ g.t()).view(x.shape[1], -1, x.shape[3])  # (C, rows, w)
+                gw += g.t() @ xc.t()  # (V, C)
+                gb += g.sum(0)  # (V,)
+        ctx.count = valid.sum().clamp(min=1)  # a mean over valid positions (official avg_non_ignore=True)
+        ctx.grads = (gx, gw.view_as(weight), gb) if with_grad else None
+        ctx.mark_non_differentiable(correct)
+        return loss / ctx.count, correct
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_correct):
+        if ctx.grads is None:
+            raise RuntimeError("token_cross_entropy: backward without gradients (called under no_grad, or twice)")
+        (gx, gw, gb), ctx.grads = ctx.grads, None  # freed after use: a second backward is an error, not a silent one
+        scale = grad_loss / ctx.count
+        return gx.mul_(scale), gw.mul_(scale), gb.mul_(scale), None, None, None, None
+
+
+def token_cross_entropy(feats, conv, target, ignore_index, chunk=2048):
+    """F.cross_entropy(conv(feats), target, ignore_index) (mean over valid positions) computed in chunks of
+    positions, and the number of correct argmax tokens there. feats (B, C, h, w), target (B, h, w) long."""
+    with_grad = torch.is_grad_enabled() and (feats.requires_grad or conv.weight.requires_grad)
+    return TokenCrossEntropy.apply(feats, conv.weight, conv.bias, target, ignore_index, chunk, with_grad)
+
+
+@torch.no_grad()
+def token_argmax(feats, conv, chunk=2048):
+    """argmax over the vocabulary of conv(feats), chunk by chunk: (B, C, h, w) -> tokens (B, h, w)."""
+    W = conv.weight.flatten(1)  # (V, C)
+    tokens = torch.empty(feats.shape[0], *feats.shape[2:], dtype=torch.long, device=feats.device)
+    for b, rows, xc in _chunks(feats, chunk):
+        tokens[b, rows] = torch.addmm(conv.bias, xc.t(), W.t()).argmax(1).view(-1, feats.shape[3])
+    return tokens
+
+
+@torch.no_grad()
+def token_targets(tokenizer, palette, labels2x, aux2x):
+    """The official token targets (facts §6.3, §7): unlabeled (255) pixels of the 2x labels are filled with the
+    auxiliary head's argmax (c~ = M_u c_bar + (1 - M_u) c, paper Sec. 3.4), painted with the palette and
+    tokenized; a token whose whole 8x8 block is unlabeled gets the ignore index tokenizer.vocab_size.
+    labels2x (B, 2H, 2W) long, aux2x (B, K, 2H, 2W) logits, palette (K, 3) 0..255
+    -> (tokens (B, H/4, W/4), composed labels (B, 2H, 2W))."""
+    unlabeled = labels2x == 255  # (B, 2H, 2W)
+    composed = torch.where(unlabeled, aux2x.argmax(1), labels2x)  # (B, 2H, 2W), no 255 left
+    tokens = tokenizer.encode(paint(composed, palette, palette.new_zeros(3)))  # (B, H/4, W/4); float32, no autocast
+    labeled = F.max_pool2d((~unlabeled)[:, None].float(), 8)[:, 0] > 0  # (B, H/4, W/4): any labeled pixel
+    return tokens.masked_fill(~labeled, tokenizer.vocab_size), composed
+
+
+def compute_loss(model, tokenizer, palette, images, labels):
+    """Stage-II loss: 0.8 x token CE (ignore = vocab_size) + 0.2 x auxiliary pixel CE at 2H x 2W (ignore 255),
+    each a mean over valid elements (facts §6.3). images (B, 3, H, W), labels (B, H, W) with 255 = unlabeled
+    (left unmodified), palette (K, 3) 0..255 -> (loss, logs: floats loss_token and loss_aux (weighted, as the
+    official loss_ce and loss_ce_pixel), acc_token and acc_aux in percent)."""
+    H, W = images.shape[-2:]
+    if H % 4 or W % 4:
+        raise UserError(f"training crop {H}x{W}: expected sides that are multiples of 4 (tokens sit at 1/4)")
+    feats, aux = model(images)  # (B, C, H/4, W/4), (B, K, H/4, W/4)
+    aux = F.interpolate(aux, (2 * H, 2 * W), mode='bilinear', align_corners=False)  # (B, K, 2H, 2W)
+    labels2x = upsample_labels_2x(labels)  # (B, 2H, 2W)
+    targets, _ = token_targets(tokenizer, palette, labels2x, aux)  # (B, H/4, W/4)
+    conv_seg = getattr(model, 'module', model).head.conv_seg  # through a DDP wrapper
+    loss_token, correct = token_cross_entropy(feats, conv_seg, targets, tokenizer.vocab_size)
+    valid = labels2x != 255  # (B, 2H, 2W)
+    loss_aux = F.cross_entropy(aux, labels2x, ignore_index=255, reduction='sum') / valid.sum().clamp(min=1)
+    loss = 0.8 * loss_token + 0.2 * loss_aux
+    logs = dict(loss_token=0.8 * loss_token.item(), loss_aux=0.2 * loss_aux.item(),
+                acc_token=100.0 * correct.item() / max(1, (targets != tokenizer.vocab_size).sum().item()),
+                acc_aux=100.0 * ((aux.argmax(1) == labels2x) & valid).sum().item() / max(1, valid.sum().item()))
+    return loss, logs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. Generative inference (paper Sec. 3.5, facts §10) and the official checkpoints
+
+def slide_windows(H, W, crop, stride):
+    """mmseg's slide_inference windows [(y1, y2, x1, x2)]: a grid at `stride`, the last window snapped to the
+    border, windows clipped to images smaller than the crop. crop, stride: int or (h, w)."""
+    (ch, cw), (sh, sw) = [(v, v) if isinstance(v, int) else tuple(v) for v in (crop, stride)]
+    boxes = []
+    for i in range(max(H - ch + sh - 1, 0) // sh + 1):
+        for j in range(max(W - cw + sw - 1, 0) // sw + 1):
+            y2, x2 = min(i * sh + ch, H), min(j * sw + cw, W)
+            boxes.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
+    return boxes
+
+
+def _infer(window_scores, images, mode, crop, stride):
+    """Whole image, or mmseg's sliding windows: window scores summed into the canvas, divided by the overlap count."""
+    if mode == 'whole':
+        return window_scores(images)
+    if mode != 'slide' or crop is None or stride is None:
+        raise UserError(f"--mode {mode}: expected 'whole', or 'slide' with a crop and a stride")
+    B, _, H, W = images.shape
+    out, count = None, images.new_zeros(1, 1, H, W)
+    for y1, y2, x1, x2 in slide_windows(H, W, crop, stride):
+        s = window_scores(images[:, :, y1:y2, x1:x2])  # (B, K, y2-y1, x2-x1)
+        out = torch.zeros(B, s.shape[1], H, W, device=s.device) if out is None else out  # float32 sums
+        out[:, :, y1:y2, x1:x2] += s
+        count[:, :, y1:y2, x1:x2] += 1
+    return out / count  # (B, K, H, W)
+
+
+@torch.no_grad()
+def predict(model, tokenizer, inverse, images, mode='whole', crop=None, stride=None):
+    """Generative inference: image -> tokens (argmax, chunked) -> tokenizer.decode -> maskige at 2H x 2W -> X^-1
+    -> class scores bilinearly resized to the input: (B, 3, H, W) -> (B, K, H, W). Put the modules in eval mode.
+    inverse: any X^-1 module of gss; as in the official code, NearestColour gives a one-hot before the resize and
+    learned inverses their logits (maskige_scores, facts §3, §10)."""
+    def window_scores(x):
+        return maskige_scores(inverse, generate(model, tokenizer, x), x.shape[-2:])  # (B, K, H, W)
+    return _infer(window_scores, images, mode, crop, stride)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, images):
+    """The generated maskige: image (B, 3, H, W) -> token logits -> argmax -> tokenizer.decode -> (B, 3, 2H, 2W)."""
+    model = getattr(model, 'module', model)  # through a DDP wrapper
+    H, W = images.shape[-2:]
+    feats = model.head.token_features(model.backbone(images))  # (B, C, h, w), h = ceil(H/4)
+    return tokenizer.decode(token_argmax(feats, model.head.conv_seg))[:, :, :2 * H, :2 * W]  # (B, 3, 2H, 2W)
+
+
+@torch.no_grad()
+def predict_aux(model, images, mode='whole', crop=None, stride=None):
+    """The auxiliary head's per-pixel logits (a discriminative baseline on the same backbone): (B, K, H, W)."""
+    model = getattr(model, 'module', model)
+
+    def window_scores(x):
+        H, W = x.shape[-2:]
+        aux = model.head.aux_logits(model.backbone(x))  # (B, K, h, w), h = ceil(H/4)
+        aux = F.interpolate(aux, (4 * aux.shape[2], 4 * aux.shape[3]), mode='bilinear', align_corners=False)
+        return aux[:, :, :H, :W]  # (B, K, H, W)
+    return _infer(window_scores, images, mode, crop, stride)
+
+
+OFFICIAL_NAMES = [  # (official decode_head.* name prefix, ours); facts §6.2, §7, §4.1, §5
+    ('convs.0.', 'head.mla.convs.1.'), ('convs.1.', 'head.mla.convs.0.'),  # in_index=[1, 0, 2, 3]: levels 1, 0 swap
+    ('convs.2.', 'head.mla.convs.2.'), ('convs.3.', 'head.mla.convs.3.'), ('fusion_conv.', 'head.mla.fusion.'),
+    ('transformer_block.', 'head.blocks.'), ('swin_ln.', 'head.swin_norm.'),
+    ('conv_before_seg.', 'head.conv_before_seg.'), ('conv_seg.', 'head.conv_seg.'),
+    ('convs_pixel.0.', 'head.aux_mla.convs.1.'), ('convs_pixel.1.', 'head.aux_mla.convs.0.'),
+    ('convs_pixel.2.', 'head.aux_mla.convs.2.'), ('convs_pixel.3.', 'head.aux_mla.convs.3.'),
+    ('fusion_conv_pixel.', 'head.aux_mla.fusion.'), ('conv_seg_pixel.', 'head.aux_cls.'),
+    ('d_vae.', 'tokenizer.'),
+    ('projection.conv.', 'inverse.projection.'), ('projection.bn.', 'inverse.projection_bn.'),  # FT-W's X^-1
+    ('post_transformer_block.', 'inverse.blocks.'), ('post_swin_ln.', 'inverse.norm.'),
+    ('cls_segmap.conv.', 'inverse.cls.'),
+]
+_SWIN_NAMES = [('.attn.', '.attn.w_msa.'), ('.mlp.fc1.', '.ffn.layers.0.0.'), ('.mlp.fc2.', '.ffn.layers.1.')]  # mmseg
+
+
+def official_key(key):
+    """Our 'head.*' / 'tokenizer.*' / 'inverse.*' state-dict key -> the official 'decode_head.*' key."""
+    ours = next(p for p in OFFICIAL_NAMES if key.startswith(p[1]))
+    key = ours[0] + key[len(ours[1]):]
+    for a, b in _SWIN_NAMES:
+        key = key.replace(a, b)
+    return 'decode_head.' + key
+
+
+def _swap_levels01(w):
+    """Fusion conv weight (out, 4C, 1, 1): swap the column blocks of levels 0 and 1 (in_index=[1, 0, 2, 3])."""
+    c = w.shape[1] // 4
+    return torch.cat([w[:, c:2 * c], w[:, :c], w[:, 2 * c:]], 1)
+
+
+def _key_report(missing, unexpected, mismatched=()):
+    def few(keys):
+        keys = sorted(keys)
+        return ', '.join(keys[:6]) + (f' (+{len(keys) - 6} more)' if len(keys) > 6 else '')
+    parts = [('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatch', mismatched)]
+    return '; '.join(f"{name} {few(keys)}" for name, keys in parts if keys)
+
+
+def _load_strict(module, sd, what):
+    """load_state_dict(strict=True) with shapes checked first and a one-line UserError naming the keys."""
+    own = module.state_dict()
+    mismatched = [f"{k} {tuple(v.shape)} vs ours {tuple(own[k].shape)}"
+                  for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    missing, unexpected = own.keys() - sd.keys(), sd.keys() - own.keys()
+    if missing or unexpected or mismatched:
+        raise UserError(f"{what}: {_key_report(missing, unexpected, mismatched)}")
+    module.load_state_dict(sd)
+
+
+def _load_swin(model, sd, what):
+    try:
+        return swin.load_pretrained(model, sd)
+    except (ValueError, RuntimeError) as e:  # unknown layout; size mismatch
+        raise UserError(f"{what}: {str(e).strip().splitlines()[-1].strip()}") from None
+
+
+def _count(sd, prefix):
+    """Number of numbered blocks under prefix ('x.blocks.' -> distinct i of 'x.blocks.i.*')."""
+    return len({k[len(prefix):].split('.')[0] for k in sd if k.startswith(prefix)})
+
+
+def official_config(sd):
+    """GSS config of an official segmentor state dict, read from its shapes (facts §6.1-6.2)."""
+    try:
+        if 'backbone.patch_embed.projection.weight' in sd:  # mmseg Swin
+            stages = range(_count(sd, 'backbone.stages.'))
+            tables = [sd[f'backbone.stages.{i}.blocks.0.attn.w_msa.relative_position_bias_table'] for i in stages]
+            shape = (sd['backbone.patch_embed.projection.weight'].shape[0],
+                     tuple(_count(sd, f'backbone.stages.{i}.blocks.') for i in stages),
+                     tuple(t.shape[1] for t in tables), (math.isqrt(tables[0].shape[0]) + 1) // 2)
+            backbone = next((name for name, p in swin.SWIN_PRESETS.items()
+                             if (p['embed_dim'], tuple(p['depths']), tuple(p['num_heads']), p['window_size']) == shape), None)
+            if backbone is None:
+                raise UserError(f"official checkpoint: Swin backbone (embed, depths, heads, window) = {shape} "
+                                f"matches no preset in swin.SWIN_PRESETS")
+        elif 'backbone.stem.0.weight' in sd:  # mmseg ResNet-V1c
+            backbone = 'resnet101_v1c' if _count(sd, 'backbone.layer3.') == 23 else 'resnet50_v1c'  # 23 or 6 blocks
+        else:
+            raise UserError("official checkpoint: no backbone.* keys of an mmseg Swin or ResNet-V1c; pass model=")
+        table = sd['decode_head.transformer_block.blocks.0.attn.w_msa.relative_position_bias_table']
+        K = sd.get('decode_head.conv_seg_pixel.weight', sd.get('decode_head.cls_segmap.conv.weight'))
+        return dict(backbone=backbone, num_classes=K.shape[0], vocab_size=sd['decode_head.conv_seg.weight'].shape[0],
+                    mla_channels=sd['decode_head.convs.0.conv.weight'].shape[0],
+                    fused_channels=sd['decode_head.fusion_conv.conv.weight'].shape[0],
+                    token_channels=sd['decode_head.conv_before_seg.conv.weight'].shape[0],
+                    depth=_count(sd, 'decode_head.transformer_block.blocks.'), num_heads=table.shape[1],
+                    window_size=(math.isqrt(table.shape[0]) + 1) // 2, dropout=0.1)
+    except (KeyError, AttributeError) as e:
+        raise UserError(f"official checkpoint: not a GSS segmentor state dict (no {e})") from None
+
+
+def load_official_checkpoint(checkpoint, model=None, variant=None):
+    """An official GSS checkpoint (fudan-zvg/GSS, mmseg 0.26: path or state dict; a bare decode_head state dict
+    is accepted too) -> (model, tokenizer, inverse). The DALL-E weights inside (decode_head.d_vae.*) become the
+    tokenizer; inverse is an FTWInverse for GSS-FT-W files, else None (GSS-FF: use NearestColour of the official
+    palette). model: load into this GSS (default: one built from the shapes).
+    variant: 'ff' or 'ft-w' (default: from the keys). Strict: every key is used or explained, shapes checked."""
+    is_path = isinstance(checkpoint, (str, os.PathLike))
+    what = os.fspath(checkpoint) if is_path else 'official checkpoint'
+    sd = load_file(checkpoint, 'official GSS checkpoint') if is_path else checkpoint
+    sd = sd.get('state_dict', sd)
+    if not any(k.startswith(('decode_head.', 'backbone.')) for k in sd):  # the head's own state dict
+        sd = {'decode_head.' + k: v for k, v in sd.items()}
+    variant = variant or ('ft-w' if 'decode_head.cls_segmap.conv.weight' in sd else 'ff')
+    if model is None:
+        model = GSS.from_config(official_config(sd))
+    try:
+        tokenizer = build_tokenizer(n_hid=sd['decode_head.d_vae.encoder.blocks.input.w'].shape[0],
+                                    vocab_size=sd['decode_head.d_vae.encoder.blocks.output.conv.w'].shape[0],
+                                    n_init=sd['decode_head.d_vae.decoder.blocks.input.w'].shape[0])
+        inverse = None
+        if variant == 'ft-w':
+            table = sd['decode_head.post_transformer_block.blocks.0.attn.w_msa.relative_position_bias_table']
+            inverse = FTWInverse(model.config['num_classes'], dim=sd['decode_head.projection.conv.weight'].shape[0],
+                                 depth=_count(sd, 'decode_head.post_transformer_block.blocks.'),
+                                 num_heads=table.shape[1], window_size=(math.isqrt(table.shape[0]) + 1) // 2)
+    except KeyError as e:
+        raise UserError(f"{what}: no {e}; expected an official GSS-{variant.upper()} checkpoint") from None
+    # the head, tokenizer and inverse by official key name
+    parts = {'head': model.head, 'tokenizer': tokenizer, 'inverse': inverse}
+    expected = {official_key(f'{p}.{k}'): (p, k, v.shape) for p, m in parts.items() if m is not None
+                for k, v in m.state_dict().items()}
+    loaded = {p: {} for p in parts}
+    unexpected, mismatched = [], []
+    for key, v in sd.items():
+        if key.startswith('backbone.') or key.endswith('relative_position_index'):  # below; recomputed buffers
+            continue
+        if key.startswith('decode_head.norm.'):  # stale LayerNorm of released files (GSS issue #12)
+            continue
+        if key not in expected:
+            unexpected.append(key)
+            continue
+        p, k, shape = expected[key]
+        if v.shape != shape:
+            mismatched.append(f"{key} {tuple(v.shape)} vs ours {tuple(shape)}")
+        else:
+            loaded[p][k] = _swap_levels01(v) if k.endswith('fusion.conv.weight') else v
+    missing = [key for key in expected if key not in sd]
+    aux = [key for key in missing if 'pixel' in key]
+    if variant == 'ft-w' and aux and len(aux) == sum('pixel' in key for key in expected):
+        warnings.warn(f"{what}: no auxiliary head (an unmerged GSS-FT-W file); predict_aux gives untrained scores")
+        missing = [key for key in missing if 'pixel' not in key]
+        loaded['head'].update({k: v for k, v in model.head.state_dict().items() if k.startswith(('aux_mla.', 'aux_cls.'))})
+    if missing or unexpected or mismatched:
+        raise UserError(f"{what}: {_key_report(missing, unexpected, mismatched)}; "
+                        f"expected a GSS-{variant.upper()} checkpoint")
+    for p, m in parts.items():
+        if m is not None:
+            m.load_state_dict(loaded[p])
+    # the backbone: mmseg Swin via swin.py, mmseg ResNet-V1c as is
+    backbone = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')}
+    if isinstance(model.backbone, swin.SwinTransformer):
+        missing, unexpected = _load_swin(model.backbone, backbone, f"{what}: backbone")
+        if missing or unexpected:
+            raise UserError(f"{what}: backbone: {_key_report(missing, unexpected)}")
+    elif backbone or model.backbone.state_dict():
+        _load_strict(model.backbone, backbone, f"{what}: backbone")
+    return model, tokenizer, inverse

@@ -10,6 +10,10 @@ Tensors flow channels-last, (B, H, W, C), and any H, W works: maps are zero-padd
 multiples, the shifted-window mask is built on the fly for the padded size, odd sizes are padded at
 patch merging. Standalone: imports only torch, so the file can be copied into another project.
 
+Same numbers as the official pad / roll / partition order, less work: qkv and proj act per token, so a
+block runs them on the real tokens only, and pad + cyclic shift + window partition is a single cached
+gather (window_layout). Attention is F.scaled_dot_product_attention off CPU, three plain lines on CPU.
+
     model = build_swin('swin_t')
     load_pretrained(model, 'swin_tiny_patch4_window7_224.pth')  # official, torchvision or mmseg file
     feats = model(images)  # 4 maps (B, C_i, H/4/2^i, W/4/2^i)
@@ -81,13 +85,16 @@ def window_layout(H, W, ws, shift, device):
 
 
 def attention(q, k, v, attn_mask):
-    """softmax(q k^T / sqrt(d) + attn_mask) v (paper Eq. 4); q, k, v (..., N, d), attn_mask (N, N) broadcastable."""
+    """softmax(q k^T / sqrt(d) + attn_mask) v (paper Eq. 4); q, k, v (B, h, nW, N, d), attn_mask (h, nW or 1, N, N)."""
     if q.device.type != 'cpu':  # fused kernels (flash / memory-efficient): no N x N matrix kept in memory
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype))
+        h, nW, N = q.shape[1:4]  # they take 4-D inputs: fold the windows into the head axis
+        attn_mask = attn_mask.expand(h, nW, N, N).reshape(h * nW, N, N).to(q.dtype)  # broadcasts over B
+        x = F.scaled_dot_product_attention(q.flatten(1, 2), k.flatten(1, 2), v.flatten(1, 2), attn_mask=attn_mask)
+        return x.view(q.shape)
     # On CPU, SDPA takes its math path when the mask needs a gradient (the bias table does), which also
     # keeps scaled copies of q and k and a second copy of the weights: these lines are faster and lighter.
-    attn = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5).add_(attn_mask).softmax(-1)  # (..., N, N)
-    return attn @ v  # (..., N, d)
+    attn = torch.add(attn_mask, q @ k.transpose(-2, -1), alpha=q.shape[-1] ** -0.5).softmax(-1)  # (B, h, nW, N, N)
+    return attn @ v  # (B, h, nW, N, d)
 
 
 def drop_path(x, p, training):
@@ -96,6 +103,14 @@ def drop_path(x, p, training):
         return x
     keep = x.new_empty(x.shape[0], *(1,) * (x.dim() - 1)).bernoulli_(1.0 - p)  # (B, 1, 1, 1)
     return x * (keep / (1.0 - p))
+
+
+def init_weights(m):
+    """Official init: truncated normal(0.02) Linear weights, zero biases (LayerNorm keeps 1, 0)."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
 
 # -----------------------------------------------------------------------------
 # modules
@@ -123,18 +138,13 @@ class WindowAttention(nn.Module):
         Bw, N, C = x.shape
         h, nW = self.num_heads, 1 if mask is None else mask.shape[0]
         qkv = self.qkv(x).view(Bw // nW, nW, N, 3, h, C // h).permute(3, 0, 4, 1, 2, 5)  # (3, B, h, nW, N, d)
-        x = self.attend(*qkv.reshape(3, Bw // nW, h * nW, N, C // h), mask)  # (B, h*nW, N, d)
-        x = x.view(Bw // nW, h, nW, N, C // h).permute(0, 2, 3, 1, 4).reshape(Bw, N, C)
-        return self.proj(x)
+        x = self.attend(*qkv, mask)  # (B, h, nW, N, d)
+        return self.proj(x.permute(0, 2, 3, 1, 4).reshape(Bw, N, C))
 
     def attend(self, q, k, v, mask=None):
-        """q, k, v (B, h*nW, N, d), windows folded into the head axis (head-major) so that the per-window
-        mask broadcasts over the batch; mask (nW, N, N) or None -> (B, h*nW, N, d)."""
-        h, N = self.num_heads, q.shape[-2]
-        nW = q.shape[1] // h
+        """q, k, v (B, h, nW, N, d); mask (nW, N, N) or None -> (B, h, nW, N, d)."""
         bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (h, N, N)
-        attn_mask = bias[:, None] + (0.0 if mask is None else mask)  # (h, nW or 1, N, N)
-        return attention(q, k, v, attn_mask.expand(h, nW, N, N).reshape(h * nW, N, N))
+        return attention(q, k, v, bias[:, None] + (0.0 if mask is None else mask))  # mask (h, nW or 1, N, N)
 
 
 class Mlp(nn.Module):
@@ -170,7 +180,7 @@ class SwinBlock(nn.Module):
         # pad + roll + partition is one gather by `index` (a 256x256 input pads stage 4 to 3x its tokens)
         qkv = self.attn.qkv(F.pad(x.reshape(B, H * W, C), (0, 0, 0, 1)))  # (B, H*W+1, 3C)
         qkv = qkv.view(B, H * W + 1, 3, h, C // h).permute(2, 0, 3, 1, 4).index_select(3, index)  # (3, B, h, nW*N, d)
-        x = self.attn.attend(*qkv.view(3, B, -1, N, C // h), mask)  # (B, h*nW, N, d), windows in the head axis
+        x = self.attn.attend(*qkv.view(3, B, h, -1, N, C // h), mask)  # (B, h, nW, N, d)
         x = x.view(B, h, -1, C // h).transpose(1, 2).index_select(1, inverse)  # (B, H*W, h, d), raster order
         return self.attn.proj(x.reshape(B, H, W, C))
 
@@ -219,14 +229,6 @@ class SwinStage(nn.Module):
         return x, (self.downsample(x) if self.downsample is not None else None)
 
 
-def init_weights(m):
-    """Official init: truncated normal(0.02) Linear weights, zero biases (LayerNorm keeps 1, 0)."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches -> C channels (a strided conv), then LayerNorm."""
 
@@ -251,7 +253,8 @@ class SwinTransformer(nn.Module):
         super().__init__()
         self.channels = [embed_dim * 2 ** i for i in range(len(depths))]
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        rates = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]  # linear in block index
+        n = sum(depths)  # stochastic depth linear in the block index (official: torch.linspace)
+        rates = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]
         self.layers = nn.ModuleList()
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
             self.layers.append(SwinStage(self.channels[i], depth, heads, window_size, mlp_ratio,

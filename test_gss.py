@@ -1,19 +1,45 @@
-"""Tests for gss: CPU-only, offline, deterministic. Run: python -m pytest -q test_gss.py"""
+"""Tests for gss: CPU-only, offline, deterministic. Run: python -m pytest -q test_gss.py
+
+Sections follow the files: swin.py, datasets.py and the metrics, stage I (gss.py palettes, X^-1, tokenizer;
+train_posterior.py), stage II (gss.py image encoder, targets, losses, inference, official checkpoints),
+train_prior.py (DDP, resume, crash safety)."""
+import contextlib
+import copy
+import errno
+import json
 import math
+import multiprocessing
+import os
+import random
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import dall_e
+import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 from torchvision.models.swin_transformer import PatchMerging as TVPatchMerging
 from torchvision.models.swin_transformer import SwinTransformerBlock as TVSwinBlock
-import json
-import os
-import numpy as np
-from PIL import Image
 
+import datasets
+import evaluate
+import gss
 import swin
-import datasets, evaluate
+import train_posterior
+import train_prior
+
+# ../shared sits beside the project in CI (design notes, official palettes, golden vectors), not in a user's clone
+SHARED = Path(__file__).resolve().parent.parent / 'shared'
 
 
 @pytest.fixture(scope='module')
@@ -203,7 +229,7 @@ def test_official_and_mmseg_layouts_load_identically(tv_swin_t, tmp_path):
     x = torch.randn(1, 3, 72, 100, generator=torch.Generator().manual_seed(2))
     ref, _, _ = loaded_swin_t(tv_swin_t.state_dict())
     official = tv_to_official(tv_swin_t.state_dict())
-    torch.save({'model': {'module.' + k: v for k, v in official.items()}}, tmp_path / 'official.pth')
+    torch.save({'model': {'module._orig_mod.' + k: v for k, v in official.items()}}, tmp_path / 'official.pth')
     norms = {}
     torch.manual_seed(3)
     for i, c in enumerate((96, 192, 384)):  # mmseg files carry their own output norms
@@ -267,6 +293,7 @@ def test_drop_path_is_per_sample_linear_and_train_only():
     model = swin.build_swin('swin_mini', drop_path_rate=0.3)
     rates = [b.drop_path for layer in model.layers for b in layer.blocks]
     assert rates == pytest.approx([0.0, 0.075, 0.15, 0.225, 0.3])  # linear in block index
+    torch.manual_seed(0)
     x = torch.ones(256, 3, 2)
     y = swin.drop_path(x, 0.5, training=True)
     assert set(y.unique().tolist()) == {0.0, 2.0} and (y == y[:, :1, :1]).all()  # whole samples dropped
@@ -382,7 +409,7 @@ def test_folder_dataset(tmp_path):
         ds[0]
 
 def test_embedded_class_names_match_shared():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data', 'class_names.json')
+    path = str(SHARED / 'data' / 'class_names.json')
     if not os.path.isfile(path):
         pytest.skip('../shared/data/class_names.json not available (developer-only check)')
     names = json.load(open(path))
@@ -535,3 +562,1102 @@ def test_presets():
     assert (city['test_mode'], city['test_crop'], city['test_stride']) == ('slide', 768, 512)
     assert len(datasets.ADE20K_CLASSES) == 150 and len(datasets.CITYSCAPES_CLASSES) == 19
     assert len(datasets.SYNTHETIC_CLASSES) == datasets.DATASET_PRESETS['synthetic']['num_classes'] == 10
+
+
+ROOT = os.path.dirname(os.path.abspath(__file__))  # the repository
+needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason='../shared (official data) is not available')
+
+
+def min_distance(palette):
+    return gss._pairwise_min(palette).min().item()
+
+
+def blob_labels(B, H, W, K, seed=0):
+    """Piecewise-constant label maps (B, H, W): K classes in random rectangles, some 255."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, K, (B, 1, 1), generator=g).expand(B, H, W).clone()
+    for _ in range(6):
+        for b in range(B):
+            y, x = torch.randint(0, H - 4, (2,), generator=g).tolist()
+            h, w = torch.randint(4, H // 2, (2,), generator=g).tolist()
+            labels[b, y:y + h, x:x + w] = torch.randint(0, K, (), generator=g)
+    labels[:, :2, :3] = 255
+    return labels
+
+
+@pytest.fixture(scope='module')
+def tiny_tok():
+    torch.manual_seed(0)
+    return gss.build_tokenizer(n_hid=64, vocab_size=512, n_blk_per_group=1)
+
+
+# ---- section 1: errors and files
+
+def test_save_atomic_and_load_file(tmp_path):
+    path = tmp_path / 'a.pt'
+    gss.save_atomic({'x': torch.arange(3)}, path)
+    assert torch.equal(gss.load_file(path, 'thing')['x'], torch.arange(3))
+    assert [p.name for p in tmp_path.iterdir()] == ['a.pt']  # no temp file left behind
+    with pytest.raises(gss.UserError, match='no such thing'):
+        gss.load_file(tmp_path / 'missing.pt', 'thing')
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(gss.UserError, match='truncated or corrupt'):
+        gss.load_file(path, 'thing')
+
+
+# ---- section 2: palettes
+
+@needs_shared
+def test_official_palettes_match_the_shared_data():
+    data = json.load(open(SHARED / 'data' / 'official_palettes.json'))
+    for name in ('ade20k', 'cityscapes', 'mseg'):
+        assert gss.official_palette(name).tolist() == data[name]['classes'] + [data[name]['ignore']]
+
+
+@pytest.mark.parametrize('name,K,dmin', [('ade20k', 150, 20.0), ('cityscapes', 19, 20.0), ('mseg', 194, 18.7)])
+def test_nearest_colour_inverts_a_clean_maskige_for_official_palettes(name, K, dmin):
+    full = gss.official_palette(name)
+    palette, ignore = full[:-1], full[-1]
+    assert len(palette) == K and round(min_distance(palette), 1) == dmin
+    labels = torch.arange(K).repeat(3)[torch.randperm(3 * K, generator=torch.Generator().manual_seed(0))]
+    labels = labels.view(1, 3, K)  # every class, in random places
+    maskige = gss.paint(labels, palette, ignore)
+    assert maskige.shape == (1, 3, 3, K) and 0 <= maskige.min() and maskige.max() <= 1
+    nc = gss.NearestColour(palette)
+    assert torch.equal(nc.labels(maskige), labels)
+    assert torch.equal(nc(maskige).argmax(1), labels)
+
+
+def test_make_palette_deterministic_distinct_and_far_apart():
+    for K, official in ((150, 20.0), (194, 18.7)):
+        p = gss.make_palette(K, seed=3)
+        assert p.shape == (K, 3) and p.dtype == torch.long and 0 <= p.min() and p.max() <= 255
+        assert torch.equal(p, gss.make_palette(K, seed=3)) != torch.equal(p, gss.make_palette(K, seed=4))
+        assert len(set(map(tuple, p.tolist()))) == K
+        assert min_distance(p) >= official
+    assert gss._grid_sizes(150) == (5, 6, 5)  # the official ADE20K grid
+
+
+def test_make_palette_ablation_steps():
+    K = 150
+    steps = [dict(misaligned=False, random_factors=False, refine=False), dict(random_factors=False, refine=False),
+             dict(refine=False), dict()]
+    palettes = [gss.make_palette(K, seed=0, **kw) for kw in steps]
+    for p in palettes:
+        assert len(set(map(tuple, p.tolist()))) == K
+    arithmetic, misaligned, noisy, refined = palettes
+    assert arithmetic[0].tolist() == [0, 0, 0] and misaligned[0].tolist() == [0, 1, 2]  # Eq. 19: starts 0, 1, 2
+    assert not torch.equal(noisy, misaligned) and min_distance(noisy) >= 47 - gss.PALETTE_T  # Eq. 20, G interval 47
+    grey = lambda p: (p.double() - 127.5).norm(dim=1).min().item()
+    assert grey(refined) > grey(noisy) and min_distance(refined) > min_distance(noisy)  # (iv) away from grey, apart
+    for K in (1, 2, 10, 19):
+        assert len(set(map(tuple, gss.make_palette(K).tolist()))) == K
+
+
+def test_random_palette_and_ignore_colour():
+    p = gss.random_palette(150, seed=1)
+    assert p.shape == (150, 3) and len(set(map(tuple, p.tolist()))) == 150
+    assert torch.equal(p, gss.random_palette(150, seed=1))
+    ign = gss.ignore_colour_for(p)
+    assert ign.shape == (3,) and ign.tolist() not in p.tolist()
+    assert torch.cdist(ign[None].double(), p.double()).min() >= 20
+
+
+# ---- section 3: X
+
+def test_paint_and_upsample_2x_equals_the_official_one_hot_bilinear_path():
+    K = 7
+    labels = torch.randint(0, K, (2, 9, 11), generator=torch.Generator().manual_seed(0))
+    labels[0, :3, :4] = 255
+    palette = gss.make_palette(K)
+    ignore = gss.ignore_colour_for(palette)
+    m = gss.paint(labels, palette, ignore)
+    assert torch.allclose(m[0, :, 0, 0] * 255, ignore.float()) and torch.allclose(m[1, :, 0, 0] * 255,
+                                                                                  palette[labels[1, 0, 0]].float())
+    onehot = F.one_hot(labels.clamp(max=K), K + 1).permute(0, 3, 1, 2).float()  # ignore as class K
+    official = F.interpolate(onehot, scale_factor=2, mode='bilinear', align_corners=False).argmax(1)
+    official[official == K] = 255
+    assert torch.equal(gss.upsample_labels_2x(labels), official)
+
+
+# ---- section 4: X^-1
+
+def test_nearest_colour_soft_scores_labels_and_ties():
+    palette = gss.make_palette(20)
+    maskige = torch.rand(2, 3, 13, 17, generator=torch.Generator().manual_seed(0))
+    nc = gss.NearestColour(palette, tau=10.0)
+    d = ((maskige[:, None] * 255 - palette.float()[None, :, :, None, None]) ** 2).sum(2)  # naive (B, K, H, W)
+    assert torch.allclose(nc(maskige), -d / 10, atol=1e-2)
+    assert torch.equal(nc.labels(maskige, chunk=50), d.argmin(1))
+    tie = gss.NearestColour(torch.tensor([[0, 0, 0], [20, 0, 0], [10, 0, 0], [10, 0, 0]]))
+    assert tie.labels(torch.tensor([10 / 255, 0, 0]).view(1, 3, 1, 1)).item() == 2  # first index wins
+
+
+@needs_shared
+def test_nearest_colour_matches_the_official_golden_vectors():
+    g = torch.load(SHARED / 'data' / 'official_gss' / 'golden_ff.pt', weights_only=True)
+    palette = g['palette'][:-1]
+    nc = gss.NearestColour(palette)
+    m = g['nearest_colour']['maskige']
+    scale = 1.0 if m.max() <= 1 else 255.0
+    assert torch.equal(nc.labels(m / scale), g['nearest_colour']['label'][:, 0])
+    assert torch.equal(nc.labels(g['test']['maskige_pred_0_255'] / 255), g['test']['labels_2x'])
+
+
+def test_resize_one_hot_equals_interpolating_the_one_hot():
+    g = torch.Generator().manual_seed(0)
+    for (H, W), size in (((16, 12), (8, 6)), ((17, 13), (9, 20)), ((7, 9), (31, 5)), ((6, 6), (6, 6))):
+        labels = torch.randint(0, 5, (2, H, W), generator=g)
+        ref = F.interpolate(F.one_hot(labels, 5).permute(0, 3, 1, 2).float(), size, mode='bilinear',
+                            align_corners=False)
+        ours = gss.resize_one_hot(labels, 5, size)
+        assert (ours - ref).abs().max() < 1e-6 and torch.equal(ours.argmax(1), ref.argmax(1))
+    palette = gss.make_palette(5)
+    maskige = gss.paint(labels, palette, palette[0])
+    scores = gss.maskige_scores(gss.NearestColour(palette), maskige, (6, 6))
+    assert torch.equal(scores, F.one_hot(labels, 5).permute(0, 3, 1, 2).float())
+
+
+def test_least_squares_equals_its_closed_form():
+    palette = gss.make_palette(12)
+    beta = palette.double() / 255  # (K, 3)
+    gamma = torch.linalg.pinv(beta)  # (3, K), = (beta^T beta)^-1 beta^T for full column rank
+    ls = gss.LeastSquares(palette)
+    assert torch.allclose(ls.gamma.double(), gamma, atol=1e-5)
+    assert torch.allclose(ls.gamma.double() @ beta, torch.eye(3, dtype=torch.double), atol=1e-4)  # left inverse
+    m = torch.rand(1, 3, 4, 5)
+    assert torch.allclose(ls(m), torch.einsum('bchw,ck->bkhw', m, gamma.float()), atol=1e-5)
+
+
+def train_on_noisy(inverse, palette, steps, sigma=0.35):
+    opt = torch.optim.AdamW(inverse.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    for i in range(steps):
+        labels = blob_labels(8, 24, 24, len(palette), seed=100 + i).clamp(max=len(palette) - 1)
+        m = gss.paint(labels, palette, palette[0]) + sigma * torch.randn(8, 3, 24, 24, generator=g)
+        loss = F.cross_entropy(inverse(m), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    labels = blob_labels(8, 24, 24, len(palette), seed=7).clamp(max=len(palette) - 1)
+    m = gss.paint(labels, palette, palette[0]) + sigma * torch.randn(8, 3, 24, 24, generator=g)
+    with torch.no_grad():
+        ours = (inverse.eval()(m).argmax(1) == labels).float().mean().item()
+    nearest = (gss.NearestColour(palette).labels(m) == labels).float().mean().item()
+    return ours, nearest
+
+
+def test_ft_and_ftw_beat_nearest_colour_on_noisy_maskiges():
+    torch.manual_seed(0)
+    palette = gss.make_palette(6)
+    ft, nearest = train_on_noisy(gss.FTInverse(6, hidden=32), palette, 60)
+    assert nearest < 0.9 and ft > nearest + 0.03, (ft, nearest)
+    torch.manual_seed(0)
+    ftw = gss.FTWInverse(6, depth=1, dim=32, num_heads=2)
+    assert [n for n, _ in ftw.named_children()] == ['projection', 'projection_bn', 'blocks', 'norm', 'cls']
+    ftw_acc, nearest = train_on_noisy(ftw, palette, 60)
+    assert ftw_acc > nearest + 0.03, (ftw_acc, nearest)
+
+
+# ---- section 5: tokenizer
+
+def test_convert_dalle_pickles_reload_identically(tmp_path):
+    torch.manual_seed(0)
+    enc = dall_e.Encoder(n_hid=64, n_blk_per_group=1, vocab_size=512)
+    dec = dall_e.Decoder(n_init=32, n_hid=64, n_blk_per_group=1, vocab_size=512)
+    x = torch.rand(2, 3, 32, 24)
+    with torch.no_grad():
+        logits = enc(dall_e.utils.map_pixels(x))  # (2, 512, 4, 3)
+        tokens = logits.argmax(1)
+        onehot = F.one_hot(tokens, 512).permute(0, 3, 1, 2).float()
+        ref = dall_e.utils.unmap_pixels(torch.sigmoid(dec(onehot)[:, :3]))
+    old = copy.deepcopy(dec)  # as OpenAI's decoder.pkl: Upsample objects from torch < 1.11
+    for g in ('group_1', 'group_2', 'group_3'):
+        delattr(getattr(old.blocks, g).upsample, 'recompute_scale_factor')
+    with pytest.raises(AttributeError):
+        old(onehot)
+    torch.save(enc, tmp_path / 'encoder.pkl')  # whole pickled modules
+    torch.save(old, tmp_path / 'decoder.pkl')
+    out = tmp_path / 'dalle.pt'
+    with pytest.warns(UserWarning, match='runs code'):
+        gss.convert_dalle(tmp_path / 'encoder.pkl', tmp_path / 'decoder.pkl', out)
+    torch.load(out, weights_only=True)  # plain tensors and types only
+    tok = gss.load_tokenizer(out)
+    assert gss.tokenizer_config(tok) == {'n_hid': 64, 'vocab_size': 512, 'n_init': 32, 'n_blk_per_group': 1}
+    assert not any(p.requires_grad for p in tok.parameters()) and not tok.train().training
+    with torch.no_grad():  # the converted modules are the original ones
+        assert torch.equal(tok.encoder(dall_e.utils.map_pixels(x)), logits)
+        assert torch.equal(dall_e.utils.unmap_pixels(torch.sigmoid(tok.decoder(onehot)[:, :3])), ref)
+        assert torch.equal(tok.encoder_logits(x), logits)  # ours: convs run by hand
+    assert torch.equal(tok.encode(x), tokens)
+    assert (tok.decode(tokens) - ref).abs().max() <= 1e-5  # gather of the first 1x1 conv instead of the one-hot
+    assert (tok.decode_soft(onehot) - ref).abs().max() <= 1e-5
+    assert (tok.decode(tokens, dtype=torch.bfloat16) - ref).abs().max() < 0.05
+
+
+def test_tokenizer_memory_paths_match_plain_autograd_paths(tiny_tok):
+    x = torch.rand(3, 3, 40, 48)
+    tokens = tiny_tok.encode(x, max_pixels=40 * 48)  # micro-batches of one image
+    with torch.enable_grad():
+        logits = tiny_tok.encoder_logits(x.requires_grad_())  # autograd path: no strips, no in-place
+        logits.sum().backward()
+    assert x.grad is not None and torch.equal(tokens, logits.argmax(1))
+    onehot = F.one_hot(tokens, 512).permute(0, 3, 1, 2).float()
+    assert (tiny_tok.decode(tokens, max_tokens=30) - tiny_tok.decode_soft(onehot)).abs().max() <= 1e-5
+
+
+def test_missing_tokenizer_is_a_user_error(tmp_path):
+    with pytest.raises(gss.UserError) as e:
+        gss.load_tokenizer(str(tmp_path / 'dalle.pt'))
+    msg = str(e.value)
+    assert 'https://cdn.openai.com/dall-e/encoder.pkl' in msg and 'decoder.pkl' in msg and '--convert-dalle' in msg
+    assert '\n' not in msg
+
+
+@needs_shared
+def test_reconstruct_matches_the_official_oracle_golden_vectors():
+    g = torch.load(SHARED / 'data' / 'official_gss' / 'golden_ff.pt', weights_only=True)
+    sd = g['state_dict']
+    tok = gss.build_tokenizer(n_hid=64, vocab_size=8192, n_init=128, n_blk_per_group=2)
+    tok.encoder.load_state_dict({k[len('d_vae.encoder.'):]: v for k, v in sd.items() if k.startswith('d_vae.encoder.')})
+    tok.decoder.load_state_dict({k[len('d_vae.decoder.'):]: v for k, v in sd.items() if k.startswith('d_vae.decoder.')})
+    decoded = tok.decode(g['test']['vq_tokens'])
+    ref = gss._unmap(torch.sigmoid(g['test']['dvae_decoder_out'][:, :3]))
+    assert (decoded - ref).abs().max() < 1e-4
+    palette = g['palette']
+    labels = g['inputs']['gt'][:, 0]
+    maskige = gss.reconstruct(tok, labels, palette[:-1], palette[-1])
+    pred = gss.maskige_scores(gss.NearestColour(palette[:-1]), maskige, labels.shape[-2:]).argmax(1)
+    assert (pred == g['recon_eval']['labels']).float().mean() > 0.999
+
+
+# ---- GSS-TF / GSS-TT: beta through the frozen tokenizer
+
+def test_tf_moves_beta_through_the_frozen_tokenizer(tiny_tok):
+    torch.manual_seed(0)
+    K = 5
+    palette = gss.make_palette(K)
+    ignore = gss.ignore_colour_for(palette)
+    beta = nn.Parameter(palette.float() / 255)
+    opt = torch.optim.SGD([beta], lr=0.05)
+    labels = gss.upsample_labels_2x(blob_labels(4, 16, 16, K))
+    losses = []
+    for it in range(8):
+        torch.manual_seed(it)
+        maskige = train_posterior.paint_soft(beta, ignore, labels)
+        recon = train_posterior.relaxed_roundtrip(tiny_tok, maskige)
+        loss = train_posterior.tf_loss(beta, maskige, recon, labels)
+        opt.zero_grad()
+        loss.backward()
+        if it == 0:  # the gradient reaches beta through the straight-through Gumbel-softmax and the decoder
+            maskige = train_posterior.paint_soft(beta, ignore, labels)
+            grad_through = torch.autograd.grad(((train_posterior.relaxed_roundtrip(tiny_tok, maskige)) ** 2).sum(),
+                                               beta)[0]
+            assert grad_through.abs().sum() > 0
+        assert all(p.grad is None for p in tiny_tok.parameters())
+        opt.step()
+        beta.data.clamp_(0, 1)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert (beta.detach() * 255 - palette).abs().max() > 1
+
+
+def test_tt_trains_beta_and_inverse_jointly(tiny_tok):
+    torch.manual_seed(0)
+    K = 5
+    palette = gss.random_palette(K)  # inside the RGB cube: the clamp to [0, 1] does not pin beta
+    ignore = gss.ignore_colour_for(palette)
+    beta = nn.Parameter(palette.float() / 255)
+    inverse = gss.FTInverse(K, hidden=16)
+    before = [p.detach().clone() for p in inverse.parameters()]
+    opt = torch.optim.SGD([beta, *inverse.parameters()], lr=0.05, momentum=0.9)
+    labels = blob_labels(4, 16, 16, K)
+    losses = []
+    for it in range(10):
+        recon = train_posterior.relaxed_roundtrip(tiny_tok, train_posterior.paint_soft(beta, ignore, labels))
+        loss = F.cross_entropy(inverse(recon), labels, ignore_index=255)
+        opt.zero_grad()
+        loss.backward()
+        assert beta.grad.abs().sum() > 0 and inverse.conv1.weight.grad.abs().sum() > 0
+        opt.step()
+        losses.append(loss.item())
+    assert min(losses[-3:]) < losses[0]
+    assert not torch.equal(beta.detach(), palette.float() / 255)  # beta moved (slowly: random tokenizer)
+    assert any(not torch.equal(a, b) for a, b in zip(before, inverse.parameters()))
+
+
+# ---- section 6 and train_posterior.py
+
+def write_folder_dataset(root, K=4, n=6, size=32):
+    root.mkdir()
+    (root / 'classes.txt').write_text('\n'.join(f'class{i}' for i in range(K)))
+    for split in ('training', 'validation'):
+        (root / 'images' / split).mkdir(parents=True)
+        (root / 'annotations' / split).mkdir(parents=True)
+        labels = blob_labels(n, size, size, K, seed=len(split)).numpy().astype(np.uint8)
+        for i in range(n):
+            Image.fromarray(np.full((size, size, 3), 128, np.uint8)).save(root / 'images' / split / f'{i}.png')
+            Image.fromarray(labels[i]).save(root / 'annotations' / split / f'{i}.png')
+
+
+def test_train_posterior_cli_writes_artifacts_and_reports_user_errors(tmp_path, tiny_tok, monkeypatch):
+    write_folder_dataset(tmp_path / 'data')
+    monkeypatch.setitem(datasets.DATASET_PRESETS['folder'], 'crop_size', 16)  # 32x32 maskiges, not 1024x1024
+    monkeypatch.chdir(tmp_path)
+    gss.save_tokenizer(tiny_tok, 'tok.pt')
+    common = ['--dataset', 'folder', '--data-root', 'data', '--tokenizer', 'tok.pt']
+    train_posterior.main(['--variant', 'ff', *common, '--out', 'ff.pt'])
+    post = gss.load_posterior('ff.pt')
+    assert post['variant'] == 'ff' and post['num_classes'] == 4 and post['vocab_size'] == 512
+    assert post['tokenizer'] == str(tmp_path / 'tok.pt') and post['palette'] == gss.make_palette(4).tolist()
+    assert isinstance(gss.build_inverse(post), gss.NearestColour)
+    train_posterior.main(['--variant', 'ft', *common, '--iters', '2', '--batch-size', '2', '--out', 'ft.pt'])
+    inverse = gss.build_inverse(gss.load_posterior('ft.pt'))
+    assert isinstance(inverse, gss.FTInverse) and inverse(torch.rand(1, 3, 8, 8)).shape == (1, 4, 8, 8)
+    with pytest.raises(gss.UserError, match='official'):
+        train_posterior.main(['--variant', 'ff', *common, '--palette', 'official'])
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'train_posterior.py'), '--variant', 'ff', *common[:4],
+                        '--tokenizer', 'nope.pt'], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith('error: nope.pt: no such tokenizer file')
+    assert 'encoder.pkl' in r.stderr
+    assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_load_posterior_validates(tmp_path):
+    palette = gss.make_palette(3)
+    gss.make_posterior(tmp_path / 'p.pt', 'ff', palette, gss.ignore_colour_for(palette), tmp_path / 'tok.pt', 512)
+    post = torch.load(tmp_path / 'p.pt', weights_only=True)
+    post['palette'][2] = post['palette'][0]
+    gss.save_atomic(post, tmp_path / 'dup.pt')
+    with pytest.raises(gss.UserError, match='used by two classes'):
+        gss.load_posterior(tmp_path / 'dup.pt')
+    post['palette'] = post['palette'][:2]
+    gss.save_atomic(post, tmp_path / 'short.pt')
+    with pytest.raises(gss.UserError, match='2 entries for 3 classes'):
+        gss.load_posterior(tmp_path / 'short.pt')
+
+
+OFFICIAL = SHARED / 'data' / 'official_gss'
+
+TINY_GSS = dict(backbone='swin_mini', num_classes=5, vocab_size=512, mla_channels=16, fused_channels=32,
+            token_channels=64, depth=2, num_heads=2, window_size=7)
+
+
+def tiny_gss(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return gss.GSS(**{**TINY_GSS, **overrides})
+
+
+def tiny_gss_tokenizer(seed=0):
+    torch.manual_seed(seed)
+    return gss.build_tokenizer(n_hid=64, vocab_size=512, n_init=32)
+
+
+def official_file(path):
+    if not path.exists():
+        pytest.skip(f"{path} not found: the official golden vectors live in ../shared/data/official_gss")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# token targets and the chunked token loss
+
+class BlockTokenizer:
+    """A stand-in tokenizer whose token depends only on its own 8x8 block, so the target rule is exact to test."""
+    vocab_size = 4096
+
+    def encode(self, maskige):
+        colour = (F.avg_pool2d(maskige, 8) * 255).round().long()  # (B, 3, h, w)
+        return (colour[:, 0] * 31 + colour[:, 1] * 7 + colour[:, 2]) % self.vocab_size
+
+
+def test_token_targets_follow_the_official_rule():
+    palette = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255]])
+    labels = torch.zeros(1, 12, 12, dtype=torch.long)  # 2x -> 24x24 = 3x3 blocks of 8x8
+    labels[:, :4, 4:8] = 255  # block (0, 1): fully unlabeled
+    labels[:, 4:8, 8:10] = 255  # block (1, 2): mixed
+    labels[:, 8:, :] = 1
+    labels2x = gss.upsample_labels_2x(labels)  # (1, 24, 24)
+    results = []
+    for fill in (1, 2):  # the auxiliary head's argmax is class 1, then class 2
+        aux = F.one_hot(torch.full((1, 24, 24), fill), 3).permute(0, 3, 1, 2).float()  # (1, 3, 24, 24)
+        tokens, composed = gss.token_targets(BlockTokenizer(), palette, labels2x, aux)
+        assert tokens.shape == (1, 3, 3)
+        assert torch.equal(composed, torch.where(labels2x == 255, fill, labels2x))  # only unlabeled pixels change
+        results.append(tokens)
+    ignored = torch.zeros(1, 3, 3, dtype=torch.bool)
+    ignored[0, 0, 1] = True
+    for tokens in results:
+        assert torch.equal(tokens == BlockTokenizer.vocab_size, ignored)  # only the fully unlabeled block
+    changed = results[0] != results[1]
+    expected = torch.zeros(1, 3, 3, dtype=torch.bool)
+    expected[0, 1, 2] = True
+    assert torch.equal(changed, expected)  # the fill changes the mixed block's token and no other
+
+
+@pytest.mark.parametrize('chunk', [7, 40, 10 ** 6])
+def test_token_cross_entropy_equals_naive(chunk):
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, 9, 11, requires_grad=True)
+    conv = nn.Conv2d(24, 300, 1)
+    target = torch.randint(0, 300, (2, 9, 11))
+    target[0, :3] = 300  # ignored
+    naive = F.cross_entropy(conv(x), target, ignore_index=300)
+    gx, gw, gb = torch.autograd.grad(naive, (x, conv.weight, conv.bias))
+    loss, correct = gss.token_cross_entropy(x, conv, target, 300, chunk=chunk)
+    ours = torch.autograd.grad(0.8 * loss, (x, conv.weight, conv.bias))
+    rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
+    assert rel(loss, naive) < 1e-5
+    for a, b in zip(ours, (gx, gw, gb)):
+        assert rel(a, 0.8 * b) < 1e-5
+    valid = target != 300
+    assert correct.item() == ((conv(x).argmax(1) == target) & valid).sum().item()
+    with torch.no_grad():  # no gradients computed, same loss
+        assert rel(gss.token_cross_entropy(x, conv, target, 300, chunk=chunk)[0], naive) < 1e-5
+    assert torch.equal(gss.token_argmax(x, conv, chunk=chunk), conv(x).argmax(1))
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_token_cross_entropy_under_autocast(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 8, 8, requires_grad=True)
+    conv = nn.Conv2d(32, 512, 1)
+    target = torch.randint(0, 512, (2, 8, 8))
+    naive = F.cross_entropy(conv(x), target)
+    reference = torch.autograd.grad(naive, (x, conv.weight, conv.bias))
+    with torch.autocast('cpu', dtype=dtype):  # matmuls in dtype, softmax and the loss in float32
+        loss, _ = gss.token_cross_entropy(x, conv, target, 512)
+    grads = torch.autograd.grad(1024 * loss, (x, conv.weight, conv.bias))  # a loss scale, as fp16 training uses
+    assert loss.dtype == torch.float32 and abs(loss - naive) / naive < 1e-2
+    for a, b in zip(grads, reference):
+        assert a.dtype == torch.float32 and ((a / 1024 - b).norm() / b.norm()) < 2e-2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the model, its loss and inference
+
+def test_backbones_and_config():
+    x = torch.randn(1, 3, 64, 64)
+    for name in ('resnet50', 'resnet50_v1c'):
+        net, channels = gss.build_backbone(name)
+        feats = net(x)
+        assert channels == [256, 512, 1024, 2048]
+        assert [tuple(f.shape[1:]) for f in feats] == [(256, 16, 16), (512, 8, 8), (1024, 8, 8), (2048, 8, 8)]
+        assert ('stem.6.weight' in net.state_dict()) == name.endswith('_v1c')  # V1c deep stem: 3 convs
+    with pytest.raises(gss.UserError, match='unknown backbone'):
+        gss.build_backbone('resnet18')
+    model = tiny_gss()
+    clone = gss.GSS.from_config(model.config)
+    clone.load_state_dict(model.state_dict())
+    model.eval(), clone.eval()
+    assert all(torch.equal(a, b) for a, b in zip(model(x), clone(x)))
+    assert gss.GSS(backbone='resnet50', num_classes=3, vocab_size=512, mla_channels=8, fused_channels=16,
+                   token_channels=16, num_heads=2).config['depth'] == 6  # paper: D=6 for ResNet
+
+
+def test_pretrained_backbone_files(tmp_path):
+    net, _ = gss.build_backbone('resnet50')
+    sd = {k.replace('stem.0.', 'conv1.').replace('stem.1.', 'bn1.'): v for k, v in net.state_dict().items()}
+    sd['fc.weight'] = torch.zeros(1000, 2048)  # a torchvision ImageNet file
+    torch.save(sd, tmp_path / 'r50.pth')
+    loaded, _ = gss.build_backbone('resnet50', pretrained=tmp_path / 'r50.pth')
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
+    with pytest.raises(gss.UserError, match='r50.pth: missing keys stem.3.weight'):
+        gss.build_backbone('resnet50_v1c', pretrained=tmp_path / 'r50.pth')
+    s, _ = gss.build_backbone('swin_mini')
+    torch.save({'model': s.state_dict()}, tmp_path / 'swin.pth')
+    loaded, _ = gss.build_backbone('swin_mini', pretrained=tmp_path / 'swin.pth')
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), s.state_dict().values()))
+    with pytest.raises(gss.UserError, match='no such Swin checkpoint'):
+        gss.build_backbone('swin_mini', pretrained=tmp_path / 'absent.pth')
+
+
+def test_loss_falls_when_overfitting():
+    model, tokenizer = tiny_gss(), tiny_gss_tokenizer()
+    torch.manual_seed(1)
+    palette = torch.randint(0, 256, (5, 3))
+    labels = torch.randint(0, 5, (4, 4, 4)).repeat_interleave(8, 1).repeat_interleave(8, 2)  # (4, 32, 32) blocks
+    images = torch.randn(5, 3)[labels].permute(0, 3, 1, 2) + 0.3 * torch.randn(4, 3, 32, 32)  # a colour per class
+    labels[:, :6, :6] = 255
+    before = labels.clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    history = []
+    for _ in range(25):
+        loss, logs = gss.compute_loss(model, tokenizer, palette, images, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+        assert loss.item() == pytest.approx(logs['loss_token'] + logs['loss_aux'], rel=1e-5)
+    assert torch.equal(labels, before)  # the caller's labels are left alone
+    assert history[-1] < 0.6 * history[0], history
+    assert logs['acc_aux'] > 50 and logs['acc_token'] > 40, logs  # from 19 % and 0 %
+    with pytest.raises(gss.UserError, match='multiples of 4'):
+        gss.compute_loss(model, tokenizer, palette, images[:, :, :30], labels[:, :30])
+
+
+def test_slide_windows_match_mmseg():
+    assert gss.slide_windows(512, 683, 512, 341) == [(0, 512, 0, 512), (0, 512, 171, 683)]  # ADE20K
+    boxes = gss.slide_windows(1024, 2048, 768, 512)  # Cityscapes: 2 x 4 windows, last ones snapped to the border
+    assert boxes == [(y, y + 768, x, x + 768) for y in (0, 256) for x in (0, 512, 1024, 1280)]
+    assert gss.slide_windows(300, 500, (512, 512), (341, 341)) == [(0, 300, 0, 500)]  # smaller than the crop
+
+
+def test_predict_whole_slide_and_aux():
+    model, tokenizer = tiny_gss().eval(), tiny_gss_tokenizer()
+    inverse = gss.NearestColour(torch.randint(0, 256, (5, 3), generator=torch.Generator().manual_seed(0)))
+    images = torch.randn(2, 3, 30, 46)  # not multiples of 4: the backbone pads, the maskige is cropped
+    whole = gss.predict(model, tokenizer, inverse, images)
+    assert whole.shape == (2, 5, 30, 46)
+    assert torch.allclose(whole.sum(1), torch.ones(2, 30, 46))  # official FF: resized one-hot
+    assert torch.equal(gss.predict(model, tokenizer, inverse, images, 'slide', 64, 32), whole)  # one window
+    slide = gss.predict(model, tokenizer, inverse, images, 'slide', (24, 32), (12, 16))  # 2 x 2 windows
+    assert slide.shape == whole.shape and torch.allclose(slide.sum(1), torch.ones(2, 30, 46))
+    aux = gss.predict_aux(model, images)
+    assert aux.shape == (2, 5, 30, 46)
+    assert torch.equal(gss.predict_aux(model, images, 'slide', 64, 32), aux)
+    with pytest.raises(gss.UserError, match='slide'):
+        gss.predict(model, tokenizer, inverse, images, 'slide')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parity with the official code (golden vectors of the official head) and its checkpoints
+
+class FixedFeatures(nn.Module):
+    """A 'backbone' returning the golden file's feature pyramid: the official head was run on it directly."""
+
+    def __init__(self, feats):
+        super().__init__()
+        self.feats = feats
+
+    def forward(self, images):
+        return self.feats
+
+
+@pytest.fixture(scope='module')
+def golden_ff():
+    return torch.load(official_file(OFFICIAL / 'golden_ff.pt'), weights_only=True)
+
+
+def golden_ff_model(golden_ff):
+    """Our GSS configured like the golden file's head, its official state dict loaded through the mapper."""
+    cfg = json.loads(golden_ff['config_json'])
+    assert cfg['in_index'] == [1, 0, 2, 3] and cfg['in_channels'] == [64, 32, 128, 256]
+    model = gss.GSS('swin_mini', num_classes=cfg['num_classes'], vocab_size=8192, mla_channels=cfg['channels'],
+                    fused_channels=cfg['indice_seg_channel'], token_channels=cfg['indice_cls_channel'],
+                    depth=cfg['swin_depth'], num_heads=cfg['swin_num_head'], window_size=cfg['swin_window_size'])
+    model.backbone = FixedFeatures(golden_ff['inputs']['feats'])  # channels 32, 64, 128, 256 = swin_mini's
+    model, tokenizer, inverse = gss.load_official_checkpoint(golden_ff['state_dict'], model=model)
+    assert inverse is None
+    return model, tokenizer
+
+
+@pytest.mark.parametrize('mode', ['train_batchstats_nodropout', 'train_eval_mode'])
+def test_golden_training_step(golden_ff, mode):
+    model, tokenizer = golden_ff_model(golden_ff)
+    model.train()
+    if mode == 'train_batchstats_nodropout':
+        model.head.dropout.eval()
+    else:
+        model.eval()
+    rec, palette = golden_ff[mode], golden_ff['palette'][:10]
+    gt, images = golden_ff['inputs']['gt'][:, 0], torch.zeros(2, 3, 64, 64)
+    loss, logs = gss.compute_loss(model, tokenizer, palette, images, gt)
+    assert logs['loss_token'] == pytest.approx(rec['losses']['loss_ce'], rel=1e-5)  # measured 3e-8
+    assert logs['loss_aux'] == pytest.approx(rec['losses']['loss_ce_pixel'], rel=1e-5)  # measured 9e-8
+    assert logs['acc_aux'] == pytest.approx(rec['losses']['acc_seg_aux'], rel=1e-5)
+    if mode == 'train_batchstats_nodropout':  # one forward in batch-statistics mode moved the running stats
+        ours = {gss.official_key('head.' + k): v for k, v in model.head.state_dict().items()}
+        for k, v in rec['bn_running_after'].items():
+            torch.testing.assert_close(ours['decode_head.' + k], v, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the same forward again (batch statistics do not depend on the running ones)
+        _, aux = model(images)
+        labels2x = gss.upsample_labels_2x(gt)
+        aux2x = F.interpolate(aux, (128, 128), mode='bilinear', align_corners=False)
+        tokens, composed = gss.token_targets(tokenizer, palette, labels2x, aux2x)
+    assert torch.equal(labels2x, rec['pixel_label_2x'][:, 0])
+    assert torch.equal(composed, rec['composed_label_2x'][:, 0])
+    maskige = gss.paint(composed, palette, golden_ff['palette'][10])
+    assert torch.equal((maskige * 255).round().long(), rec['maskige_target_0_255'])
+    expected = rec['token_targets_masked'][:, 0]
+    close = (rec['enc_logit_top2'][:, 0] - rec['enc_logit_top2'][:, 1]).abs() < 1e-4  # either token is right
+    assert not ((tokens != expected) & ~close).any()  # measured: 0 tokens differ
+    assert torch.equal(tokens == 8192, expected == 8192)  # ignore mask
+
+
+def test_golden_inference(golden_ff):
+    model, tokenizer = golden_ff_model(golden_ff)
+    model.eval()
+    rec, palette = golden_ff['test'], golden_ff['palette']
+    with torch.no_grad():
+        feats = model.head.token_features(golden_ff['inputs']['feats'])
+        tokens = gss.token_argmax(feats, model.head.conv_seg)
+        close = (rec['vq_logits_top2'][:, 0] - rec['vq_logits_top2'][:, 1]).abs() < 1e-4
+        assert not ((tokens != rec['vq_tokens']) & ~close).any()  # measured: 0 tokens differ
+        maskige = tokenizer.decode(rec['vq_tokens'])  # (2, 3, 128, 128)
+    assert (maskige * 255 - rec['maskige_pred_0_255']).abs().max() < 1e-3  # measured 3.8e-4
+    inverse = gss.NearestColour(palette[:10])
+    assert torch.equal(inverse.labels(maskige), rec['labels_2x'])
+    scores = gss.predict(model, tokenizer, inverse, torch.zeros(2, 3, 64, 64))  # the whole path, one-hot resized
+    assert torch.equal(scores.argmax(1), rec['labels_resized'])
+
+
+def test_golden_nearest_colour_and_reconstruction(golden_ff):
+    model, tokenizer = golden_ff_model(golden_ff)
+    rec, palette, gt = golden_ff['nearest_colour'], golden_ff['palette'], golden_ff['inputs']['gt'][:, 0]
+    maskige = rec['maskige'] / 255
+    assert torch.equal(gss.NearestColour(palette[:10]).labels(maskige), rec['label'][:, 0])
+    assert torch.equal(gss.NearestColour(palette).labels(maskige), rec['label_keep_ignore'][:, 0])
+    assert torch.equal((gss.paint(gt, palette[:10], palette[10]) * 255).round().long(), rec['encode_to_segmap_of_gt'])
+    recon = gss.reconstruct(tokenizer, gt, palette[:10], palette[10])  # tokens at 1/8, no 2x upsampling
+    scores = gss.maskige_scores(gss.NearestColour(palette[:10]), recon, (64, 64))
+    assert torch.equal(scores, golden_ff['recon_eval']['scores'])
+    assert torch.equal(scores.argmax(1), golden_ff['recon_eval']['labels'])
+
+
+def to_mmseg_swin(sd):
+    """Our (official Microsoft) Swin keys -> mmseg's (swin2mmseg.py: renames, unfold order of patch merging)."""
+    out = {}
+    for k, v in sd.items():
+        k = k.replace('layers.', 'stages.', 1).replace('patch_embed.proj.', 'patch_embed.projection.')
+        k = k.replace('.attn.', '.attn.w_msa.').replace('.mlp.fc1.', '.ffn.layers.0.0.').replace('.mlp.fc2.', '.ffn.layers.1.')
+        if k.endswith('downsample.reduction.weight'):  # correct_unfold_reduction_order
+            v = v.reshape(v.shape[0], 4, -1)[:, [0, 2, 1, 3]].transpose(1, 2).reshape(v.shape[0], -1)
+        elif 'downsample.norm.' in k:  # correct_unfold_norm_order
+            v = v.reshape(4, -1)[[0, 2, 1, 3]].transpose(0, 1).reshape(-1)
+        out[k] = v
+    return out
+
+
+def official_state_dict(model, tokenizer, inverse=None):
+    """Our modules renamed to an official mmseg GSS segmentor state dict (the reverse of the loader's mapping)."""
+    sd = {'backbone.' + k: v for k, v in to_mmseg_swin(model.backbone.state_dict()).items()}
+    for prefix, module in (('head', model.head), ('tokenizer', tokenizer), ('inverse', inverse)):
+        for k, v in (module.state_dict().items() if module is not None else ()):
+            if k.endswith('fusion.conv.weight'):  # in_index=[1, 0, 2, 3]: the column blocks of levels 0, 1 swap
+                c = v.shape[1] // 4
+                v = torch.cat([v[:, c:2 * c], v[:, :c], v[:, 2 * c:]], 1)
+            sd[gss.official_key(f'{prefix}.{k}')] = v
+    sd['decode_head.norm.weight'] = torch.ones(32)  # the stale LayerNorm of released files (GSS issue #12)
+    sd['decode_head.norm.bias'] = torch.zeros(32)
+    return sd
+
+
+def test_official_checkpoint_round_trip(tmp_path):
+    model, tokenizer = tiny_gss(), tiny_gss_tokenizer()
+    torch.manual_seed(2)
+    inverse = gss.FTWInverse(5, depth=1, dim=16, num_heads=2)
+    for m in model.modules():  # non-trivial BN statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    torch.save({'meta': {'CLASSES': ['a'] * 5}, 'state_dict': official_state_dict(model, tokenizer, inverse)}, tmp_path / 'ftw.pth')
+    model2, tokenizer2, inverse2 = gss.load_official_checkpoint(tmp_path / 'ftw.pth')
+    assert model2.config == model.config  # read back from the shapes (swin_mini preset)
+    model.eval(), model2.eval(), inverse.eval(), inverse2.eval()
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(images), model2(images)))
+        maskige = torch.rand(1, 3, 16, 16)
+        assert torch.equal(tokenizer.encode(maskige), tokenizer2.encode(maskige))
+        assert torch.equal(inverse(maskige), inverse2(maskige))
+        assert torch.equal(gss.predict(model, tokenizer, inverse, images), gss.predict(model2, tokenizer2, inverse2, images))
+    sd = official_state_dict(model, tokenizer)  # GSS-FF file
+    assert gss.load_official_checkpoint(sd)[2] is None
+    with pytest.raises(gss.UserError, match=r'decode_head\.conv_seg\.weight \(512, 64, 1, 1\) vs ours \(1024, 64, 1, 1\)'):
+        gss.load_official_checkpoint(sd, model=tiny_gss(vocab_size=1024))
+    with pytest.raises(gss.UserError, match=r'unexpected keys decode_head\.extra\.weight'):
+        gss.load_official_checkpoint({**sd, 'decode_head.extra.weight': torch.zeros(1)})
+    with pytest.raises(gss.UserError, match=r'backbone: .*size mismatch'):
+        gss.load_official_checkpoint({**sd, 'backbone.norm0.weight': torch.zeros(3)})
+
+
+def test_official_ftw_keys_into_an_ff_model(golden_ff):
+    layout = json.loads(official_file(OFFICIAL / 'ftw_head_keys.json').read_text())
+    torch.manual_seed(0)
+    sd = {k: (torch.randn(shape) if dtype == 'torch.float32' else torch.zeros(shape, dtype=torch.long))
+          for k, shape, dtype in layout['keys']}
+    model, _ = golden_ff_model(golden_ff)
+    with pytest.raises(gss.UserError) as e:
+        gss.load_official_checkpoint(sd, model=model, variant='ff')
+    assert 'missing keys decode_head.conv_seg_pixel.bias' in str(e.value)  # the FT-W head has no auxiliary head
+    assert 'unexpected keys decode_head.cls_segmap.conv.bias' in str(e.value)
+    with pytest.warns(UserWarning, match='no auxiliary head'):  # as an FT-W file it loads, with a warning
+        _, _, inverse = gss.load_official_checkpoint(sd, model=model)
+    assert isinstance(inverse, gss.FTWInverse) and len(inverse.blocks.blocks) == 2
+    assert torch.equal(inverse.cls.weight, sd['cls_segmap.conv.weight'])
+
+
+def test_official_config_from_shapes():
+    swin_l = json.loads(official_file(OFFICIAL / 'swin_keys.json').read_text())['swin_l']['keys']
+    head = json.loads(official_file(OFFICIAL / 'ff_head_keys.json').read_text())['keys']
+    with torch.device('meta'):  # names and shapes only
+        sd = {'backbone.' + k: torch.empty(shape) for k, shape in swin_l}
+        sd.update({'decode_head.' + k: torch.empty(shape) for k, shape, _ in head})
+    assert gss.official_config(sd) == dict(backbone='swin_l', num_classes=10, vocab_size=8192, mla_channels=64,
+                                           fused_channels=128, token_channels=256, depth=2, num_heads=4,
+                                           window_size=7, dropout=0.1)
+    sd = {k: v for k, v in sd.items() if not k.startswith('backbone.')}
+    sd.update({f'backbone.layer3.{i}.conv1.weight': None for i in range(23)}, **{'backbone.stem.0.weight': None})
+    assert gss.official_config(sd)['backbone'] == 'resnet101_v1c'
+
+
+def test_mmseg_swin_layouts_load_into_swin_py():
+    layout = json.loads(official_file(OFFICIAL / 'swin_keys.json').read_text())
+    torch.manual_seed(0)
+    sd = {k: torch.randn(shape) for k, shape in layout['swin_t']['keys']}
+    model = swin.build_swin('swin_t')
+    missing, unexpected = swin.load_pretrained(model, sd)
+    assert missing == [] and unexpected == []  # relative_position_index (recomputed) is dropped
+    assert torch.equal(model.layers[2].blocks[1].attn.qkv.weight, sd['stages.2.blocks.1.attn.w_msa.qkv.weight'])
+    assert torch.equal(model.layers[0].blocks[0].mlp.fc2.bias, sd['stages.0.blocks.0.ffn.layers.1.bias'])
+    assert torch.equal(to_mmseg_swin(model.state_dict())['stages.0.downsample.reduction.weight'],
+                       sd['stages.0.downsample.reduction.weight'])  # unfold order undone and redone
+    with torch.no_grad():
+        shapes = [list(f.shape) for f in model.eval()(torch.randn(1, 3, 64, 96))]
+    assert shapes == layout['swin_t']['out_shapes_for_1x3x64x96']
+
+
+TRAIN_PRIOR = os.path.abspath(train_prior.__file__)
+TINY_MODEL = 'mla_channels=16,fused_channels=32,token_channels=32,num_heads=2,dropout=0.1'
+ITERS = 8  # the reference runs: 8 iterations of 2 images
+
+with warnings.catch_warnings():  # this repo has no conftest.py / pytest.ini to register the marker in
+    warnings.simplefilter('ignore', pytest.PytestUnknownMarkWarning)
+    slow = pytest.mark.slow  # deselect with -m "not slow"
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Every training here runs on one thread, in-process or not: results depend on the thread count (reduction
+    order), and 2 ranks x 2 threads on 2 cores would be slow. Restores the settings for the other tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)  # undo --deterministic of in-process runs
+
+
+@pytest.fixture(autouse=True)
+def in_one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+    """A tiny synthetic set (8 train, 2 val images of 64x64), a tiny tokenizer and its GSS-FF stage-I artifact."""
+    root = tmp_path_factory.mktemp('train')
+    # datasets.synthetic_root(root) would generate the default 2000 + 200 images: generate 8 + 2 under its name
+    tiny = datasets.synthetic_root(str(root / 'data'), num_train=8, num_val=2)
+    os.rename(tiny, tiny.replace('-8-2', '-2000-200'))
+    assert len(datasets.build_dataset('synthetic', 'train', root=str(root / 'data'))) == 8
+    torch.manual_seed(0)
+    gss.save_tokenizer(gss.build_tokenizer(n_hid=64, vocab_size=512, n_init=32, n_blk_per_group=1),
+                       root / 'tokenizer.pt')
+    palette = gss.make_palette(10)
+    gss.make_posterior(root / 'posterior.pt', 'ff', palette.tolist(), gss.ignore_colour_for(palette).tolist(),
+                       root / 'tokenizer.pt', 512, dataset='synthetic')
+    return root
+
+
+def flags(env, out, **overrides):
+    """Command-line flags of a tiny deterministic CPU run (checkpoint every iteration, no validation)."""
+    f = dict(dataset='synthetic', data_root=env / 'data', posterior=env / 'posterior.pt', out=out, iters=ITERS,
+             batch_size=2, micro_batch=1, lr=1e-3, warmup_iters=3, eval_interval=0, log_interval=1, ckpt_interval=1,
+             workers=0, device='cpu', seed=0, model_config=TINY_MODEL)
+    f.update(overrides)
+    return [f"--{k.replace('_', '-')}={v}" for k, v in f.items() if v is not None] + ['--deterministic']
+
+
+def weights(out, name='latest.pt'):
+    """(iteration, model state dict) of a checkpoint, loaded as users load it (weights_only)."""
+    ckpt = gss.load_file(os.path.join(out, name), 'checkpoint')
+    return ckpt['iter'], ckpt['model']
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+def log_lines(out):
+    with open(os.path.join(out, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_rank(argv, env, console):
+    """A training process: forked from a server that has already imported train_prior (a real process that can be
+    killed, without paying the imports at every launch); its output goes to the file `console`."""
+    fd = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1), os.dup2(fd, 2)
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    sys.exit(train_prior.main(argv))
+
+
+FORKSERVER = multiprocessing.get_context('forkserver')
+FORKSERVER.set_forkserver_preload(['train_prior'])
+
+
+def launch(argv, out, world_size=1):
+    """train_prior.main(argv) in world_size processes with torchrun's environment variables -> list of Process;
+    rank r writes its console output to <out>.rank<r>.txt."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    procs = []
+    for r in range(world_size):
+        env = dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1',
+                   MASTER_PORT=str(port)) if world_size > 1 else {}
+        procs.append(FORKSERVER.Process(target=run_rank, args=(argv, env, f'{out}.rank{r}.txt')))
+        procs[-1].start()
+    return procs
+
+
+def finish(procs, timeout=120):
+    """Wait for all processes -> their exit codes (-9 when SIGKILLed; 'hung' for one that had to be killed here)."""
+    deadline = time.time() + timeout
+    for p in procs:
+        p.join(max(0, deadline - time.time()))
+    hung = [p.is_alive() for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill(), p.join()
+    return ['hung' if h else p.exitcode for p, h in zip(procs, hung)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reference runs, shared by several tests: 8 iterations of batch 2 on one rank (2 accumulation steps of 1 image)
+# and on two Gloo ranks (1 image each)
+
+@pytest.fixture(scope='module')
+def ref1(env):
+    out = env / 'ref1'
+    with one_thread():
+        assert train_prior.main(flags(env, out, eval_interval=ITERS)) == 0  # validates once, at the end
+    return out
+
+
+@pytest.fixture(scope='module')
+def ref2(env):
+    out = env / 'ref2'
+    assert finish(launch(flags(env, out, eval_interval=ITERS), out, world_size=2)) == [0, 0], \
+        (env / 'ref2.rank0.txt').read_text()
+    return out
+
+
+def test_two_ranks_match_one_rank_with_accumulation(env, ref1, ref2):
+    # same total batch: 2 ranks x 1 image = 1 rank x 2 accumulation steps x 1 image; the same images, the same
+    # augmentation and dropout (seeded per sample / per micro-batch), BatchNorm over 1 image in both
+    it1, w1 = weights(ref1)
+    it2, w2 = weights(ref2)
+    assert it1 == it2 == ITERS
+    config = gss.load_file(ref1 / 'latest.pt', 'checkpoint')['config']
+    params = {k for k, _ in gss.GSS.from_config(config).named_parameters()}  # BN running stats differ (rank 0's)
+    diff = max_diff({k: w1[k] for k in params}, {k: w2[k] for k in params})
+    assert diff < 1e-6, diff  # float summation order only (all-reduce vs accumulation)
+    log1, log2 = log_lines(ref1), log_lines(ref2)
+    assert [r['lr'] for r in log1[:-1]] == [r['lr'] for r in log2[:-1]]
+    assert abs(log1[-2]['loss'] - log2[-2]['loss']) < 1e-5
+    # validation of the 2 val images, 1 per rank, per-class areas summed over the ranks: the same numbers as 1 rank
+    # validating both images with the final weights (BatchNorm running statistics are rank 0's: they differ from ref1's)
+    ckpt = gss.load_file(ref2 / 'latest.pt', 'checkpoint')
+    model = gss.GSS.from_config(ckpt['config'])
+    model.load_state_dict(ckpt['model'])
+    posterior = gss.load_posterior(env / 'posterior.pt')
+    val_set = datasets.build_dataset('synthetic', 'val', root=str(env / 'data'), train=False)
+    mious = train_prior.validate(model, gss.load_tokenizer(posterior['tokenizer']), gss.build_inverse(posterior),
+                                 val_set, datasets.DATASET_PRESETS['synthetic'], contextlib.nullcontext(), 0, 1)
+    assert log2[-1].keys() == {'iter', 'val_mIoU', 'val_aux_mIoU'} and log1[-1].keys() == log2[-1].keys()
+    assert mious == (log2[-1]['val_mIoU'], log2[-1]['val_aux_mIoU']) and ckpt['best_miou'] == mious[0]
+
+
+def test_resume_gives_identical_weights_and_schedule(env, ref1):
+    out = env / 'resume'
+    assert train_prior.main(flags(env, out, stop_at=3)) == 0
+    assert weights(out)[0] == 3
+    assert train_prior.main(flags(env, out, resume='auto')) == 0
+    it, w = weights(out)
+    assert it == ITERS and max_diff(w, weights(ref1)[1]) == 0
+    lrs = {r['iter']: r['lr'] for r in log_lines(out)}
+    expected = [train_prior.lr_at(i, 1e-3, ITERS, 3) for i in range(ITERS)]
+    assert [lrs[i + 1] for i in range(ITERS)] == expected == [r['lr'] for r in log_lines(ref1)[:-1]]
+
+
+def test_lr_schedule_is_mmcv_poly_with_linear_warmup():
+    assert train_prior.lr_at(0, 1.0, 160000) == pytest.approx(1e-6)  # warmup starts at base * ratio
+    assert train_prior.lr_at(750, 1.0, 160000) == pytest.approx((1 - 750 / 160000) * (1 - 0.5 * (1 - 1e-6)))
+    assert train_prior.lr_at(1500, 1.0, 160000) == pytest.approx(1 - 1500 / 160000)
+    assert train_prior.lr_at(159999, 1.0, 160000) == pytest.approx(1 / 160000)
+
+
+def test_weight_decay_follows_the_official_names():
+    model = gss.GSS('swin_mini', 10, 512, mla_channels=16, fused_channels=32, token_channels=32, num_heads=2)
+    decay, rest = train_prior.param_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for p in rest['params']}
+    assert decay['weight_decay'] == 0.01 and rest['weight_decay'] == 0
+    assert len(decay['params']) + len(rest['params']) == len(names)
+    assert {'backbone.patch_embed.norm.weight', 'backbone.norm0.bias', 'backbone.layers.0.downsample.norm.weight',
+            'backbone.layers.0.blocks.0.attn.relative_position_bias_table', 'head.blocks.blocks.1.norm2.weight',
+            'head.blocks.blocks.0.attn.relative_position_bias_table'} <= no_decay
+    # official 'swin_ln' and the ConvModules' 'bn' decay; so do biases
+    assert not {'head.swin_norm.weight', 'head.mla.fusion.bn.weight', 'head.conv_seg.bias'} & no_decay
+    assert all('norm' in n or 'relative_position_bias_table' in n for n in no_decay)
+
+
+def test_loss_falls_and_bf16_step_runs(env):
+    out = env / 'overfit'  # 10 iterations of 2 of the 8 images at a high learning rate
+    assert train_prior.main(flags(env, out, iters=10, micro_batch=2, lr=1e-2, warmup_iters=1, ckpt_interval=10)) == 0
+    losses = [r['loss'] for r in log_lines(out)]  # about 5.5 -> 4.5
+    assert sum(losses[-2:]) < 0.88 * sum(losses[:2]), losses
+    out = env / 'bf16'
+    assert train_prior.main(flags(env, out, iters=1, batch_size=1, amp='bf16')) == 0
+    (line,) = log_lines(out)
+    assert 0 < line['loss_token'] < 10 and weights(out)[0] == 1
+
+
+def test_checkpoint_is_plain_and_checked_against_the_artifact(env, ref1):
+    ckpt = gss.load_file(ref1 / 'latest.pt', 'checkpoint')  # weights_only=True
+    assert {'kind', 'model', 'config', 'optimizer', 'scaler', 'iter', 'data', 'rng', 'args', 'posterior'} <= set(ckpt)
+    assert ckpt['posterior']['path'] == str(env / 'posterior.pt') and ckpt['data'] == {'epoch': 1, 'position': 8}
+    model = gss.GSS.from_config(ckpt['config'])
+    model.load_state_dict(ckpt['model'])  # what evaluate.py does
+    posterior = gss.load_posterior(env / 'posterior.pt')
+    train_prior.load_checkpoint(ref1 / 'latest.pt', 'gss-prior', posterior)
+    for change, message in ((dict(vocab_size=1024), 'vocabulary size 512 vs 1024'),
+                            (dict(palette=posterior['palette'][::-1]), 'palette (first at class 0')):
+        with pytest.raises(gss.UserError, match=message.replace('(', r'\(')):
+            train_prior.load_checkpoint(ref1 / 'latest.pt', 'gss-prior', {**posterior, **change})
+    with pytest.raises(gss.UserError, match='class count 10 vs 9'):
+        train_prior.load_checkpoint(ref1 / 'latest.pt', 'gss-prior', {**posterior, 'num_classes': 9,
+                                                                     'palette': posterior['palette'][:9]})
+    with pytest.raises(gss.UserError, match='not a readable checkpoint'):
+        (env / 'truncated.pt').write_bytes((ref1 / 'latest.pt').read_bytes()[:1000])
+        train_prior.load_checkpoint(env / 'truncated.pt', 'gss-prior')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# crash safety (issue 8 item 2)
+
+def fail_at_call(monkeypatch, n, action):
+    """Wrap gss.compute_loss so that its n-th call (1-based) runs action(loss) first and returns what it returns."""
+    calls, compute_loss = [0], gss.compute_loss
+    def wrapped(*args):
+        loss, logs = compute_loss(*args)
+        calls[0] += 1
+        return (action(loss) if calls[0] == n else loss), logs
+    monkeypatch.setattr(gss, 'compute_loss', wrapped)
+
+
+def test_nan_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(env, monkeypatch, capsys):
+    out = env / 'nan'
+    fail_at_call(monkeypatch, 5, lambda loss: loss * float('nan'))  # iteration 3, first micro-step
+    assert train_prior.main(flags(env, out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: non-finite loss at iteration 3;') and 'iteration 2) is intact' in err
+    it, w = weights(out)
+    assert it == 2 and all(v.isfinite().all() for v in w.values() if v.is_floating_point())
+
+
+def test_failed_write_keeps_the_previous_checkpoint(env, monkeypatch, capsys):
+    out = env / 'full'
+    calls, save = [0], torch.save
+    def full_disk(obj, f):  # the second checkpoint write: half the bytes, then the disk is full
+        calls[0] += 1
+        if calls[0] == 2:
+            f.write(b'\0' * 4096)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        save(obj, f)
+    monkeypatch.setattr(torch, 'save', full_disk)
+    assert train_prior.main(flags(env, out)) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {out}/latest.pt: could not write the checkpoint (No space left on device); "
+                   f"the previous checkpoint there is intact\n")
+    assert weights(out)[0] == 1 and sorted(os.listdir(out)) == ['latest.pt', 'log.jsonl']  # no temp file left
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_at_the_iteration_boundary_and_resumes_exactly(env, ref1, monkeypatch, capsys, sig):
+    out = env / f'signal{sig}'
+    fail_at_call(monkeypatch, 6, lambda loss: os.kill(os.getpid(), sig) or loss)  # during iteration 3
+    assert train_prior.main(flags(env, out, ckpt_interval=100)) == 128 + sig  # 143 SIGTERM, 130 SIGINT
+    assert f'stopped by signal {int(sig)} after iteration 3' in capsys.readouterr().out
+    assert weights(out)[0] == 3
+    monkeypatch.undo()
+    if sig == signal.SIGTERM:
+        assert train_prior.main(flags(env, out, resume='auto')) == 0
+        assert max_diff(weights(out)[1], weights(ref1)[1]) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the kill test (issue 8 item 3)
+
+def progress(console):
+    """(iteration the run resumed from or 0, last iteration logged or 0, its seconds per iteration) from a rank-0
+    console file."""
+    resumed, seen, dt = 0, 0, 0.0
+    for line in (open(console).read() if os.path.exists(console) else '').splitlines():
+        if line.startswith('resumed from'):
+            resumed = int(line.split(' at iteration ')[1].split()[0])
+        elif line.startswith('iter '):
+            seen, dt = int(line.split()[1]), float(line.split(' s_per_iter ')[1].split()[0])
+    return resumed, seen, dt
+
+
+@slow
+def test_kill_and_resume_reaches_identical_weights(env, ref1, ref2):
+    rng = random.Random(0)
+    report = []
+    for world_size, ref, kills in ((1, ref1, 5), (2, ref2, 1)):
+        out = env / f'kill{world_size}'
+        resumed = []
+        for n, target in enumerate(sorted(rng.sample(range(1, ITERS - 1), kills))):
+            procs = launch(flags(env, out, resume='auto'), env / f'kill{world_size}-{n}', world_size)
+            console = env / f'kill{world_size}-{n}.rank0.txt'
+            while max(progress(console)[:2]) < target and procs[0].is_alive():
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, 1) * progress(console)[2])  # within the iteration after target (or its save)
+            victim = rng.randrange(world_size)
+            os.kill(procs[victim].pid, signal.SIGKILL)
+            codes = finish(procs, timeout=60)  # the other rank fails on its own: a broken Gloo connection
+            assert codes[victim] == -signal.SIGKILL and all(c not in (0, 'hung') for c in codes), codes
+            resumed.append(progress(console)[0])
+        (out / 'latest.pt.k1ll3d.tmp').write_bytes(b'\0' * 1000)  # as a kill during a checkpoint write leaves it
+        procs = launch(flags(env, out, resume='auto'), env / f'kill{world_size}-end', world_size)
+        assert finish(procs) == [0] * world_size
+        resumed.append(progress(env / f'kill{world_size}-end.rank0.txt')[0])
+        it, w = weights(out)
+        assert not [f for f in os.listdir(out) if f.endswith('.tmp')]  # unfinished writes of killed runs removed
+        diff = max_diff(w, weights(ref)[1])
+        report.append(f"{world_size} rank(s): {ITERS} iterations, {kills} kill(s), the runs started at iterations "
+                      f"{resumed}, max abs difference of the final weights {diff}")
+        assert it == ITERS and diff == 0
+    print('kill test: ' + '; '.join(report))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command-line errors: one line, no traceback
+
+def test_cli_errors_are_one_line(env, capsys):
+    proc = subprocess.run([sys.executable, TRAIN_PRIOR, '--dataset', 'synthetic', '--batch-size', '5'],
+                          env=dict(os.environ, WORLD_SIZE='2'), capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: --batch-size 5 is not divisible by 2 ranks; expected a multiple of 2\n"
+    assert train_prior.main(['--dataset=ade21k']) == 2
+    assert capsys.readouterr().err == ("error: --dataset ade21k: unknown dataset; expected one of "
+                                       f"{', '.join(datasets.DATASET_PRESETS)}\n")
+    assert train_prior.main(['--dataset', 'synthetic', '--backbone', 'swin_xl']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --backbone swin_xl: unknown backbone; expected one of swin_t,") and 'resnet101' in err
+    assert train_prior.main(flags(env, env / 'bad', model_config='widths=3')) == 2
+    assert 'KEY one of mla_channels' in capsys.readouterr().err
+    assert train_prior.main(flags(env, env / 'bad', posterior=env / 'none.pt')) == 2
+    assert "none.pt: no such stage-I artifact; expected the file of `python train_posterior.py --variant ff" in \
+        capsys.readouterr().err and not (env / 'bad').exists()
+    assert train_prior.main(flags(env, env / 'bad', resume=env / 'missing.pt')) == 2
+    assert capsys.readouterr().err == f"error: {env / 'missing.pt'}: no such checkpoint\n"
