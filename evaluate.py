@@ -295,12 +295,12 @@ def run(args):
                                  on_item=save)
         print(f"evaluated {len(indices)} images of {args.dataset} {args.split} in {time.time() - t0:.1f} s "
               f"({args.mode} inference)")
-    if args.recon:
-        post = gss.load_posterior(args.posterior[0])
-        tok = gss.load_tokenizer(post['tokenizer']).to(args.device) if not args.checkpoint else tokenizer
-        oracle = reconstruction_oracle(tok, torch.tensor(post['palette']), torch.tensor(post['ignore_colour']),
-                                       dataset, indices)
-        results = {'tokenizer oracle': oracle, **results}
+    if args.recon:  # the stage-I oracle of the (first) artifact, or of the official checkpoint's palette
+        if not args.checkpoint:
+            post = gss.load_posterior(args.posterior[0])
+            tokenizer = gss.load_tokenizer(post['tokenizer']).to(args.device)
+            palette, ignore = torch.tensor(post['palette']), torch.tensor(post['ignore_colour'])
+        results = {'tokenizer oracle': reconstruction_oracle(tokenizer, palette, ignore, dataset, indices), **results}
     classes = dataset.classes
     for name, metric in results.items():
         print(f"\n{name}\n" + format_table(metric.compute(), classes))

@@ -155,10 +155,10 @@ def _refine(colours, step=17):
 def make_palette(num_classes, seed=0, arithmetic=True, misaligned=True, random_factors=True, refine=True):
     """Maximal-distance palette beta (K, 3) on 0-255 (appendix B), deterministic for a seed. Each step can be switched
     off for Table 9's ablation: (i) arithmetic sequences per channel, Cartesian product in r->g->b order (Eqs. 16-18;
-    off: uniformly random colours, the beta of GSS-FF-R), (ii) misaligned starts 0, 1, 2 (Eq. 19), (iii) random
-    additive factors t in [0, 15] per channel and colour (Eq. 20), (iv) category-specific refinement (_refine).
-    Intervals k^m span the whole 0-255 range, so colours differ by >= min_m k^m - T before refinement
-    (K=150: 5x6x5 grid, >= 33; the official palettes reach 20.0 (ADE20K) and 18.7 (MSeg))."""
+    off: uniformly random colours, the beta of GSS-FF-R, and (ii), (iii) do not apply), (ii) misaligned starts 0, 1, 2
+    (Eq. 19), (iii) random additive factors t in [0, 15] per channel and colour (Eq. 20), (iv) category-specific
+    refinement (_refine). Intervals k^m span the whole 0-255 range, so colours differ by >= min_m k^m - T before
+    refinement (K=150: 5x6x5 grid, >= 32; the official palettes reach 20.0 (ADE20K) and 18.7 (MSeg))."""
     if num_classes < 1:
         raise UserError(f"palette: {num_classes} classes; expected at least 1")
     gen = torch.Generator().manual_seed(seed)
@@ -174,11 +174,7 @@ def make_palette(num_classes, seed=0, arithmetic=True, misaligned=True, random_f
             colours = colours + torch.randint(0, t + 1, colours.shape, generator=gen)  # Eq. 20
     else:
         colours = _random_colours(num_classes, gen)
-        if random_factors:
-            colours = (colours + torch.randint(0, PALETTE_T + 1, colours.shape, generator=gen)).clamp(max=255)
-    if refine:
-        colours = _refine(colours)
-    if len(set(map(tuple, colours.tolist()))) != num_classes:  # only an unrefined random draw can collide
+    if refine or len(set(map(tuple, colours.tolist()))) != num_classes:  # the noise can merge colours if K > 16^3
         colours = _refine(colours)
     return colours.long()
 

@@ -109,9 +109,10 @@ def paint_soft(beta, ignore_colour, labels):
     return F.embedding(labels.clamp(max=len(beta)), table).permute(0, 3, 1, 2)
 
 
-def relaxed_roundtrip(tok, maskige, tau=1.0):
-    """Encoder logits -> hard Gumbel-softmax (argmax forward, straight-through gradients; Sec. 3.3) -> decode_soft."""
-    z = F.gumbel_softmax(tok.encoder_logits(maskige), tau=tau, hard=True, dim=1)  # (B, vocab, h, w) one-hot
+def relaxed_roundtrip(tok, maskige):
+    """Encoder logits -> hard Gumbel-softmax (argmax forward, straight-through gradients; Sec. 3.3; the paper gives no
+    temperature, we use 1) -> decode_soft."""
+    z = F.gumbel_softmax(tok.encoder_logits(maskige), tau=1.0, hard=True, dim=1)  # (B, vocab, h, w) one-hot
     return tok.decode_soft(z)  # (B, 3, H, W)
 
 
@@ -121,19 +122,18 @@ def training_maskige(tok, labels, palette, ignore_colour):
     return gss.reconstruct(tok, gss.upsample_labels_2x(labels), palette, ignore_colour)  # (B, 3, 2H, 2W)
 
 
-def train_tokenizer(args, s, num_classes, palette, ignore_colour, device, log):
+def train_tokenizer(args, s, num_classes, palette, ignore_colour, device, rank, world_size, log):
     """Eq. 3 / the first term of Eq. 5: a dall_e-architecture encoder/decoder trained on the dataset's maskiges with
     the Gumbel-softmax relaxation (relaxed one-hots into the decoder, temperature annealed 1 -> 1/16 as DALL-E's),
-    MSE between the decoder's sigmoid colour means and map_pixels(maskige), Adam with the learning rate decaying
-    linearly to 0 as the temperature falls (without the decay, low temperatures undo the training), gradients clipped
-    at norm 1.
-    Random crops of the 1x or the 2x label maps (the tokens of the oracle and of stage II), ignore painted with the
-    ignore colour. Logs the reconstruction mIoU (nearest colour of the decoded maskige vs the labels)."""
+    MSE between the decoder's sigmoid colour means and map_pixels(maskige). Adam, gradients clipped at norm 1, the
+    learning rate decaying linearly to 0 as the temperature falls (without the decay, low temperatures undo the
+    training). Random crops of the 1x or the 2x label maps (the tokens of the oracle and of stage II), ignore painted
+    with the ignore colour. Logs the oracle's reconstruction mIoU (1x) and stage II's (2x) on validation images."""
     tok = gss.build_tokenizer(**TOKENIZER_ARCH).to(device)
     tok.requires_grad_(True)
     opt = torch.optim.Adam(tok.parameters(), lr=s['lr'])
     ds = datasets.build_dataset(args.dataset, 'train', args.data_root, train=True)
-    batches = label_batches(ds, s['batch_size'], args.seed, device)
+    batches = label_batches(ds, s['batch_size'], args.seed + rank, device)
     val = val_labels(args, VAL_IMAGES)
     inverse = gss.NearestColour(palette).to(device)
     crop, t0 = s['crop'], time.time()
@@ -151,12 +151,13 @@ def train_tokenizer(args, s, num_classes, palette, ignore_colour, device, log):
             g['lr'] = lr_at(it, s['lr'], s['iters'], warmup_iters=0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        sync_grads(tok.parameters(), world_size)
         nn.utils.clip_grad_norm_(tok.parameters(), 1.0)
         opt.step()
         last = it == s['iters'] - 1
         if it % 20 == 0 or last:
             stats = {'loss': loss.item(), 'tau': tau, 'minutes': round((time.time() - t0) / 60, 2)}
-            if (it + 1) % s['eval'] == 0 or last:
+            if rank == 0 and ((it + 1) % s['eval'] == 0 or last):
                 stats.update(recon_metrics(tok, inverse, palette, ignore_colour, val, num_classes))
                 stats.update({f'{k}_2x': v for k, v in recon_metrics(tok, inverse, palette, ignore_colour, val,
                                                                      num_classes, upsample=True).items()})
@@ -290,7 +291,8 @@ def main(argv=None):
     log.info(f"stage I, variant {v}, dataset {args.dataset} ({num_classes} classes), settings {s}, device {device}")
 
     if v == 'tokenizer':
-        tok, stats = train_tokenizer(args, s, num_classes, palette.to(device), ignore_colour.to(device), device, log)
+        tok, stats = train_tokenizer(args, s, num_classes, palette.to(device), ignore_colour.to(device), device, rank,
+                                     world_size, log)
         if rank == 0:
             gss.save_tokenizer(tok, out, dataset=args.dataset, palette=palette.tolist(),
                                ignore_colour=ignore_colour.tolist(), settings=s, final=stats)
