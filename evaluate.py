@@ -135,18 +135,16 @@ def evaluate_split(model, tokenizer, inverses, dataset, test_cfg, aux=True, indi
 
 
 @torch.no_grad()
-def reconstruction_oracle(tokenizer, palette, ignore_colour, dataset, indices=None):
-    """The stage-I oracle (official dalle_reconstruction configs, facts 5): each ground truth at test resolution
-    painted (255 with the ignore colour), tokenized at 1/8, decoded, nearest colour; metrics of the round trip."""
+def reconstruction_oracle(tokenizer, inverse, palette, ignore_colour, dataset, indices=None):
+    """The stage-I oracle (official dalle_reconstruction configs, facts 5; gss.recon_scores): each ground truth
+    painted (255 with the ignore colour), tokenized at 1/8, decoded, X^-1 -> metrics of the round trip."""
     metric = SegMetric(dataset.num_classes)
-    nearest = gss.NearestColour(palette)
     device = next(tokenizer.parameters()).device
+    palette, ignore_colour = palette.to(device), ignore_colour.to(device)
     for i in range(len(dataset)) if indices is None else indices:
         label = dataset[i]['label'].to(device)  # (H, W)
-        H, W = label.shape
-        padded = F.pad(label, (0, -W % 8, 0, -H % 8), value=255)[None]  # (1, H8, W8): the encoder's stride is 8
-        maskige = gss.reconstruct(tokenizer, padded, palette.to(device), ignore_colour.to(device))[..., :H, :W]
-        metric.update(nearest.labels(maskige)[0], label)
+        scores = gss.recon_scores(tokenizer, inverse, label[None], palette, ignore_colour)  # (1, K, H, W)
+        metric.update(scores[0].argmax(0), label)
     return metric
 
 
@@ -299,8 +297,10 @@ def run(args):
         if not args.checkpoint:
             post = gss.load_posterior(args.posterior[0])
             tokenizer = gss.load_tokenizer(post['tokenizer']).to(args.device)
+            inverses = {'': gss.build_inverse(post).to(args.device).eval()}
             palette, ignore = torch.tensor(post['palette']), torch.tensor(post['ignore_colour'])
-        results = {'tokenizer oracle': reconstruction_oracle(tokenizer, palette, ignore, dataset, indices), **results}
+        oracle = reconstruction_oracle(tokenizer, next(iter(inverses.values())), palette, ignore, dataset, indices)
+        results = {'tokenizer oracle': oracle, **results}
     classes = dataset.classes
     for name, metric in results.items():
         print(f"\n{name}\n" + format_table(metric.compute(), classes))

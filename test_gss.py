@@ -826,9 +826,14 @@ def test_reconstruct_matches_the_official_oracle_golden_vectors():
     assert (decoded - ref).abs().max() < 1e-4
     palette = g['palette']
     labels = g['inputs']['gt'][:, 0]
-    maskige = gss.reconstruct(tok, labels, palette[:-1], palette[-1])
-    pred = gss.maskige_scores(gss.NearestColour(palette[:-1]), maskige, labels.shape[-2:]).argmax(1)
-    assert (pred == g['recon_eval']['labels']).float().mean() > 0.999
+    scores = gss.recon_scores(tok, gss.NearestColour(palette[:-1]), labels, palette[:-1], palette[-1])
+    assert torch.equal(scores.argmax(1), g['recon_eval']['labels'])
+    assert (scores - g['recon_eval']['scores']).abs().max() < 1e-5
+    target = g['train_eval_mode']  # the official token targets: encoder argmax of the 2x maskige
+    assert torch.equal(tok.encode(target['maskige_target_0_255'].float() / 255), target['token_targets_raw'])
+    scores = gss.recon_scores(tok, gss.NearestColour(palette[:-1]), labels, palette[:-1], palette[-1], size=(32, 40),
+                              upsample=True)  # test resolution 32x40, stage II's 2x path: tokens 8x10
+    assert scores.shape == (2, 10, 64, 64)
 
 
 # ---- GSS-TF / GSS-TT: beta through the frozen tokenizer
@@ -1661,3 +1666,29 @@ def test_cli_errors_are_one_line(env, capsys):
         capsys.readouterr().err and not (env / 'bad').exists()
     assert train_prior.main(flags(env, env / 'bad', resume=env / 'missing.pt')) == 2
     assert capsys.readouterr().err == f"error: {env / 'missing.pt'}: no such checkpoint\n"
+
+
+# ---- evaluate.py on the trained checkpoint: the CLI, the saved outputs, the oracle
+
+def test_evaluate_cli_saves_labels_that_reload_to_its_predictions(env, ref1, tmp_path, capsys):
+    data, ckpt, out = str(env / 'data'), str(ref1 / 'latest.pt'), tmp_path / 'vis'
+    assert evaluate.main(['--dataset', 'synthetic', '--data-root', data, '--checkpoint', ckpt, '--recon',
+                          '--save-dir', str(out), '--device', 'cpu']) == 0
+    table = capsys.readouterr().out.splitlines()[-3:]  # the summary: oracle, GSS-FF, aux head
+    assert [line.split()[0] for line in table] == ['tokenizer', 'GSS-FF', 'aux']
+    # the saved label PNGs are the predictions: recompute them with the library and compare
+    model, tokenizer, inverses, palette, _ = evaluate.load_stage2(ckpt, None, 'synthetic', torch.device('cpu'))
+    val = datasets.build_dataset('synthetic', 'val', root=data, train=False)
+    for item in val:
+        stem = os.path.splitext(os.path.basename(item['path']))[0]
+        pred = evaluate.resized_argmax(gss.predict(model, tokenizer, inverses['GSS-FF'], item['image'][None]),
+                                       item['label'].shape)[0]
+        saved = np.asarray(Image.open(out / f'{stem}.png'))
+        assert np.array_equal(saved, pred.numpy()) and Image.open(out / f'{stem}.png').mode == 'P'
+        assert Image.open(out / f'{stem}_maskige.png').size == (2 * pred.shape[1], 2 * pred.shape[0])
+        assert Image.open(out / f'{stem}_overlay.jpg').size == (pred.shape[1], pred.shape[0])
+    # a checkpoint that is not one gives a one-line error
+    bad = tmp_path / 'bad.pt'
+    torch.save({'weights': torch.zeros(1)}, bad)
+    assert evaluate.main(['--checkpoint', str(bad), '--data-root', data]) == 2
+    assert capsys.readouterr().err.count('\n') == 1

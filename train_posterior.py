@@ -155,9 +155,10 @@ def train_tokenizer(args, s, num_classes, palette, ignore_colour, device, rank, 
         nn.utils.clip_grad_norm_(tok.parameters(), 1.0)
         opt.step()
         last = it == s['iters'] - 1
-        if it % 20 == 0 or last:
+        validate = rank == 0 and ((it + 1) % s['eval'] == 0 or last)
+        if it % 20 == 0 or validate or last:
             stats = {'loss': loss.item(), 'tau': tau, 'minutes': round((time.time() - t0) / 60, 2)}
-            if rank == 0 and ((it + 1) % s['eval'] == 0 or last):
+            if validate:
                 stats.update(recon_metrics(tok, inverse, palette, ignore_colour, val, num_classes))
                 stats.update({f'{k}_2x': v for k, v in recon_metrics(tok, inverse, palette, ignore_colour, val,
                                                                      num_classes, upsample=True).items()})
@@ -210,9 +211,10 @@ def train_inverse(args, s, num_classes, palette, ignore_colour, tok, device, ran
             with torch.no_grad():
                 beta.clamp_(0, 1)  # a maskige is an image in [0, 1]
         last = it == s['iters'] - 1
-        if it % 20 == 0 or last:
+        validate = rank == 0 and ((it + 1) % s['eval'] == 0 or last)
+        if it % 20 == 0 or validate or last:
             stats = {'loss': loss.item(), 'minutes': round((time.time() - t0) / 60, 2)}
-            if rank == 0 and ((it + 1) % s['eval'] == 0 or last):
+            if validate:
                 pal_now, inv_now = current_stage1(v, beta, palette, inverse)
                 stats.update({f'{k}_2x': x for k, x in recon_metrics(tok, inv_now, pal_now.to(device),
                               ignore_colour.to(device), val, num_classes, upsample=True).items()})
