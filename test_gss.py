@@ -1692,3 +1692,24 @@ def test_evaluate_cli_saves_labels_that_reload_to_its_predictions(env, ref1, tmp
     torch.save({'weights': torch.zeros(1)}, bad)
     assert evaluate.main(['--checkpoint', str(bad), '--data-root', data]) == 2
     assert capsys.readouterr().err.count('\n') == 1
+
+
+def test_bad_artifacts_and_checkpoints_get_one_line_errors(env, ref1, tmp_path, capsys):
+    """README's bad-input table: a checkpoint of another model, palettes of the wrong size or with duplicates."""
+    def error(argv):
+        assert train_prior.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and 'Traceback' not in err
+        return err
+    resume = flags(env, tmp_path / 'o', resume=ref1 / 'latest.pt', model_config=TINY_MODEL.replace('mla_channels=16', 'mla_channels=8'))
+    assert 'checkpoint of a different model (mla_channels 16 vs 8; checkpoint vs flags)' in error(resume)
+    post = gss.load_file(env / 'posterior.pt', 'artifact')
+    for name, edit, message in [
+            ('short', lambda p: p.update(palette=p['palette'][:9]), 'palette has 9 entries for 10 classes'),
+            ('dup', lambda p: p['palette'].__setitem__(1, p['palette'][0]), 'is used by two classes'),
+            ('nine', lambda p: p.update(palette=p['palette'][:9], num_classes=9),
+             'the stage-I artifact has 9 classes; expected 10 for --dataset synthetic')]:
+        bad = copy.deepcopy(post)
+        edit(bad)
+        torch.save(bad, tmp_path / f'{name}.pt')
+        assert message in error(flags(env, tmp_path / 'o', posterior=tmp_path / f'{name}.pt'))
