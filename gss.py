@@ -385,6 +385,7 @@ def maskige_scores(inverse, maskige, size):
 
 DALLE_URLS = 'https://cdn.openai.com/dall-e/encoder.pkl and https://cdn.openai.com/dall-e/decoder.pkl'
 LOGIT_LAPLACE_EPS = dall_e.utils.logit_laplace_eps  # 0.1: map_pixels x -> 0.8 x + 0.1, unmap clamps back
+STRIP_ELEMENTS = 2 ** 23  # strips of rows of at most ~32 MB (float32) in and out, for convs run without autograd
 
 
 def _conv(conv, x):
@@ -392,25 +393,30 @@ def _conv(conv, x):
     return F.conv2d(x, conv.w.to(x.dtype), conv.b.to(x.dtype), padding=(conv.kw - 1) // 2)
 
 
-def _relu_conv(conv, x, out=None, alpha=1.0, channels=None):
-    """conv(relu(x)) for a dall_e Conv2d (optionally only its first `channels` outputs), or out += alpha * that, in
-    place, when `out` is given. Without autograd it runs over strips of rows (with the conv's halo), so neither
-    relu(x) nor a full-size conv output is ever materialised."""
+def _relu_conv(conv, x, out=None, alpha=1.0, channels=None, keep_input=False):
+    """conv(relu(x)) for a dall_e Conv2d (optionally only its first `channels` outputs), or out += alpha * that when
+    `out` is given. Without autograd: ReLU in place unless keep_input, and when the result would be a second
+    full-size tensor (keep_input, or accumulating into out) the conv runs over strips of rows, each with its halo,
+    so neither relu(x) nor the conv output ever exists at full size."""
     w, b = conv.w[:channels].to(x.dtype), conv.b[:channels].to(x.dtype)
     p = (conv.kw - 1) // 2
     if torch.is_grad_enabled():
         y = F.conv2d(F.relu(x), w, b, padding=p)
         return y if out is None else out + alpha * y
+    if not keep_input:
+        x = x.relu_()
+        if out is None:
+            return F.conv2d(x, w, b, padding=p)
     B, C, H, W = x.shape
     if out is None:
         out, alpha = x.new_empty(B, len(w), H, W), None
-    rows = max(1, 2 ** 22 // (B * max(C, len(w)) * W))  # strips of ~16 MB (float32) in and out
+    rows = max(1, STRIP_ELEMENTS // (B * max(C, len(w)) * W))
     for r0 in range(0, H, rows):
         r1 = min(r0 + rows, H)
-        s = F.relu(x[:, :, max(r0 - p, 0):min(r1 + p, H)])  # (B, C, strip + halo, W)
-        s = F.pad(s, (0, 0, p - (r0 - max(r0 - p, 0)), p - (min(r1 + p, H) - r1)))  # zero rows at the borders
-        y = F.conv2d(s, w, b, padding=(0, p))  # (B, n_out, r1 - r0, W)
-        if alpha is None:
+        lo, hi = max(r0 - p, 0), min(r1 + p, H)  # the strip and its halo rows
+        s = F.relu(x[:, :, lo:hi]) if keep_input else x[:, :, lo:hi]  # (B, C, hi - lo, W)
+        y = F.conv2d(s, w, b, padding=p)[:, :, r0 - lo:r1 - lo]  # (B, n_out, r1 - r0, W); the zero padding at the
+        if alpha is None:  # strip's inner edges only touches the halo rows' outputs, dropped here
             out[:, :, r0:r1] = y
         else:
             out[:, :, r0:r1].add_(y, alpha=alpha)
@@ -432,7 +438,7 @@ def _residual_stack(blocks, x):
                 upsample = True
                 continue
             r = layer.res_path
-            h = _relu_conv(r.conv_1, x)  # (B, n_hid, H, W)
+            h = _relu_conv(r.conv_1, x, keep_input=True)  # (B, n_hid, H, W); x is still needed for id_path
             x = x if isinstance(layer.id_path, nn.Identity) else _conv(layer.id_path, x)  # (B, n_out, H, W)
             if upsample:
                 h = F.interpolate(h, scale_factor=2.0, mode='nearest')  # (B, n_hid, 2H, 2W)
@@ -480,9 +486,9 @@ class Tokenizer(nn.Module):
             for x in maskige.split(max(1, max_pixels // (maskige.shape[2] * maskige.shape[3]))):
                 x = _conv(self.encoder.blocks.input, (1 - 2 * LOGIT_LAPLACE_EPS) * x.to(dtype) + LOGIT_LAPLACE_EPS)
                 x = _residual_stack(self.encoder.blocks, x)  # (b, 8 n_hid, h, w)
-                conv = self.encoder.blocks.output.conv
+                conv, x = self.encoder.blocks.output.conv, x.relu_()
                 rows = max(1, 2 ** 21 // (x.shape[0] * self.vocab_size * x.shape[3]))  # ~8 MB of logits per strip
-                tokens.append(torch.cat([_conv(conv, F.relu(s)).argmax(1) for s in x.split(rows, dim=2)], dim=1))
+                tokens.append(torch.cat([_conv(conv, s).argmax(1) for s in x.split(rows, dim=2)], dim=1))
             return torch.cat(tokens)  # (B, h, w)
 
     def _decoder_trunk(self, x):
