@@ -385,7 +385,7 @@ def maskige_scores(inverse, maskige, size):
 
 DALLE_URLS = 'https://cdn.openai.com/dall-e/encoder.pkl and https://cdn.openai.com/dall-e/decoder.pkl'
 LOGIT_LAPLACE_EPS = dall_e.utils.logit_laplace_eps  # 0.1: map_pixels x -> 0.8 x + 0.1, unmap clamps back
-STRIP_ELEMENTS = 2 ** 23  # strips of rows of at most ~32 MB (float32) in and out, for convs run without autograd
+STRIP_ELEMENTS = 2 ** 22  # strips of rows of at most ~16 MB (float32) in and out, for convs run without autograd
 
 
 def _conv(conv, x):
@@ -393,41 +393,44 @@ def _conv(conv, x):
     return F.conv2d(x, conv.w.to(x.dtype), conv.b.to(x.dtype), padding=(conv.kw - 1) // 2)
 
 
-def _relu_conv(conv, x, out=None, alpha=1.0, channels=None, keep_input=False):
-    """conv(relu(x)) for a dall_e Conv2d (optionally only its first `channels` outputs), or out += alpha * that when
-    `out` is given. Without autograd: ReLU in place unless keep_input, and when the result would be a second
-    full-size tensor (keep_input, or accumulating into out) the conv runs over strips of rows, each with its halo,
-    so neither relu(x) nor the conv output ever exists at full size."""
-    w, b = conv.w[:channels].to(x.dtype), conv.b[:channels].to(x.dtype)
+def _relu_conv(conv, x, out=None, alpha=1.0, channels=None, keep_input=False, dtype=None):
+    """conv(relu(x)) for a dall_e Conv2d (optionally only its first `channels` outputs) computed in `dtype` (default
+    x's), or out += alpha * that when `out` is given. Without autograd: ReLU in place unless keep_input, and when the
+    result would be a second full-size tensor (keep_input, or accumulating into out) the conv runs over strips of
+    rows, each with its halo, so neither relu(x) nor the conv output ever exists at full size."""
+    dtype = dtype or x.dtype
+    w, b = conv.w[:channels].to(dtype), conv.b[:channels].to(dtype)
     p = (conv.kw - 1) // 2
     if torch.is_grad_enabled():
-        y = F.conv2d(F.relu(x), w, b, padding=p)
+        y = F.conv2d(F.relu(x).to(dtype), w, b, padding=p)
         return y if out is None else out + alpha * y
     if not keep_input:
         x = x.relu_()
         if out is None:
-            return F.conv2d(x, w, b, padding=p)
+            return F.conv2d(x.to(dtype), w, b, padding=p)
     B, C, H, W = x.shape
     if out is None:
-        out, alpha = x.new_empty(B, len(w), H, W), None
+        out, alpha = x.new_empty(B, len(w), H, W, dtype=dtype), None
     rows = max(1, STRIP_ELEMENTS // (B * max(C, len(w)) * W))
     for r0 in range(0, H, rows):
         r1 = min(r0 + rows, H)
         lo, hi = max(r0 - p, 0), min(r1 + p, H)  # the strip and its halo rows
-        s = F.relu(x[:, :, lo:hi]) if keep_input else x[:, :, lo:hi]  # (B, C, hi - lo, W)
-        y = F.conv2d(s, w, b, padding=p)[:, :, r0 - lo:r1 - lo]  # (B, n_out, r1 - r0, W); the zero padding at the
-        if alpha is None:  # strip's inner edges only touches the halo rows' outputs, dropped here
+        s = x[:, :, lo:hi].to(dtype, copy=keep_input)  # (B, C, hi - lo, W)
+        y = F.conv2d(s.relu_() if keep_input else s, w, b, padding=p)[:, :, r0 - lo:r1 - lo]  # (B, n_out, r1-r0, W)
+        if alpha is None:  # (the zero padding at the strip's inner edges only reaches the halo rows' outputs)
             out[:, :, r0:r1] = y
         else:
             out[:, :, r0:r1].add_(y, alpha=alpha)
     return out
 
 
-def _residual_stack(blocks, x):
+def _residual_stack(blocks, x, dtype):
     """The groups of a dall_e Encoder/Decoder (`blocks.group_1..4`), run by hand so that every intermediate dies as
     soon as it can: each block is id_path(x) + post_gain * res_path(x), res_path = (ReLU, conv) x 4. Max-pools run
     as they come; a nearest 2x upsample is moved past the next block's id_path and conv_1 (both 1x1 in the Decoder,
-    so they commute with it exactly), so the wide tensor before them never exists at the high resolution."""
+    so they commute with it exactly), so the wide tensor before them never exists at the high resolution.
+    The residual stream x stays float32; the residual branches compute in `dtype` (bfloat16 opt-in: summing bf16
+    branch outputs into a bf16 stream would lose most of their small post_gain-scaled updates)."""
     upsample = False
     for group in (blocks.group_1, blocks.group_2, blocks.group_3, blocks.group_4):
         for layer in group.children():
@@ -438,7 +441,7 @@ def _residual_stack(blocks, x):
                 upsample = True
                 continue
             r = layer.res_path
-            h = _relu_conv(r.conv_1, x, keep_input=True)  # (B, n_hid, H, W); x is still needed for id_path
+            h = _relu_conv(r.conv_1, x, keep_input=True, dtype=dtype)  # (B, n_hid, H, W); x still needed
             x = x if isinstance(layer.id_path, nn.Identity) else _conv(layer.id_path, x)  # (B, n_out, H, W)
             if upsample:
                 h = F.interpolate(h, scale_factor=2.0, mode='nearest')  # (B, n_hid, 2H, 2W)
@@ -455,7 +458,8 @@ def _residual_stack(blocks, x):
 
 class Tokenizer(nn.Module):
     """Frozen dVAE of Eq. 5 (DALL-E's architecture): maskige (B, 3, H, W) in [0, 1] <-> tokens (B, H/8, W/8).
-    Always eval, no gradients to its weights, float32 with autocast off (dtype=torch.bfloat16 opts into bf16).
+    Always eval, no gradients to its weights, float32 with autocast off (encode/decode dtype=torch.bfloat16 opts
+    into bf16 residual branches around a float32 residual stream).
     Decoding gathers the first 1x1 conv's weight columns instead of feeding a (B, vocab, h, w) one-hot (the same
     numbers), and all convs run by hand (_residual_stack): same outputs as the dall_e modules, less memory."""
 
@@ -463,6 +467,7 @@ class Tokenizer(nn.Module):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.vocab_size = decoder.vocab_size
+        self.info = {}
         self.requires_grad_(False)
         self.eval()
 
@@ -473,7 +478,7 @@ class Tokenizer(nn.Module):
         """Encoder logits (B, vocab, H/8, W/8), differentiable w.r.t. the maskige (GSS-TF/TT, tokenizer training)."""
         with torch.autocast(maskige.device.type, enabled=False):
             x = _conv(self.encoder.blocks.input, (1 - 2 * LOGIT_LAPLACE_EPS) * maskige.float() + LOGIT_LAPLACE_EPS)
-            x = _residual_stack(self.encoder.blocks, x)  # (B, 8 n_hid, H/8, W/8)
+            x = _residual_stack(self.encoder.blocks, x, torch.float32)  # (B, 8 n_hid, H/8, W/8)
             return _relu_conv(self.encoder.blocks.output.conv, x).float()  # (B, vocab, H/8, W/8)
 
     @torch.no_grad()
@@ -484,17 +489,18 @@ class Tokenizer(nn.Module):
         with torch.autocast(maskige.device.type, enabled=False):
             tokens = []
             for x in maskige.split(max(1, max_pixels // (maskige.shape[2] * maskige.shape[3]))):
-                x = _conv(self.encoder.blocks.input, (1 - 2 * LOGIT_LAPLACE_EPS) * x.to(dtype) + LOGIT_LAPLACE_EPS)
-                x = _residual_stack(self.encoder.blocks, x)  # (b, 8 n_hid, h, w)
+                x = (1 - 2 * LOGIT_LAPLACE_EPS) * x.to(dtype) + LOGIT_LAPLACE_EPS  # map_pixels
+                x = _conv(self.encoder.blocks.input, x).float()  # (b, n_hid, H, W)
+                x = _residual_stack(self.encoder.blocks, x, dtype)  # (b, 8 n_hid, h, w)
                 conv, x = self.encoder.blocks.output.conv, x.relu_()
                 rows = max(1, 2 ** 21 // (x.shape[0] * self.vocab_size * x.shape[3]))  # ~8 MB of logits per strip
                 tokens.append(torch.cat([_conv(conv, s).argmax(1) for s in x.split(rows, dim=2)], dim=1))
             return torch.cat(tokens)  # (B, h, w)
 
-    def _decoder_trunk(self, x):
+    def _decoder_trunk(self, x, dtype=torch.float32):
         """Decoder after its first conv: x (B, n_init, h, w) -> the 3 colour logits (B, 3, 8h, 8w), i.e. the
         logit-Laplace means (channels :3 of 6; the scale channels 3: are not computed)."""
-        x = _residual_stack(self.decoder.blocks, x)  # (B, n_hid, 8h, 8w)
+        x = _residual_stack(self.decoder.blocks, x, dtype)  # (B, n_hid, 8h, 8w)
         return _relu_conv(self.decoder.blocks.output.conv, x, channels=3).float()  # (B, 3, 8h, 8w)
 
     @torch.no_grad()
@@ -502,12 +508,12 @@ class Tokenizer(nn.Module):
         """tokens (B, h, w) -> maskige (B, 3, 8h, 8w) in [0, 1] = unmap(sigmoid(colour logits)), over micro-batches
         of at most max_tokens tokens (one 64x64-token image). The one-hot first 1x1 conv is a gather of its columns."""
         conv = self.decoder.blocks.input
-        table = conv.w[:, :, 0, 0].t().to(dtype)  # (vocab, n_init)
+        table = conv.w[:, :, 0, 0].t()  # (vocab, n_init)
         with torch.autocast(tokens.device.type, enabled=False):
             out = []
             for t in tokens.split(max(1, max_tokens // (tokens.shape[1] * tokens.shape[2]))):
-                x = (F.embedding(t, table) + conv.b.to(dtype)).permute(0, 3, 1, 2).contiguous()  # (b, n_init, h, w)
-                out.append(_unmap(torch.sigmoid(self._decoder_trunk(x))))
+                x = (F.embedding(t, table) + conv.b).permute(0, 3, 1, 2).contiguous()  # (b, n_init, h, w)
+                out.append(_unmap(torch.sigmoid(self._decoder_trunk(x, dtype))))
             return torch.cat(out)  # (B, 3, 8h, 8w)
 
     def decoder_logits(self, probs):
@@ -563,6 +569,7 @@ def load_tokenizer(path):
     except RuntimeError as e:
         raise UserError(f"{path}: tokenizer weights do not match its config {ckpt['config']}: "
                         f"{str(e).splitlines()[0]}") from None
+    tok.info = ckpt.get('info', {})  # what it was trained on or converted from (save_tokenizer)
     return tok
 
 
@@ -570,12 +577,13 @@ def convert_dalle(encoder_pkl, decoder_pkl, out):
     """OpenAI's encoder.pkl / decoder.pkl (whole pickled dall_e modules) -> our state-dict file. The only unpickling
     in the project (torch.load weights_only=False runs code from the file: use it on files you trust). Going through
     state dicts also sidesteps the released decoder's nn.Upsample objects that lack recompute_scale_factor."""
+    for path, name in ((encoder_pkl, 'encoder.pkl'), (decoder_pkl, 'decoder.pkl')):
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such file; expected OpenAI's {name} ({DALLE_URLS})")
     warnings.warn(f"unpickling {encoder_pkl} and {decoder_pkl}: this runs code from the files; only convert files "
                   f"you trust (OpenAI's {DALLE_URLS})")
     modules = []
     for path, cls in ((encoder_pkl, dall_e.Encoder), (decoder_pkl, dall_e.Decoder)):
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: no such file; expected OpenAI's {cls.__name__.lower()}.pkl ({DALLE_URLS})")
         try:
             m = torch.load(path, map_location='cpu', weights_only=False)
         except Exception as e:

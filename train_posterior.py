@@ -14,7 +14,9 @@ Then one X / X^-1 variant of Table 1 (default paths: runs/<dataset>/tokenizer.pt
 Several GPUs (X^-1 and beta training; gradients are averaged over ranks):
     torchrun --nproc_per_node 8 train_posterior.py --variant ft-w --dataset ade20k --tokenizer runs/dalle.pt
 Measure a stage-I artifact with the maskige-reconstruction oracle:
-    python evaluate.py --recon runs/synthetic/posterior_ff.pt --dataset synthetic
+    python evaluate.py --recon --posterior runs/synthetic/posterior_ff.pt --dataset synthetic
+On a CPU shared with other jobs, prefix OMP_NUM_THREADS=1: OpenMP threads spin while they wait for each other
+(measured here: 2 threads on 2 loaded cores burnt ~8x the CPU time of 1 thread per tokenizer step).
 """
 import argparse
 import os
@@ -215,12 +217,15 @@ def train_inverse(args, s, num_classes, palette, ignore_colour, tok, device, ran
         if it % 20 == 0 or validate or last:
             stats = {'loss': loss.item(), 'minutes': round((time.time() - t0) / 60, 2)}
             if validate:
-                pal_now, inv_now = current_stage1(v, beta, palette, inverse)
-                stats.update({f'{k}_2x': x for k, x in recon_metrics(tok, inv_now, pal_now.to(device),
-                              ignore_colour.to(device), val, num_classes, upsample=True).items()})
+                pal_now, inv_now = current_stage1(beta, palette, inverse)
+                pal_now, ign = pal_now.to(device), ignore_colour.to(device)
+                stats.update(recon_metrics(tok, inv_now, pal_now, ign, val, num_classes))
+                stats.update({f'{k}_2x': x for k, x in recon_metrics(tok, inv_now, pal_now, ign, val, num_classes,
+                                                                     upsample=True).items()})
+                inv_now.train()  # back to batch statistics (FT-W's BatchNorm)
             log.log(it, stats)
-    palette, inverse = current_stage1(v, beta, palette, inverse)
-    return palette, inverse, config
+    palette, inverse = current_stage1(beta, palette, inverse)
+    return palette, None if v == 'tf' else inverse, config  # GSS-TF's inverse follows from its learned beta
 
 
 def tf_loss(beta, maskige, recon, labels):
@@ -236,14 +241,13 @@ def tf_loss(beta, maskige, recon, labels):
     return (recon_err * gamma.norm() + fit_err) ** 2
 
 
-def current_stage1(variant, beta, palette, inverse):
+def current_stage1(beta, palette, inverse):
     """(palette (K, 3) long on 0-255, X^-1 module in eval mode) as they stand."""
     if beta is not None:
         palette = (beta.detach() * 255).round().long().cpu()
     if inverse is None:
         return palette, gss.NearestColour(palette).to(beta.device)  # TF: GSS-FF's inverse on the learned beta
-    inverse = inverse.eval()
-    return palette, inverse
+    return palette, inverse.eval()
 
 
 def main(argv=None):
@@ -303,7 +307,7 @@ def main(argv=None):
         return
 
     tok = gss.load_tokenizer(tok_path).to(device)
-    trained_on = gss.load_file(tok_path, 'tokenizer file').get('info', {}).get('palette')
+    trained_on = tok.info.get('palette')
     if trained_on is not None and trained_on != palette.tolist():
         log.info(f"warning: {tok_path} was trained on maskiges of another palette; reconstruction will suffer")
     inverse, config = None, {}
@@ -312,8 +316,6 @@ def main(argv=None):
                                                  world_size, log)
         if v in ('tf', 'tt') and len(set(map(tuple, palette.tolist()))) < num_classes:
             raise gss.UserError(f"--lr {s['lr']}: training merged two palette colours; expected a smaller --lr")
-        if v == 'tf':
-            inverse = None  # GSS-TF's inverse is determined by its learned beta
     if rank == 0:
         settings = {**s, 'seed': args.seed, 'palette': args.palette or ('random' if v == 'ff-r' else 'maximal')}
         gss.make_posterior(out, v, palette, ignore_colour, tok_path, tok.vocab_size, inverse, config, args.dataset,
