@@ -339,7 +339,7 @@ def build_dataset(name, split, root=None, train=True):
 # Colour distributions overlap between classes (blue sky/water, beige sand/building/crate, grey road/overcast
 # sky/fence); what separates them is texture at the 3x3..7x7 scale, shape and context.
 
-SYNTHETIC_VERSION = 'v1'
+SYNTHETIC_VERSION = 'v2'
 SKY, BUILDING, GRASS, ROAD, WATER, SAND, BALL, CRATE, SIGN, FENCE = range(1, 11)
 # (hue centres in degrees, hue spread, saturation range, value range) per class; other (0) is uniform
 _COLOURS = {SKY: ((215, 30), 25, (0.05, 0.55), (0.55, 0.95)), BUILDING: ((15, 35), 20, (0.15, 0.55), (0.35, 0.85)),
@@ -443,13 +443,15 @@ def synthetic_scene(rng, S=64):
         period = rng.integers(4, 7)
         band = (yy >= y0 - h) & (yy < y0) & (xx >= x0) & (xx < x1)
         rails = (np.abs(yy - (y0 - 0.25 * h)) <= 1) | (np.abs(yy - (y0 - 0.75 * h)) <= 1)
-        put(band & (((xx - x0) % period < 2) | rails), FENCE)
+        wood = band & (((xx - x0) % period < 2) | rails)
+        img[wood] = _texture(rng, FENCE, yy, xx)[wood]
+        lab[band] = FENCE  # annotated as a whole, gaps included (as Cityscapes and ADE20K annotate fences)
     unlabeled_rims = rng.random() < 0.5
-    for _ in range(rng.integers(1, 5)):
+    for _ in range(rng.integers(1, 4)):
         cls = rng.choice([BALL, CRATE, SIGN])
         cy, cx = rng.uniform(h0 - 0.05 * S, S), rng.uniform(0, S)
         if cls == BALL:  # shaded sphere with a specular highlight
-            r = rng.uniform(0.07, 0.17) * S
+            r = rng.uniform(0.1, 0.22) * S
             d2 = ((yy - cy) ** 2 + (xx - cx) ** 2) / r ** 2
             mask = d2 < 1
             spot = np.exp(-((yy - cy + 0.35 * r) ** 2 + (xx - cx + 0.35 * r) ** 2) / (0.06 * r * r))
@@ -457,14 +459,14 @@ def synthetic_scene(rng, S=64):
             tex = np.clip(_colour(rng, BALL) * (1 + shade[..., None]), 0, 255)
         elif cls == CRATE:  # rotated rectangle with a 4-6 px checker and a dark frame
             u, v = _rotated(yy, xx, cy, cx, rng.uniform(-0.35, 0.35))
-            hw, hh = rng.uniform(0.07, 0.18, 2) * S
+            hw, hh = rng.uniform(0.1, 0.22, 2) * S
             mask = (np.abs(u) < hw) & (np.abs(v) < hh)
             half = rng.integers(2, 4)
             checker = ((np.floor(u / half) + np.floor(v / half)) % 2) * 2 - 1
             t = 0.2 * checker - 0.45 * _border(mask)
             tex = _colour(rng, CRATE) * (1 + t[..., None])
         else:  # triangle with a flat face and a 2 px contrasting rim
-            a, r = rng.choice([-np.pi / 2, np.pi / 2]) + rng.uniform(-0.2, 0.2), rng.uniform(0.06, 0.13) * S
+            a, r = rng.choice([-np.pi / 2, np.pi / 2]) + rng.uniform(-0.2, 0.2), rng.uniform(0.09, 0.17) * S
             dist = np.max([(xx - cx) * np.cos(a + k * 2 * np.pi / 3) + (yy - cy) * np.sin(a + k * 2 * np.pi / 3)
                            for k in range(3)], axis=0)  # (S, S), < r inside the triangle of inradius r
             mask = dist < r

@@ -657,7 +657,7 @@ def load_posterior(path):
         raise UserError(f"{path}: palette colour {dup} is used by two classes; expected K distinct colours")
     if post['variant'] in ('ft', 'ft-w', 'tt') and post['inverse'] is None:
         raise UserError(f"{path}: variant {post['variant']} without inverse weights; expected a trained X^-1")
-    post['tokenizer'] = os.path.join(os.path.dirname(os.path.abspath(path)), post['tokenizer'])
+    post['tokenizer'] = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), post['tokenizer']))
     return post
 
 

@@ -919,8 +919,7 @@ def test_train_posterior_cli_writes_artifacts_and_reports_user_errors(tmp_path, 
     train_posterior.main(['--variant', 'ft', *common, '--iters', '2', '--batch-size', '2', '--out', 'ft.pt'])
     inverse = gss.build_inverse(gss.load_posterior('ft.pt'))
     assert isinstance(inverse, gss.FTInverse) and inverse(torch.rand(1, 3, 8, 8)).shape == (1, 4, 8, 8)
-    with pytest.raises(gss.UserError, match='official'):
-        train_posterior.main(['--variant', 'ff', *common, '--palette', 'official'])
+    assert train_posterior.main(['--variant', 'ff', *common, '--palette', 'official']) == 2
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'train_posterior.py'), '--variant', 'ff', *common[:4],
                         '--tokenizer', 'nope.pt'], env=env, capture_output=True, text=True)
@@ -1405,7 +1404,7 @@ def run_rank(argv, env, console):
 
 
 FORKSERVER = multiprocessing.get_context('forkserver')
-FORKSERVER.set_forkserver_preload(['train_prior'])
+FORKSERVER.set_forkserver_preload(['train_prior', 'train_posterior'])
 
 
 def launch(argv, out, world_size=1):
@@ -1643,6 +1642,153 @@ def test_kill_and_resume_reaches_identical_weights(env, ref1, ref2):
                       f"{resumed}, max abs difference of the final weights {diff}")
         assert it == ITERS and diff == 0
     print('kill test: ' + '; '.join(report))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stage-I crash safety: train_posterior.py's trained variants (tokenizer, ft, ft-w, tf, tt) checkpoint and resume
+# as train_prior.py does
+
+STAGE1_ITERS = 6
+
+
+def stage1_flags(env, out, variant='tokenizer', **overrides):
+    f = dict(variant=variant, dataset='synthetic', data_root=env / 'data', iters=STAGE1_ITERS, batch_size=2,
+             ckpt_interval=1, seed=0, out=out)
+    f.update(overrides)
+    return [f"--{k.replace('_', '-')}={v}" for k, v in f.items() if v is not None]
+
+
+def stage1_weights(path):
+    """The trained tensors of a tokenizer file, a stage-I artifact or a stage-I checkpoint, flattened."""
+    f = gss.load_file(path, 'file')
+    parts = f['trained'] if 'trained' in f else {'inverse': f['inverse']} if 'inverse' in f else f
+    return {f'{p}.{k}': v for p, sd in parts.items() if isinstance(sd, dict) for k, v in sd.items() if torch.is_tensor(v)}
+
+
+def on_call(monkeypatch, name, n, action):
+    """Wrap train_posterior.<name> (a loss function) so that its n-th call runs action(loss) on its result."""
+    calls, fn = [0], getattr(train_posterior, name)
+    def wrapped(*args):
+        loss = fn(*args)
+        calls[0] += 1
+        return action(loss) if calls[0] == n else loss
+    monkeypatch.setattr(train_posterior, name, wrapped)
+
+
+@pytest.fixture(scope='module')
+def stage1_ref(env):
+    """An uninterrupted 6-iteration tokenizer training on the tiny set."""
+    out = env / 'stage1' / 'tokenizer.pt'
+    with one_thread():
+        assert train_posterior.main(stage1_flags(env, out)) == 0
+    return out
+
+
+def test_stage1_signal_saves_and_resumes_exactly(env, stage1_ref, monkeypatch, capsys):
+    out = env / 'stage1-signal' / 'tokenizer.pt'
+    on_call(monkeypatch, 'tokenizer_loss', 3, lambda loss: os.kill(os.getpid(), signal.SIGTERM) or loss)
+    assert train_posterior.main(stage1_flags(env, out, ckpt_interval=100)) == 143
+    assert 'stopped by signal 15 after iteration 3' in capsys.readouterr().out and not out.exists()
+    latest = out.with_name('tokenizer.latest.pt')
+    assert gss.load_file(latest, 'checkpoint')['iter'] == 3
+    monkeypatch.undo()
+    assert train_posterior.main(stage1_flags(env, out, resume='auto')) == 0
+    assert 'resumed from' in capsys.readouterr().out
+    assert max_diff(stage1_weights(out), stage1_weights(stage1_ref)) == 0
+    assert gss.load_tokenizer(str(out)).info['final']['mIoU'] == gss.load_tokenizer(str(stage1_ref)).info['final']['mIoU']
+
+
+def test_stage1_nan_loss_and_full_disk_keep_the_last_checkpoint(env, monkeypatch, capsys):
+    out = env / 'stage1-nan' / 'tokenizer.pt'
+    on_call(monkeypatch, 'tokenizer_loss', 4, lambda loss: loss * float('nan'))
+    assert train_posterior.main(stage1_flags(env, out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: non-finite loss at iteration 4;') and 'iteration 3) is intact' in err
+    latest = out.with_name('tokenizer.latest.pt')
+    ckpt = gss.load_file(latest, 'checkpoint')
+    assert ckpt['iter'] == 3 and all(v.isfinite().all() for v in stage1_weights(latest).values())
+    monkeypatch.undo()
+    out = env / 'stage1-full' / 'tokenizer.pt'
+    calls, save = [0], torch.save
+    def full_disk(obj, f):  # the second checkpoint write: half the bytes, then the disk is full
+        calls[0] += 1
+        if calls[0] == 2:
+            f.write(b'\0' * 4096)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        save(obj, f)
+    monkeypatch.setattr(torch, 'save', full_disk)
+    assert train_posterior.main(stage1_flags(env, out)) == 2
+    latest = out.with_name('tokenizer.latest.pt')
+    assert capsys.readouterr().err == (f"error: {latest}: could not write the checkpoint (No space left on device); "
+                                       f"the previous checkpoint there is intact\n")
+    assert gss.load_file(latest, 'checkpoint')['iter'] == 1
+    assert os.listdir(out.parent) == ['tokenizer.latest.pt']  # no temp file left
+
+
+@slow
+def test_stage1_kill_and_resume_reaches_identical_weights(env):
+    iters, rng = 12, random.Random(1)
+    ref = env / 'stage1-kill-ref' / 'tokenizer.pt'
+    assert train_posterior.main(stage1_flags(env, ref, iters=iters)) == 0
+    out = env / 'stage1-kill' / 'tokenizer.pt'
+    console, kills, latest = env / 'stage1-kill.txt', 0, out.with_name('tokenizer.latest.pt')
+    for target in (2, 3):  # checkpoints written by this run before the kill (one per iteration)
+        p = FORKSERVER.Process(target=run_stage1, args=(stage1_flags(env, out, iters=iters, resume='auto'), console))
+        p.start()
+        seen = {latest.stat().st_ino} if latest.exists() else set()  # each atomic write is a new inode
+        while p.is_alive() and len(seen) <= target:
+            with contextlib.suppress(FileNotFoundError):
+                seen.add(latest.stat().st_ino)
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.02))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGKILL)
+        p.join()
+        kills += p.exitcode == -signal.SIGKILL
+    resumed_from = gss.load_file(latest, 'checkpoint')['iter']
+    p = FORKSERVER.Process(target=run_stage1, args=(stage1_flags(env, out, iters=iters, resume='auto'), console))
+    p.start()
+    p.join(120)
+    assert p.exitcode == 0 and kills == 2 and 0 < resumed_from < iters, open(console).read()
+    diff = max_diff(stage1_weights(out), stage1_weights(ref))
+    print(f"stage-I kill test: {iters} iterations, {kills} SIGKILLs, last resume from iteration {resumed_from}, "
+          f"max abs difference of the final weights {diff}")
+    assert diff == 0
+
+
+def run_stage1(argv, console):
+    fd = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1), os.dup2(fd, 2)
+    torch.set_num_threads(1)
+    sys.exit(train_posterior.main(argv))
+
+
+def test_ftw_trains_on_a_frozen_prior_and_resumes_exactly(env, ref1, monkeypatch, capsys):
+    """GSS-FT-W the official way (issue 6 item 3): X^-1 on the maskiges a stage-II checkpoint generates; the artifact
+    takes that model's palette and tokenizer and records the checkpoint it was trained from."""
+    prior = ref1 / 'latest.pt'
+    common = dict(variant='ft-w', prior=prior, iters=3, depth=1)
+    ref = env / 'ftw' / 'ref.pt'
+    assert train_posterior.main(stage1_flags(env, ref, **common)) == 0
+    post = gss.load_posterior(ref)
+    model_post = gss.load_posterior(env / 'posterior.pt')
+    assert post['variant'] == 'ft-w' and post['palette'] == model_post['palette']
+    assert post['tokenizer'] == model_post['tokenizer'] and post['settings']['prior'] == str(prior)
+    assert post['settings']['prior_iter'] == ITERS and isinstance(gss.build_inverse(post), gss.FTWInverse)
+    # the maskiges come from the prior: a prior that generates something else gives another inverse
+    out = env / 'ftw' / 'sig.pt'
+    on_call(monkeypatch, 'inverse_loss', 2, lambda loss: os.kill(os.getpid(), signal.SIGTERM) or loss)
+    assert train_posterior.main(stage1_flags(env, out, **common)) == 143
+    monkeypatch.undo()
+    assert train_posterior.main(stage1_flags(env, out, resume='auto', **common)) == 0
+    assert max_diff(stage1_weights(out), stage1_weights(ref)) == 0
+    calls = []
+    monkeypatch.setattr(train_posterior, 'prior_maskige', lambda *a: calls.append(1) or torch.rand(2, 3, 128, 128))
+    other = env / 'ftw' / 'other.pt'
+    assert train_posterior.main(stage1_flags(env, other, **common)) == 0 and len(calls) == 3
+    assert max_diff(stage1_weights(other), stage1_weights(ref)) > 0
+    assert train_posterior.main(stage1_flags(env, other, variant='tf', prior=prior)) == 2
+    assert capsys.readouterr().err.startswith('error: --prior: only for --variant ft-w or ft')
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,15 +10,26 @@ Where no pretrained tokenizer fits (or none can be downloaded), train a small on
 Then one X / X^-1 variant of Table 1 (default paths: runs/<dataset>/tokenizer.pt -> runs/<dataset>/posterior_<v>.pt):
     python train_posterior.py --variant ff --dataset synthetic                          # GSS-FF, training free
     python train_posterior.py --variant ff --dataset ade20k --tokenizer runs/dalle.pt --palette official
-    python train_posterior.py --variant ft-w --dataset ade20k --tokenizer runs/dalle.pt  # also ff-r lstsq ft tf tt
+    python train_posterior.py --variant ft --dataset ade20k --tokenizer runs/dalle.pt   # also ff-r lstsq ft-w tf tt
+GSS-FT-W as the official recipe trains it: X^-1 learns from the maskiges a frozen stage-II model predicts for
+augmented training crops (an intermediate checkpoint gives noisier maskiges, as the paper advises); the palette and
+tokenizer are the ones that model was trained with:
+    python train_posterior.py --variant ft-w --dataset synthetic --prior runs/synthetic/prior/latest.pt
 Several GPUs (X^-1 and beta training; gradients are averaged over ranks):
-    torchrun --nproc_per_node 8 train_posterior.py --variant ft-w --dataset ade20k --tokenizer runs/dalle.pt
+    torchrun --nproc_per_node 8 train_posterior.py --variant ft-w --dataset ade20k --prior runs/ade20k/prior/iter.pt
 Measure a stage-I artifact with the maskige-reconstruction oracle:
     python evaluate.py --recon --posterior runs/synthetic/posterior_ff.pt --dataset synthetic
+
+The trained variants (tokenizer, ft, ft-w, tf, tt) are crash safe as train_prior.py is: <out stem>.latest.pt is
+written atomically every --ckpt-interval iterations, at the end and on SIGTERM / SIGINT (exit 143 / 130 after the
+iteration in progress); rerun the same command with --resume auto to continue to the same result as an uninterrupted
+run. A non-finite loss stops with the iteration named (exit 2), the last good checkpoint intact.
 On a CPU shared with other jobs, prefix OMP_NUM_THREADS=1: OpenMP threads spin while they wait for each other
 (measured here: 2 threads on 2 loaded cores burnt ~8x the CPU time of 1 thread per tokenizer step).
 """
 import argparse
+import glob
+import math
 import os
 import sys
 import time
@@ -31,7 +42,8 @@ import torch.nn.functional as F
 import datasets
 import evaluate
 import gss
-from train_prior import Logger, cleanup_distributed, lr_at, setup_distributed
+import train_prior
+from train_prior import Logger, StopSignals, cleanup_distributed, lr_at, setup_distributed
 
 # Paper settings (appendix D): beta (TF, TT) 4,000 iterations of SGD at batch 16; X^-1 with AdamW at batch 16,
 # GSS-FT 3,000 iterations, GSS-FT-W 40,000 (official: lr 1.5e-3, wd 0.01, poly, warmup 1500; facts 4.2).
@@ -43,15 +55,17 @@ SETTINGS = {  # eval: iterations between validation recon metrics (and at the en
     'tf': dict(iters=4000, batch_size=16, lr=0.01, warmup=0, eval=1000),
     'tt': dict(iters=4000, batch_size=16, lr=0.01, warmup=0, eval=1000),
 }
-# ours: sized for 2 CPU cores (the synthetic set is 64x64)
+# ours: sized for 2 CPU cores (the synthetic set is 64x64); --long: the settings that reach the targets
 SYNTHETIC_SETTINGS = {
-    'tokenizer': dict(iters=600, batch_size=32, lr=1e-3, crop=32, eval=100),
+    'tokenizer': dict(iters=1200, batch_size=32, lr=1e-3, crop=32, eval=300),
     'ft': dict(iters=300, batch_size=16, lr=1e-3, warmup=0, eval=100),
-    'ft-w': dict(iters=100, batch_size=4, lr=1e-3, warmup=10, eval=50),
+    'ft-w': dict(iters=200, batch_size=8, lr=1e-3, warmup=20, eval=100),
     'tf': dict(iters=100, batch_size=8, lr=0.01, warmup=0, eval=50),
     'tt': dict(iters=200, batch_size=8, lr=0.01, warmup=0, eval=100),
 }
+SYNTHETIC_LONG = {'tokenizer': dict(iters=6000, eval=1000), 'ft-w': dict(iters=1000, eval=250)}
 TOKENIZER_ARCH = dict(n_hid=64, vocab_size=512, n_init=128, n_blk_per_group=1)  # ours: the smallest dall_e shapes
+DIVERSITY = 0.01  # weight of the codebook-usage term of the tokenizer loss (train_tokenizer)
 VAL_IMAGES = 100  # validation images for the recon metrics logged while training
 
 
@@ -68,16 +82,6 @@ def choose_palette(variant, palette, dataset, num_classes, seed):
         return full[:-1], full[-1]
     colours = gss.random_palette(num_classes, seed) if palette == 'random' else gss.make_palette(num_classes, seed)
     return colours, gss.ignore_colour_for(colours)
-
-
-def label_batches(ds, batch_size, seed, device):
-    """Endless random training crops' labels (B, crop, crop) long, 255 = ignore."""
-    gen = torch.Generator().manual_seed(seed)
-    sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=2 ** 62, generator=gen)
-    loader = torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=4 if device.type == 'cuda' else 0)
-    for batch in loader:
-        yield batch['label'].to(device, non_blocking=True)
 
 
 def val_labels(args, n):
@@ -105,6 +109,31 @@ def sync_grads(params, world_size):
             p.grad /= world_size
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the objectives
+
+def tokenizer_loss(tok, labels, palette, ignore_colour, crop, progress):
+    """Eq. 3 / the first term of Eq. 5 on a random crop of the 1x or the 2x label maps (the tokens of the oracle and of
+    stage II), ignore painted with the ignore colour: MSE between the decoder's sigmoid colour means and
+    map_pixels(maskige), the decoder fed relaxed one-hots, plus DIVERSITY x (log V - entropy of the batch's mean code
+    distribution), wav2vec 2.0's codebook-diversity term. Without it, training collapses onto a few dozen codes that
+    only say which class fills a token (measured: 22 of 512 codes in use), and reconstructions stay blurred.
+    The relaxation is DALL-E's Gumbel-softmax, its temperature annealed from 1 to 1/16, with the Gumbel noise annealed
+    from full to none as well (progress = fraction of training done): at the end the decoder sees the argmax codes
+    it will be given at test time."""
+    if torch.rand(()) < 0.5:
+        labels = gss.upsample_labels_2x(labels)
+    y, x = (int(torch.randint(0, n - crop + 1, ())) for n in labels.shape[1:])
+    maskige = gss.paint(labels[:, y:y + crop, x:x + crop], palette, ignore_colour)  # (B, 3, crop, crop)
+    logits = tok.encoder_logits(maskige)  # (B, V, crop/8, crop/8)
+    gumbel = -torch.empty_like(logits).exponential_().log()
+    z = ((logits + (1 - progress) * gumbel) / (1 / 16) ** progress).softmax(1)  # relaxed one-hots
+    mean = torch.sigmoid(tok.decoder_logits(z))  # (B, 3, crop, crop)
+    q = logits.softmax(1).mean((0, 2, 3))  # (V,) the batch's code distribution
+    diversity = math.log(len(q)) + (q * torch.log(q + 1e-10)).sum()  # log V - H(q) >= 0
+    return F.mse_loss(mean, (1 - 2 * gss.LOGIT_LAPLACE_EPS) * maskige + gss.LOGIT_LAPLACE_EPS) + DIVERSITY * diversity
+
+
 def paint_soft(beta, ignore_colour, labels):
     """X with a trainable beta (K, 3) in [0, 1]: labels (B, H, W) -> maskige (B, 3, H, W), differentiable in beta."""
     table = torch.cat([beta, ignore_colour.to(beta)[None] / 255])  # (K+1, 3)
@@ -119,113 +148,16 @@ def relaxed_roundtrip(tok, maskige):
 
 
 def training_maskige(tok, labels, palette, ignore_colour):
-    """The maskige X^-1 learns from: the tokenizer's reconstruction of the 2x ground truth, as stage II's inference
-    produces at 2H x 2W. (The paper's noisy maskiges from a stage-II model's predictions would come in here.)"""
+    """The maskige X^-1 learns from without --prior: the tokenizer's reconstruction of the 2x ground truth, as stage
+    II's inference produces it at 2H x 2W from perfect tokens."""
     return gss.reconstruct(tok, gss.upsample_labels_2x(labels), palette, ignore_colour)  # (B, 3, 2H, 2W)
 
 
-def train_tokenizer(args, s, num_classes, palette, ignore_colour, device, rank, world_size, log):
-    """Eq. 3 / the first term of Eq. 5: a dall_e-architecture encoder/decoder trained on the dataset's maskiges with
-    the Gumbel-softmax relaxation (relaxed one-hots into the decoder, temperature annealed 1 -> 1/16 as DALL-E's),
-    MSE between the decoder's sigmoid colour means and map_pixels(maskige). Adam, gradients clipped at norm 1, the
-    learning rate decaying linearly to 0 as the temperature falls (without the decay, low temperatures undo the
-    training). Random crops of the 1x or the 2x label maps (the tokens of the oracle and of stage II), ignore painted
-    with the ignore colour. Logs the oracle's reconstruction mIoU (1x) and stage II's (2x) on validation images."""
-    tok = gss.build_tokenizer(**TOKENIZER_ARCH).to(device)
-    tok.requires_grad_(True)
-    opt = torch.optim.Adam(tok.parameters(), lr=s['lr'])
-    ds = datasets.build_dataset(args.dataset, 'train', args.data_root, train=True)
-    batches = label_batches(ds, s['batch_size'], args.seed + rank, device)
-    val = val_labels(args, VAL_IMAGES)
-    inverse = gss.NearestColour(palette).to(device)
-    crop, t0 = s['crop'], time.time()
-    for it in range(s['iters']):
-        labels = next(batches)  # (B, crop_size, crop_size)
-        if torch.rand(()) < 0.5:
-            labels = gss.upsample_labels_2x(labels)
-        y, x = (int(torch.randint(0, n - crop + 1, ())) for n in labels.shape[1:])
-        maskige = gss.paint(labels[:, y:y + crop, x:x + crop], palette, ignore_colour)  # (B, 3, crop, crop)
-        tau = (1 / 16) ** (it / s['iters'])
-        z = F.gumbel_softmax(tok.encoder_logits(maskige), tau=tau, dim=1)  # (B, vocab, crop/8, crop/8) relaxed
-        mean = torch.sigmoid(tok.decoder_logits(z))  # (B, 3, crop, crop)
-        loss = F.mse_loss(mean, (1 - 2 * gss.LOGIT_LAPLACE_EPS) * maskige + gss.LOGIT_LAPLACE_EPS)
-        for g in opt.param_groups:
-            g['lr'] = lr_at(it, s['lr'], s['iters'], warmup_iters=0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sync_grads(tok.parameters(), world_size)
-        nn.utils.clip_grad_norm_(tok.parameters(), 1.0)
-        opt.step()
-        last = it == s['iters'] - 1
-        validate = rank == 0 and ((it + 1) % s['eval'] == 0 or last)
-        if it % 20 == 0 or validate or last:
-            stats = {'loss': loss.item(), 'tau': tau, 'minutes': round((time.time() - t0) / 60, 2)}
-            if validate:
-                stats.update(recon_metrics(tok, inverse, palette, ignore_colour, val, num_classes))
-                stats.update({f'{k}_2x': v for k, v in recon_metrics(tok, inverse, palette, ignore_colour, val,
-                                                                     num_classes, upsample=True).items()})
-            log.log(it, stats)
-    tok.requires_grad_(False)
-    return tok, stats
-
-
-def train_inverse(args, s, num_classes, palette, ignore_colour, tok, device, rank, world_size, log):
-    """GSS-FT / FT-W (train X^-1 on reconstructed maskiges, AdamW, CE) and GSS-TF / TT (train beta through the frozen
-    tokenizer with hard Gumbel-softmax, SGD). -> (palette, inverse module or None, inverse_config)."""
-    v = args.variant
-    ds = datasets.build_dataset(args.dataset, 'train', args.data_root, train=True)
-    batches = label_batches(ds, s['batch_size'], args.seed + rank, device)
-    val = val_labels(args, VAL_IMAGES)
-    beta = nn.Parameter(palette.float().to(device) / 255) if v in ('tf', 'tt') else None  # (K, 3) in [0, 1]
-    config = {'ft': {'hidden': 64}, 'tt': {'hidden': 64}, 'ft-w': {'depth': args.depth}, 'tf': {}}[v]
-    inverse = {'ft': gss.FTInverse, 'tt': gss.FTInverse, 'ft-w': gss.FTWInverse}[v](num_classes, **config) \
-        if v != 'tf' else None
-    params = ([beta] if beta is not None else []) + (list(inverse.parameters()) if inverse is not None else [])
-    if inverse is not None:
-        inverse.to(device).train()
-    if v in ('tf', 'tt'):  # appendix D ii: SGD
-        opt = torch.optim.SGD(params, lr=s['lr'], momentum=0.9)
-    else:  # appendix D iii: AdamW (official FT-W: betas 0.9/0.999, weight decay 0.01)
-        opt = torch.optim.AdamW(params, lr=s['lr'], weight_decay=0.01)
-    t0 = time.time()
-    for it in range(s['iters']):
-        labels = next(batches)  # (B, H, W)
-        if v in ('ft', 'ft-w'):
-            logits = inverse(training_maskige(tok, labels, palette.to(device), ignore_colour.to(device)))
-            loss = F.cross_entropy(F.interpolate(logits, labels.shape[-2:], mode='bilinear', align_corners=False),
-                                   labels, ignore_index=255)  # official FT-W: logits at 2H resized to the label
-        else:
-            labels2 = gss.upsample_labels_2x(labels)
-            maskige = paint_soft(beta, ignore_colour, labels2)  # (B, 3, 2H, 2W)
-            recon = relaxed_roundtrip(tok, maskige)
-            if v == 'tt':  # beta and X^-1 jointly, CE through both
-                logits = F.interpolate(inverse(recon), labels.shape[-2:], mode='bilinear', align_corners=False)
-                loss = F.cross_entropy(logits, labels, ignore_index=255)
-            else:  # TF, appendix A.2: beta_{t+1} = argmin (||X^ - C beta|| ||gamma_t|| + ||C beta gamma_t - C||)^2
-                loss = tf_loss(beta, maskige, recon, labels2)
-        for g in opt.param_groups:
-            g['lr'] = lr_at(it, s['lr'], s['iters'], s['warmup'])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sync_grads(params, world_size)
-        opt.step()
-        if beta is not None:
-            with torch.no_grad():
-                beta.clamp_(0, 1)  # a maskige is an image in [0, 1]
-        last = it == s['iters'] - 1
-        validate = rank == 0 and ((it + 1) % s['eval'] == 0 or last)
-        if it % 20 == 0 or validate or last:
-            stats = {'loss': loss.item(), 'minutes': round((time.time() - t0) / 60, 2)}
-            if validate:
-                pal_now, inv_now = current_stage1(beta, palette, inverse)
-                pal_now, ign = pal_now.to(device), ignore_colour.to(device)
-                stats.update(recon_metrics(tok, inv_now, pal_now, ign, val, num_classes))
-                stats.update({f'{k}_2x': x for k, x in recon_metrics(tok, inv_now, pal_now, ign, val, num_classes,
-                                                                     upsample=True).items()})
-                inv_now.train()  # back to batch statistics (FT-W's BatchNorm)
-            log.log(it, stats)
-    palette, inverse = current_stage1(beta, palette, inverse)
-    return palette, None if v == 'tf' else inverse, config  # GSS-TF's inverse follows from its learned beta
+def prior_maskige(prior, tok, images):
+    """The noisy maskige of the official FT-W recipe (facts 4.2): a frozen stage-II model's generation for augmented
+    training crops, the model in train mode as officially (Dropout2d active, BatchNorm on the batch's statistics)."""
+    prior.train()
+    return gss.generate(prior, tok, images)  # (B, 3, 2H, 2W), no gradients
 
 
 def tf_loss(beta, maskige, recon, labels):
@@ -241,92 +173,323 @@ def tf_loss(beta, maskige, recon, labels):
     return (recon_err * gamma.norm() + fit_err) ** 2
 
 
-def current_stage1(beta, palette, inverse):
+def inverse_loss(v, batch, tok, palette, ignore_colour, beta, inverse, prior):
+    """GSS-FT / FT-W: CE of X^-1 on a maskige at 2H (reconstructed ground truth, or --prior's generation), logits
+    resized to the label as the official FT-W head does. GSS-TF / TT: beta through the frozen tokenizer."""
+    labels = batch['label']  # (B, H, W), 255 = ignore
+    if v in ('ft', 'ft-w'):
+        with torch.no_grad():
+            maskige = prior_maskige(prior, tok, batch['image']) if prior is not None else \
+                training_maskige(tok, labels, palette, ignore_colour)
+        logits = F.interpolate(inverse(maskige), labels.shape[-2:], mode='bilinear', align_corners=False)
+        return F.cross_entropy(logits, labels, ignore_index=255)
+    labels2 = gss.upsample_labels_2x(labels)
+    maskige = paint_soft(beta, ignore_colour, labels2)  # (B, 3, 2H, 2W)
+    recon = relaxed_roundtrip(tok, maskige)
+    if v == 'tt':  # beta and X^-1 jointly, CE through both
+        logits = F.interpolate(inverse(recon), labels.shape[-2:], mode='bilinear', align_corners=False)
+        return F.cross_entropy(logits, labels, ignore_index=255)
+    return tf_loss(beta, maskige, recon, labels2)  # TF, appendix A.2
+
+
+def current_stage1(beta, palette, inverse, device):
     """(palette (K, 3) long on 0-255, X^-1 module in eval mode) as they stand."""
     if beta is not None:
         palette = (beta.detach() * 255).round().long().cpu()
     if inverse is None:
-        return palette, gss.NearestColour(palette).to(beta.device)  # TF: GSS-FF's inverse on the learned beta
+        return palette, gss.NearestColour(palette).to(device)  # TF: GSS-FF's inverse on the learned beta
     return palette, inverse.eval()
 
 
-def main(argv=None):
+# ----------------------------------------------------------------------------------------------------------
+# the training loop, crash safe as train_prior.py's
+
+def train(args, s, trained, optimizer, loss_fn, validate, ds, log, rank, world_size, device, clip=None, clamp=None):
+    """Iterate loss_fn(batch, progress) -> loss with `optimizer` over the dict `trained` ({name: module or
+    Parameter}) for s['iters'] iterations of s['batch_size'] images per rank: lr poly with s['warmup'], gradients
+    averaged over ranks, optionally clipped (clip: max norm) and clamped (clamp: params to clamp to [0, 1]).
+    validate() -> dict of metrics, every s['eval'] iterations and at the end on rank 0. Randomness is keyed by what
+    is computed, as in train_prior.py: batches come from its sampler (each sample's augmentation seeded by its epoch
+    and position) and the loss's own draws (crops, Gumbel noise, dropout) from a generator seeded by (seed, iteration,
+    rank), so a resume reproduces the uninterrupted run. -> (exit code: 0, or 128 + signal; the last logged stats)."""
+    latest = args.checkpoint_path
+    params = [p for t in trained.values() for p in (t.parameters() if isinstance(t, nn.Module) else [t])]
+    sampler = train_prior.ResumableSampler(ds, world_size, rank, args.seed)
+    loader = torch.utils.data.DataLoader(train_prior.SeededItems(ds), batch_size=s['batch_size'], sampler=sampler,
+                                         drop_last=True, num_workers=4 if device.type == 'cuda' else 0,
+                                         worker_init_fn=train_prior.ignore_sigint)
+    it, epoch, consumed, saved_it, stats = 0, 0, 0, None, {}
+    for path in glob.glob(f'{latest}.*.tmp'):  # gss.save_atomic's unfinished file of a killed run
+        if rank == 0:
+            os.remove(path)
+    if args.resume and (args.resume != 'auto' or os.path.exists(latest)):
+        resume = latest if args.resume == 'auto' else args.resume
+        ckpt = train_prior.load_checkpoint(resume, 'gss-posterior')
+        if ckpt['variant'] != args.variant or set(ckpt['trained']) != set(trained):
+            raise gss.UserError(f"{resume}: checkpoint of --variant {ckpt['variant']}; expected --variant "
+                                f"{args.variant}")
+        for name, t in trained.items():
+            try:
+                t.load_state_dict(ckpt['trained'][name]) if isinstance(t, nn.Module) else t.data.copy_(
+                    ckpt['trained'][name])
+            except RuntimeError as e:
+                raise gss.UserError(f"{resume}: {name} does not match the flags ({str(e).splitlines()[0]}); "
+                                    f"expected the flags it was trained with") from None
+        optimizer.load_state_dict(ckpt['optimizer'])
+        it = saved_it = ckpt['iter']
+        epoch, consumed = ckpt['data']['epoch'], ckpt['data']['position'] // world_size
+        log.info(f"resumed from {resume} at iteration {it}")
+
+    def save():
+        nonlocal saved_it
+        if rank == 0:
+            train_prior.save_checkpoint({
+                'kind': 'gss-posterior', 'variant': args.variant, 'iter': it, 'optimizer': optimizer.state_dict(),
+                'trained': {k: t.state_dict() if isinstance(t, nn.Module) else t.detach() for k, t in trained.items()},
+                'data': {'epoch': epoch, 'position': consumed * world_size}, 'args': vars(args)}, latest)
+        saved_it = it
+
+    batches = train_prior.endless(loader, epoch, consumed)
+    t0 = time.time()
+    with StopSignals() as stop:
+        while it < s['iters']:
+            batch, epoch, consumed = next(batches)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+            for g in optimizer.param_groups:
+                g['lr'] = lr_at(it, s['lr'], s['iters'], s.get('warmup', 0))
+            torch.manual_seed(train_prior.seed_of(args.seed, 1, it, rank))  # 1: the loss's own draws
+            loss = loss_fn(batch, it / s['iters'])
+            flags = torch.tensor([float(stop.signum), float(not math.isfinite(loss.item()))])
+            if world_size > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if flags[1]:
+                raise gss.UserError(f"non-finite loss at iteration {it + 1}; stopped without saving; " + (
+                    f"the last good checkpoint {latest} (iteration {saved_it}) is intact" if saved_it is not None
+                    else "no checkpoint was written yet"))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            sync_grads(params, world_size)
+            if clip:
+                nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+            if clamp is not None:
+                with torch.no_grad():
+                    clamp.clamp_(0, 1)  # a maskige is an image in [0, 1]
+            it += 1
+            last = it == s['iters']
+            if it % 20 == 0 or last or it % s['eval'] == 0:
+                stats = {'loss': loss.item(), 'minutes': round((time.time() - t0) / 60, 2)}
+                if rank == 0 and (it % s['eval'] == 0 or last):
+                    stats.update(validate())
+                log.log(it, stats)
+            if flags[0] or last or it % args.ckpt_interval == 0:
+                save()
+            if flags[0]:
+                log.info(f"stopped by signal {int(flags[0])} after iteration {it}; saved {latest}; "
+                         f"continue with --resume auto")
+                return 128 + int(flags[0]), stats
+    return 0, stats
+
+
+def train_tokenizer(args, s, num_classes, palette, ignore_colour, device, rank, world_size, log):
+    """A dall_e-architecture encoder/decoder (TOKENIZER_ARCH) trained on the dataset's maskiges (tokenizer_loss) with
+    Adam, gradients clipped at norm 1, the learning rate decaying linearly to 0 as the temperature falls (without the
+    decay, low temperatures undo the training). Logs the oracle's reconstruction mIoU (1x) and stage II's (2x) on
+    validation images. -> (tokenizer, exit code, last logged stats)."""
+    tok = gss.build_tokenizer(**TOKENIZER_ARCH).to(device)
+    tok.requires_grad_(True)
+    opt = torch.optim.Adam(tok.parameters(), lr=s['lr'])
+    ds = datasets.build_dataset(args.dataset, 'train', args.data_root, train=True)
+    val = val_labels(args, VAL_IMAGES)
+    inverse = gss.NearestColour(palette).to(device)
+
+    def validate():
+        tok.requires_grad_(False)
+        out = recon_metrics(tok, inverse, palette, ignore_colour, val, num_classes)
+        out.update({f'{k}_2x': v for k, v in recon_metrics(tok, inverse, palette, ignore_colour, val, num_classes,
+                                                            upsample=True).items()})
+        tok.requires_grad_(True)
+        return out
+
+    def loss_fn(batch, progress):
+        return tokenizer_loss(tok, batch['label'], palette, ignore_colour, s['crop'], progress)
+    code, stats = train(args, dict(s, warmup=0), {'tokenizer': tok}, opt, loss_fn, validate, ds, log, rank,
+                        world_size, device, clip=1.0)
+    tok.requires_grad_(False)
+    return tok, code, stats
+
+
+def train_inverse(args, s, num_classes, palette, ignore_colour, tok, prior, device, rank, world_size, log):
+    """GSS-FT / FT-W (train X^-1 with AdamW and CE) and GSS-TF / TT (train beta through the frozen tokenizer with hard
+    Gumbel-softmax, SGD). -> (palette, inverse module or None, inverse_config, exit code)."""
+    v = args.variant
+    ds = datasets.build_dataset(args.dataset, 'train', args.data_root, train=True)
+    val = val_labels(args, VAL_IMAGES)
+    beta = nn.Parameter(palette.float().to(device) / 255) if v in ('tf', 'tt') else None  # (K, 3) in [0, 1]
+    config = {'ft': {'hidden': 64}, 'tt': {'hidden': 64}, 'ft-w': {'depth': args.depth}, 'tf': {}}[v]
+    inverse = {'ft': gss.FTInverse, 'tt': gss.FTInverse, 'ft-w': gss.FTWInverse}[v](num_classes, **config) \
+        if v != 'tf' else None
+    trained = {**({'beta': beta} if beta is not None else {}), **({'inverse': inverse} if inverse is not None else {})}
+    params = [p for t in trained.values() for p in (t.parameters() if isinstance(t, nn.Module) else [t])]
+    if inverse is not None:
+        inverse.to(device).train()
+    if v in ('tf', 'tt'):  # appendix D ii: SGD
+        opt = torch.optim.SGD(params, lr=s['lr'], momentum=0.9)
+    else:  # appendix D iii: AdamW (official FT-W: betas 0.9/0.999, weight decay 0.01)
+        opt = torch.optim.AdamW(params, lr=s['lr'], weight_decay=0.01)
+    pal, ign = palette.to(device), ignore_colour.to(device)
+
+    def validate():
+        pal_now, inv_now = current_stage1(beta, palette, inverse, device)
+        out = recon_metrics(tok, inv_now, pal_now.to(device), ign, val, num_classes)
+        out.update({f'{k}_2x': x for k, x in recon_metrics(tok, inv_now, pal_now.to(device), ign, val, num_classes,
+                                                            upsample=True).items()})
+        if inverse is not None:
+            inverse.train()  # back to batch statistics (FT-W's BatchNorm)
+        return out
+
+    def loss_fn(batch, progress):
+        return inverse_loss(v, batch, tok, pal, ign, beta, inverse, prior)
+    code, _ = train(args, s, trained, opt, loss_fn, validate, ds, log, rank, world_size, device, clamp=beta)
+    palette, inverse = current_stage1(beta, palette, inverse, device)
+    return palette, None if v == 'tf' else inverse, config, code  # GSS-TF's inverse follows from its learned beta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--variant', choices=['ff', 'ff-r', 'lstsq', 'ft', 'ft-w', 'tf', 'tt', 'tokenizer'])
     parser.add_argument('--dataset', default='synthetic', help='ade20k, cityscapes, synthetic or folder')
     parser.add_argument('--data-root', default=None, help="dataset directory (default: the preset's)")
     parser.add_argument('--tokenizer', default=None, help='tokenizer file (default runs/<dataset>/tokenizer.pt)')
+    parser.add_argument('--prior', default=None, help="ft-w / ft: train X^-1 on this stage-II checkpoint's generated "
+                        "maskiges (train_prior.py's latest.pt or an official GSS-FF release with --tokenizer)")
     parser.add_argument('--palette', choices=['maximal', 'official', 'random'], default=None,
                         help='maximal (appendix B, default), official (the official config palette) or random')
     parser.add_argument('--depth', type=int, default=2, help='Swin blocks in the FT-W inverse (official: 2 ADE20K, '
                         '1 Cityscapes)')
+    parser.add_argument('--long', action='store_true', help="synthetic: the longer settings that reach the targets "
+                        "(tokenizer and ft-w)")
     parser.add_argument('--iters', type=int, default=None)
-    parser.add_argument('--batch-size', type=int, default=None)
+    parser.add_argument('--batch-size', type=int, default=None, help="images per rank")
     parser.add_argument('--lr', type=float, default=None)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', default=None, help='output file (default runs/<dataset>/posterior_<variant>.pt)')
+    parser.add_argument('--resume', help="trained variants: checkpoint to resume from, or 'auto' = <out stem>.latest.pt "
+                                         "if it exists")
+    parser.add_argument('--ckpt-interval', type=int, default=500, help="write <out stem>.latest.pt every N iterations")
     parser.add_argument('--convert-dalle', nargs=2, metavar=('ENCODER_PKL', 'DECODER_PKL'),
                         help="convert OpenAI's encoder.pkl and decoder.pkl into a tokenizer file (--out)")
     args = parser.parse_args(argv)
-
     if args.convert_dalle:
         if not args.out:
             raise gss.UserError("--convert-dalle: needs --out FILE; expected e.g. --out runs/dalle.pt")
-        tok = gss.convert_dalle(*args.convert_dalle, args.out)
-        print(f"wrote {args.out} (vocabulary {tok.vocab_size}, n_hid {tok.encoder.n_hid})")
-        return
+        return args
     if args.variant is None:
         raise gss.UserError("--variant: required; expected one of ff, ff-r, lstsq, ft, ft-w, tf, tt, tokenizer "
                             "(or --convert-dalle)")
-    v = args.variant
-    rank, world_size, _, device = setup_distributed()
-    torch.manual_seed(args.seed + rank)
-    preset = datasets.DATASET_PRESETS.get(args.dataset)
-    if preset is None:
+    if args.dataset not in datasets.DATASET_PRESETS:
         raise gss.UserError(f"--dataset {args.dataset}: unknown dataset; expected one of "
                             f"{', '.join(datasets.DATASET_PRESETS)}")
-    num_classes = preset['num_classes'] or datasets.build_dataset(args.dataset, 'val', args.data_root).num_classes
+    if args.prior and args.variant not in ('ft', 'ft-w'):
+        raise gss.UserError(f"--prior: only for --variant ft-w or ft (X^-1 on generated maskiges); got {args.variant}")
+    for flag in ('iters', 'batch_size', 'ckpt_interval'):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise gss.UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive integer")
     run_dir = os.path.join('runs', args.dataset)
-    tok_path = args.tokenizer or os.path.join(run_dir, 'tokenizer.pt')
-    out = args.out or (tok_path if v == 'tokenizer' else os.path.join(run_dir, f'posterior_{v}.pt'))
-    s = dict((SYNTHETIC_SETTINGS if args.dataset == 'synthetic' else SETTINGS).get(v, {}))
-    s.update({k: getattr(args, k) for k in ('iters', 'batch_size', 'lr') if getattr(args, k) is not None})
-    palette, ignore_colour = choose_palette(v, args.palette, args.dataset, num_classes, args.seed)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    log = Logger(os.path.dirname(os.path.abspath(out)), rank)
-    log.info(f"stage I, variant {v}, dataset {args.dataset} ({num_classes} classes), settings {s}, device {device}")
+    v = args.variant
+    args.tokenizer_path = args.tokenizer or os.path.join(run_dir, 'tokenizer.pt')
+    args.out = args.out or (args.tokenizer_path if v == 'tokenizer' else os.path.join(run_dir, f'posterior_{v}.pt'))
+    stem, ext = os.path.splitext(args.out)
+    args.checkpoint_path = f"{stem}.latest{ext or '.pt'}"
+    return args
 
-    if v == 'tokenizer':
-        tok, stats = train_tokenizer(args, s, num_classes, palette.to(device), ignore_colour.to(device), device, rank,
-                                     world_size, log)
-        if rank == 0:
-            gss.save_tokenizer(tok, out, dataset=args.dataset, palette=palette.tolist(),
-                               ignore_colour=ignore_colour.tolist(), settings=s, final=stats)
-            log.info(f"wrote {out}")
+
+def load_prior(args, device):
+    """--prior: (frozen stage-II model, its tokenizer, palette, ignore colour, tokenizer path, record of the prior)."""
+    model, tok, _, palette, ignore = evaluate.load_stage2(args.prior, None, args.dataset, device)
+    ckpt = gss.load_file(args.prior, 'checkpoint')
+    if isinstance(ckpt, dict) and ckpt.get('kind') == 'gss-prior':
+        tok_path = gss.load_posterior(ckpt['posterior']['path'])['tokenizer']
+        record = {'prior': os.path.abspath(args.prior), 'prior_iter': int(ckpt['iter'])}
+    else:  # an official release: its DALL-E weights are OpenAI's; the artifact refers to our converted file of them
+        if not args.tokenizer:
+            raise gss.UserError(f"--prior {args.prior}: an official checkpoint; expected --tokenizer with the converted "
+                                f"DALL-E file the artifact should refer to (python train_posterior.py --convert-dalle)")
+        tok_path = args.tokenizer
+        record = {'prior': os.path.abspath(args.prior)}
+    model.requires_grad_(False)
+    return model, tok, palette, ignore, tok_path, record
+
+
+def main(argv=None):
+    """CLI entry: user errors print one line `error: ...` on stderr and exit 2, no traceback."""
+    try:
+        return run(parse_args(argv))
+    except gss.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args):
+    if args.convert_dalle:
+        tok = gss.convert_dalle(*args.convert_dalle, args.out)
+        print(f"wrote {args.out} (vocabulary {tok.vocab_size}, n_hid {tok.encoder.n_hid})")
+        return 0
+    v = args.variant
+    rank, world_size, _, device = setup_distributed()
+    try:
+        torch.manual_seed(args.seed + rank)
+        preset = datasets.DATASET_PRESETS[args.dataset]
+        num_classes = preset['num_classes'] or datasets.build_dataset(args.dataset, 'val', args.data_root).num_classes
+        tok_path = args.tokenizer_path
+        s = dict((SYNTHETIC_SETTINGS if args.dataset == 'synthetic' else SETTINGS).get(v, {}))
+        if args.long and args.dataset == 'synthetic':
+            s.update(SYNTHETIC_LONG.get(v, {}))
+        s.update({k: getattr(args, k) for k in ('iters', 'batch_size', 'lr') if getattr(args, k) is not None})
+        palette, ignore_colour = choose_palette(v, args.palette, args.dataset, num_classes, args.seed)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        log = Logger(os.path.splitext(args.out)[0] + '.log.jsonl', rank)
+        log.info(f"stage I, variant {v}, dataset {args.dataset} ({num_classes} classes), settings {s}, device {device}")
+
+        if v == 'tokenizer':
+            tok, code, stats = train_tokenizer(args, s, num_classes, palette.to(device), ignore_colour.to(device),
+                                               device, rank, world_size, log)
+            if code == 0 and rank == 0:
+                gss.save_tokenizer(tok, args.out, dataset=args.dataset, palette=palette.tolist(),
+                                   ignore_colour=ignore_colour.tolist(), settings=s, final=stats)
+                log.info(f"wrote {args.out}")
+            return code
+
+        prior, record = None, {}
+        if args.prior:  # the palette and tokenizer of the stage-II model
+            prior, tok, palette, ignore_colour, tok_path, record = load_prior(args, device)
+            if len(palette) != num_classes:
+                raise gss.UserError(f"--prior {args.prior}: {len(palette)} classes; expected {num_classes} for "
+                                    f"--dataset {args.dataset}")
+        else:
+            tok = gss.load_tokenizer(tok_path).to(device)
+            trained_on = tok.info.get('palette')
+            if trained_on is not None and trained_on != palette.tolist():
+                log.info(f"warning: {tok_path} was trained on maskiges of another palette; reconstruction will suffer")
+        inverse, config, code = None, {}, 0
+        if v in ('ft', 'ft-w', 'tf', 'tt'):
+            palette, inverse, config, code = train_inverse(args, s, num_classes, palette, ignore_colour, tok, prior,
+                                                           device, rank, world_size, log)
+            if v in ('tf', 'tt') and len(set(map(tuple, palette.tolist()))) < num_classes:
+                raise gss.UserError(f"--lr {s['lr']}: training merged two palette colours; expected a smaller --lr")
+        if code == 0 and rank == 0:
+            settings = {**s, 'seed': args.seed, **record,
+                        'palette': args.palette or ('random' if v == 'ff-r' else 'maximal')}
+            gss.make_posterior(args.out, v, palette, ignore_colour, tok_path, tok.vocab_size, inverse, config,
+                               args.dataset, settings)
+            log.info(f"wrote {args.out}")
+        return code
+    finally:
         cleanup_distributed()
-        return
-
-    tok = gss.load_tokenizer(tok_path).to(device)
-    trained_on = tok.info.get('palette')
-    if trained_on is not None and trained_on != palette.tolist():
-        log.info(f"warning: {tok_path} was trained on maskiges of another palette; reconstruction will suffer")
-    inverse, config = None, {}
-    if v in ('ft', 'ft-w', 'tf', 'tt'):
-        palette, inverse, config = train_inverse(args, s, num_classes, palette, ignore_colour, tok, device, rank,
-                                                 world_size, log)
-        if v in ('tf', 'tt') and len(set(map(tuple, palette.tolist()))) < num_classes:
-            raise gss.UserError(f"--lr {s['lr']}: training merged two palette colours; expected a smaller --lr")
-    if rank == 0:
-        settings = {**s, 'seed': args.seed, 'palette': args.palette or ('random' if v == 'ff-r' else 'maximal')}
-        gss.make_posterior(out, v, palette, ignore_colour, tok_path, tok.vocab_size, inverse, config, args.dataset,
-                           settings)
-        log.info(f"wrote {out}")
-    cleanup_distributed()
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except gss.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

@@ -93,11 +93,10 @@ def lr_at(it, base_lr, max_iters, warmup_iters=1500, warmup_ratio=1e-6, power=1.
 
 
 class Logger:
-    """One console line and one JSON line (appended to out_dir/log.jsonl) per log call, on rank 0 only."""
+    """One console line and one JSON line (appended to the file `path`) per log call, on rank 0 only."""
 
-    def __init__(self, out_dir, rank=0):
-        self.path = os.path.join(out_dir, 'log.jsonl')
-        self.rank = rank
+    def __init__(self, path, rank=0):
+        self.path, self.rank = path, rank
 
     def log(self, step, metrics):
         if self.rank != 0:
@@ -110,6 +109,26 @@ class Logger:
     def info(self, msg):
         if self.rank == 0:
             print(msg, flush=True)
+
+
+class StopSignals:
+    """Within the block, SIGTERM / SIGINT only set .signum, for the training loop to act on at the end of the
+    iteration in progress (save, exit 128 + signum); a second signal kills at once, as without a handler."""
+
+    def __enter__(self):
+        self.signum = 0
+        self.handlers = {s: signal.signal(s, self.request) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def request(self, signum, frame):
+        if self.signum:  # the second one: die of it now (the last checkpoint stays intact)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.handlers.items():
+            signal.signal(s, h)
 
 
 def save_checkpoint(ckpt, path):
@@ -366,7 +385,7 @@ def train_loop(args, rank, world_size, local_rank, device):
     torch.backends.cudnn.benchmark = not args.deterministic  # official: cudnn_benchmark True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     os.makedirs(args.out, exist_ok=True)
-    log = Logger(args.out, rank)
+    log = Logger(os.path.join(args.out, 'log.jsonl'), rank)
     amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}[args.amp]
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     accum = args.batch_size // world_size // args.micro_batch
@@ -460,14 +479,7 @@ def train_loop(args, rank, world_size, local_rank, device):
             save_checkpoint(ckpt, path)
         saved_it = it
 
-    stop = [0]  # the signal number once SIGTERM / SIGINT arrived; acted on at the next iteration boundary
-    def request_stop(signum, frame):
-        if stop[0]:  # a second signal: die of it now, as without a handler (the last checkpoint stays intact)
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        stop[0] = signum
-    handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with StopSignals() as stop:
         log.info(f"training {args.dataset} on {world_size} x {device.type}: {args.iters} iterations, batch "
                  f"{args.batch_size} = {world_size} ranks x {accum} steps x {args.micro_batch}, amp {args.amp}, "
                  f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f} M parameters, "
@@ -495,7 +507,7 @@ def train_loop(args, rank, world_size, local_rank, device):
                 finite &= math.isfinite(loss.item())
                 for k, v in {'loss': loss.item(), **parts}.items():
                     sums[k] = sums.get(k, 0.0) + v / accum
-            flags = torch.tensor([float(stop[0]), float(not finite)], device=device)
+            flags = torch.tensor([float(stop.signum), float(not finite)], device=device)
             if world_size > 1:  # every rank stops together
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             if flags[1]:
@@ -538,9 +550,6 @@ def train_loop(args, rank, world_size, local_rank, device):
         log.info(f"done: {it} iterations; checkpoints in {args.out}" +
                  (f"; best val mIoU {best_miou:.2f}" if val_miou is not None else ""))
         return 0
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
 
 
 def main(argv=None):
