@@ -8,11 +8,13 @@ spirit). Each subcommand prints a readable table and, as its last line, one `BEN
     python bench.py tokenizer   # DALL-E-size encode/decode: ours vs the naive dall_e usage
     python bench.py token-loss  # chunked 2048->8192 conv + CE vs naive
     python bench.py train       # one stage-II step split into its parts
-    python bench.py infer       # end-to-end generative inference, whole vs slide
+    python bench.py infer       # end-to-end gss.predict: Swin-T 512x512 whole vs slide; Swin-L 1024x2048 slide 768/512
+                                # (the 8 GB target; --windows N times N of its 8 windows, default 3, 0 = all)
 
 Peak memory on CPU is measured honestly: each side runs in its own fresh subprocess, which reports its
 peak resident set size (VmHWM, reset after imports and input creation) minus its RSS at that point.
-Timings are medians of interleaved repeats. The machine's cores may be shared: compare ratios, not seconds.
+Timings are medians of interleaved repeats (infer: one call per case by default, without a warm-up call: a call
+takes minutes). The machine's cores may be shared: compare ratios, not seconds.
 """
 import argparse
 import json
@@ -55,14 +57,18 @@ def _child(setup, args, threads, warmup, queue):
         f.write('5')
     base = _rss_mb('VmRSS')
     t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    queue.put({'seconds': time.perf_counter() - t0, 'cpu_seconds': time.process_time() - c0,
-               'peak_mb': _rss_mb('VmHWM') - base})
+    result = fn()
+    out = {'seconds': time.perf_counter() - t0, 'cpu_seconds': time.process_time() - c0,
+           'peak_mb': _rss_mb('VmHWM') - base}
+    if hasattr(fn, 'details'):  # optional extra figures, computed after the measurement: fn.details(result, base)
+        out['details'] = fn.details(result, base)
+    queue.put(out)
 
 
 def run_side(setup, args=(), threads=2, warmup=True):
     """setup(*args)() in a fresh spawned process (after a warm-up call unless warmup=False) -> dict of its wall and
-    CPU seconds and its peak RSS above the RSS just before the call. `setup` must be a module-level function."""
+    CPU seconds and its peak RSS above the RSS just before the call, plus 'details': fn.details(result, base RSS MB)
+    when the returned callable fn has that attribute. `setup` must be a module-level function."""
     ctx = mp.get_context('spawn')
     queue = ctx.Queue()
     p = ctx.Process(target=_child, args=(setup, args, threads, warmup, queue))
@@ -79,7 +85,7 @@ def interleaved(sides, repeats, threads, warmup=True):
     for _ in range(repeats):
         for name, (setup, args) in sides.items():
             runs[name].append(run_side(setup, args, threads, warmup))
-    return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+    return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != 'details'} for name, rs in runs.items()}
 
 
 def report(title, rows, figures):
@@ -610,16 +616,164 @@ def bench_train(args):
     print("BENCH " + json.dumps(figures))
 
 
+# ----------------------------------------------------------------------------------------------------
+# infer: end-to-end generative inference (gss.predict with nearest colour), random weights, float32, batch 1
+
+# name -> (backbone, K, image (H, W), mode, crop, stride). The paper's head (vocabulary 8192) and the DALL-E-size
+# tokenizer (_dalle_size) everywhere. ADE20K-like: Swin-T, whole 512x512, and mmseg's slide 512/341, which is one
+# window there (the same computation plus the slide canvas). Cityscapes' test setting: Swin-L on 1024x2048, slide
+# 768/512 = 2 x 4 windows of 768x768, the project's 8 GB target. Whole mode at 1024x2048 is not run: 3.6x the
+# pixels of a 768 window (its peak would be about 17-20 GB by that scaling, too much for this shared machine).
+INFER_CASES = {
+    'swin_t_512_whole': ('swin_t', 150, (512, 512), 'whole', None, None),
+    'swin_t_512_slide': ('swin_t', 150, (512, 512), 'slide', 512, 341),
+    'swin_l_1024x2048_slide': ('swin_l', 19, (1024, 2048), 'slide', 768, 512),
+}
+INFER_TARGET_MB = 8192  # Swin-L, 1024x2048, slide 768/512, DALL-E-size tokenizer, on CPU
+
+
+def _infer_windows(name):
+    _, _, (H, W), mode, crop, stride = INFER_CASES[name]
+    return gss.slide_windows(H, W, crop, stride) if mode == 'slide' else [(0, H, 0, W)]
+
+
+@torch.no_grad()
+def _infer_tflop(name):
+    """FLOPs of one gss.predict call up to the maskige (backbone, head, token argmax, decode; nearest colour and the
+    canvas are negligible): the model counted on the meta device, the decoder on 8x8 real tokens scaled by the token
+    count (its convs' FLOPs are exactly proportional to it)."""
+    backbone, K, _, _, _, _ = INFER_CASES[name]
+    with torch.device('meta'):
+        model = gss.GSS(backbone, num_classes=K, vocab_size=8192).eval()
+    tokenizer = gss.build_tokenizer(n_hid=256, vocab_size=8192, n_init=128, n_blk_per_group=2)
+    with FlopCounterMode(display=False) as counter:
+        tokenizer.decode(torch.zeros(1, 8, 8, dtype=torch.long))
+    decode_per_token = counter.get_total_flops() / 64
+    total = 0
+    for y1, y2, x1, x2 in _infer_windows(name):
+        with FlopCounterMode(display=False) as counter:
+            feats = model.head.token_features(model.backbone(torch.empty(1, 3, y2 - y1, x2 - x1, device='meta')))
+        h, w = feats.shape[2:]
+        total += counter.get_total_flops() + 2 * h * w * model.head.conv_seg.weight.numel() + decode_per_token * h * w
+    return total / 1e12
+
+
+def _infer_setup(name, windows):
+    """run_side() setup: the model, tokenizer, palette and a random image of case `name`; returns one gss.predict
+    call. Slide mode runs only the first `windows` windows when windows > 0 (gss.slide_windows patched in this child
+    process; the canvas keeps the full image size). Each window's end is recorded (time, peak and current RSS) by
+    wrapping gss.maskige_scores, which predict calls once per window, last."""
+    backbone, K, (H, W), mode, crop, stride = INFER_CASES[name]
+    torch.manual_seed(0)
+    model = gss.GSS(backbone, num_classes=K, vocab_size=8192).eval()
+    tokenizer = _dalle_size()
+    inverse = gss.NearestColour(gss.make_palette(K))
+    images = torch.randn(1, 3, H, W)
+    boxes = _infer_windows(name)
+    if mode == 'slide' and 0 < windows < len(boxes):
+        gss.slide_windows = lambda *a: boxes[:windows]
+    marks, scores_of = [], gss.maskige_scores
+
+    def recorded(*a, **k):
+        scores = scores_of(*a, **k)
+        marks.append((time.perf_counter(), time.process_time(), _rss_mb('VmHWM'), _rss_mb('VmRSS')))
+        return scores
+    gss.maskige_scores = recorded
+
+    def call():
+        marks[:] = [(time.perf_counter(), time.process_time(), None, None)]
+        return gss.predict(model, tokenizer, inverse, images, mode, crop, stride)
+
+    def details(scores, base):
+        covered = torch.isfinite(scores).all(1)  # (1, H, W); pixels of windows not run are 0/0
+        return {'windows_timed': len(marks) - 1, 'windows_total': len(boxes), 'baseline_rss_mb': round(base),
+                'per_window_s': [b[0] - a[0] for a, b in zip(marks, marks[1:])],
+                'per_window_cpu_s': [b[1] - a[1] for a, b in zip(marks, marks[1:])],
+                'peak_mb_after_window': [m[2] - base for m in marks[1:]],
+                'rss_mb_after_window': [m[3] - base for m in marks[1:]],
+                'covered_fraction': covered.float().mean().item(),
+                'max_abs_score_sum_minus_1': (scores.sum(1)[covered] - 1).abs().max().item(),
+                'classes_predicted': scores.argmax(1)[covered].unique().numel(),
+                'params_model': sum(p.numel() for p in model.parameters()),
+                'params_tokenizer_decoder': sum(p.numel() for p in tokenizer.decoder.parameters())}
+    call.details = details
+    return call
+
+
+def bench_infer(args):
+    """gss.predict(model, tokenizer, NearestColour, image) per case in its own process, no warm-up call (a call
+    takes minutes), `--repeats` rounds (default 1), medians."""
+    runs = {name: [] for name in INFER_CASES}
+    for _ in range(args.repeats):
+        for name in INFER_CASES:
+            runs[name].append(run_side(_infer_setup, (name, args.windows), args.threads, warmup=False))
+    figures = {'bench': 'infer', 'device': 'cpu', 'dtype': 'float32', 'threads': args.threads, 'repeats': args.repeats,
+               'tokenizer': 'DALL-E size (n_hid 256, vocab 8192, 2 blocks per group), random weights',
+               'memory_method': 'bench.run_side: VmHWM of the timed call above the RSS before it (model, tokenizer, '
+                                'image built), fresh subprocess per case, no warm-up call'}
+    rows = [('case', 'backbone', 'image', 'mode', 'windows', 'wall s', 'CPU s', 'TFLOP', 'GFLOP/s', 'peak MB',
+             'base MB', 'wall s/window')]
+    for name, rs in runs.items():
+        backbone, K, (H, W), mode, crop, stride = INFER_CASES[name]
+        med = {k: statistics.median(r[k] for r in rs) for k in ('seconds', 'cpu_seconds', 'peak_mb')}
+        d = min(rs, key=lambda r: abs(r['seconds'] - med['seconds']))['details']
+        n, total = d['windows_timed'], d['windows_total']
+        tflop = _infer_tflop(name) * n / total  # windows are equal-sized in every case here
+        f = dict(backbone=backbone, num_classes=K, image=[H, W], mode=mode, crop=crop, stride=stride,
+                 seconds=round(med['seconds'], 2), cpu_seconds=round(med['cpu_seconds'], 2),
+                 peak_mb=round(med['peak_mb']), tflop=round(tflop, 2),
+                 gflops_per_s=round(1e3 * tflop / med['seconds'], 1),
+                 **{k: [round(v, 1) for v in d[k]] if isinstance(d[k], list) else d[k] for k in d})
+        if n < total:  # ESTIMATE: the remaining windows cost what the timed ones did on average
+            f['estimate_all_windows_seconds'] = round(med['seconds'] * total / n, 1)
+        figures[name] = f
+        rows.append((name, backbone, f'{H}x{W}', mode if mode == 'whole' else f'slide {crop}/{stride}', f'{n}/{total}',
+                     f"{med['seconds']:.1f}", f"{med['cpu_seconds']:.1f}", f'{tflop:.2f}', f"{f['gflops_per_s']:.0f}",
+                     f"{med['peak_mb']:.0f}", f"{d['baseline_rss_mb']:.0f}", f"{med['seconds'] / n:.1f}"))
+    _table(f"infer: gss.predict with nearest colour, batch 1, float32, random weights, {args.threads} threads, "
+           f"{args.repeats} round(s) (median), each case in its own process without a warm-up call; peak MB = peak "
+           f"RSS of the call above its process's RSS before it (base MB: model, tokenizer and image built); "
+           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", rows[0], rows[1:])
+    big = figures['swin_l_1024x2048_slide']
+    print('\nswin_l 1024x2048 slide 768/512, window by window (MB above the RSS before the call; peak = running '
+          'VmHWM, so a flat peak means no window used more than the ones before it):')
+    for i, (s, c, pk, r) in enumerate(zip(big['per_window_s'], big['per_window_cpu_s'], big['peak_mb_after_window'],
+                                          big['rss_mb_after_window'])):
+        print(f'  window {i + 1}: {s:7.1f} s wall {c:7.1f} s CPU   peak so far {pk:7.0f} MB   RSS after {r:7.0f} MB')
+    n, total = big['windows_timed'], big['windows_total']
+    met = big['peak_mb'] <= INFER_TARGET_MB
+    scope = 'the whole call' if n == total else (f'{n} of its {total} windows (--windows 0 runs all); all windows '
+                                                 f'have the same shapes and run one after another')
+    print(f"target: peak {big['peak_mb']} MB vs {INFER_TARGET_MB} MB on CPU, float32: "
+          f"{'met' if met else 'NOT met'} (measured over {scope})")
+    if n < total:
+        print(f"ESTIMATE, not measured: all {total} windows take about {big['estimate_all_windows_seconds']:.0f} s "
+              f"wall at this load ({big['seconds'] / n:.0f} s per window)")
+    weights_mb = 2 * (big['params_model'] + big['params_tokenizer_decoder']) / 2 ** 20
+    gpu = round(big['peak_mb'] / 2 + weights_mb)
+    print(f"ESTIMATE, not measured: on a GPU in bf16 (weights and activations), about {gpu} MB = half the float32 "
+          f"activation peak ({big['peak_mb'] / 2:.0f} MB) + the bf16 weights of the model and the tokenizer decoder "
+          f"({weights_mb:.0f} MB), before the CUDA context and allocator slack (gss's own bf16 decode keeps its "
+          f"float32 residual stream, which holds most of that peak: expect more there)")
+    figures.update(target_peak_mb=INFER_TARGET_MB, target_met=met, target_measured_windows=f'{n}/{total}',
+                   estimate_gpu_bf16_peak_mb=gpu)
+    print('BENCH ' + json.dumps(figures))
+
+
 BENCHES = {'swin': bench_swin, 'data': bench_data, 'inverse': bench_inverse, 'tokenizer': bench_tokenizer,
-           'token-loss': bench_token_loss, 'train': bench_train}
+           'token-loss': bench_token_loss, 'train': bench_train, 'infer': bench_infer}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('name', choices=sorted(BENCHES))
-    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--repeats', type=int, default=None, help='rounds (default 3; 1 for infer)')
     parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--windows', type=int, default=3,
+                        help='infer: time only the first N of the 8 windows of the 1024x2048 case (0 = all of them)')
     args = parser.parse_args()
+    if args.repeats is None:
+        args.repeats = 1 if args.name == 'infer' else 3
     BENCHES[args.name](args)
 
 
