@@ -224,7 +224,7 @@ def bench_data(args):
             size = 'x'.join(map(str, datasets.read_image(ds.files[0][0]).shape[:2]))
             rows.append((name, size, ds.preset['crop_size'], batch, ms, ips))
             figures.update({f'{key}_cpu_ms_per_image': round(ms, 2), f'{key}_images_per_s_2workers': round(ips, 1)})
-    print(f"synthetic set (2000+200 images, 64x64) generated in {gen_s:.1f} s ({gen_cpu:.1f} s CPU)")
+    print(f"synthetic set (2000+200 images, 128x128) generated in {gen_s:.1f} s ({gen_cpu:.1f} s CPU)")
     print(f"{'dataset':<10} {'image':>8} {'crop':>5} {'batch':>5} {'CPU ms/img':>11} {'img/s 2 workers':>16}")
     for name, size, crop, batch, ms, ips in rows:
         print(f"{name:<10} {size:>8} {crop:>5} {batch:>5} {ms:>11.2f} {ips:>16.1f}")

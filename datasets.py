@@ -78,8 +78,9 @@ DATASET_PRESETS = {
                        lr=1.5e-3, test_mode='slide', test_crop=768, test_stride=512),
     # ours: small and fast on a CPU; milder scale jitter keeps the 2-6 px textures readable
     'synthetic': dict(_COMMON, num_classes=10, classes=SYNTHETIC_CLASSES, root=None, ratio_range=(0.75, 1.5),
-                      warmup=100, crop_size=64, img_scale=(64, 64), test_scale=(64, 64), batch_size=16, iters=2000,
-                      lr=1e-3, test_mode='whole', test_crop=64, test_stride=48),
+                      warmup=100, crop_size=64, img_scale=(128, 128), test_scale=(128, 128), batch_size=16,
+                      iters=800, eval_interval=0, long=dict(iters=2000, eval_interval=500), lr=1e-3,
+                      test_mode='whole', test_crop=128, test_stride=96),
     # ours: the user's own data (classes.txt), ADE20K-like pipeline
     'folder': dict(_COMMON, num_classes=None, classes=None, root=None, crop_size=512, img_scale=(2048, 512),
                    test_scale=(2048, 512), batch_size=16, iters=80000, lr=1.2e-4, test_mode='whole',
@@ -402,7 +403,7 @@ def _border(mask):
     p = np.pad(mask, 1)
     return mask & ~(p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:])
 
-def synthetic_scene(rng, S=64):
+def synthetic_scene(rng, S=128):
     """One scene -> (image (S, S, 3) uint8, label (S, S) uint8 with 0 = other/unlabeled, 1..10 classes)."""
     yy, xx = np.mgrid[:S, :S].astype(np.float32)
     img = np.zeros((S, S, 3), np.float32)
@@ -481,8 +482,8 @@ def synthetic_scene(rng, S=64):
     img = img * rng.uniform(0.75, 1.2) + rng.normal(0, 2.5, img.shape)  # exposure and sensor noise
     return np.clip(img, 0, 255).astype(np.uint8), lab
 
-def synthetic_root(root=None, seed=0, size=64, num_train=2000, num_val=200):
-    """Directory of the synthetic set (ADE20K layout), generated once: default ~/.cache/gss/synthetic-v1-...
+def synthetic_root(root=None, seed=0, size=128, num_train=2000, num_val=200):
+    """Directory of the synthetic set (ADE20K layout), generated once: default ~/.cache/gss/synthetic-v2-...
     Scene i of a split depends only on (seed, split, i), so smaller sets are prefixes of larger ones."""
     base = Path(root) if root else Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'gss'
     out = base / f'synthetic-{SYNTHETIC_VERSION}-seed{seed}-{size}px-{num_train}-{num_val}'

@@ -123,10 +123,8 @@ def evaluate_split(model, tokenizer, inverses, dataset, test_cfg, aux=True, indi
         item = dataset[i]
         image = item['image'][None].to(device)  # (1, 3, h, w) at the test scale
         label = item['label'].to(device)  # (H, W) at the original resolution
-        preds = {name: resized_argmax(gss.predict(model, tokenizer, inv, image, **test_cfg), label.shape)[0]
-                 for name, inv in inverses.items()}
-        if aux:
-            preds['aux head'] = resized_argmax(gss.predict_aux(model, image, **test_cfg), label.shape)[0]
+        scores = gss.predict(model, tokenizer, inverses, image, **test_cfg, aux=aux)  # one generation per window
+        preds = {name: resized_argmax(s, label.shape)[0] for name, s in scores.items()}
         for name, pred in preds.items():
             metrics[name].update(pred, label)
         if on_item is not None:

@@ -962,52 +962,66 @@ def slide_windows(H, W, crop, stride):
 
 
 def _infer(window_scores, images, mode, crop, stride):
-    """Whole image, or mmseg's sliding windows: window scores summed into the canvas, divided by the overlap count."""
+    """Whole image, or mmseg's sliding windows: each of the window's score maps ({name: (B, K, h, w)}) summed into
+    its canvas, divided by the overlap count. -> {name: (B, K, H, W)}."""
     if mode == 'whole':
         return window_scores(images)
     if mode != 'slide' or crop is None or stride is None:
         raise UserError(f"--mode {mode}: expected 'whole', or 'slide' with a crop and a stride")
     B, _, H, W = images.shape
-    out, count = None, images.new_zeros(1, 1, H, W)
+    out, count = {}, images.new_zeros(1, 1, H, W)
     for y1, y2, x1, x2 in slide_windows(H, W, crop, stride):
-        s = window_scores(images[:, :, y1:y2, x1:x2])  # (B, K, y2-y1, x2-x1)
-        out = torch.zeros(B, s.shape[1], H, W, device=s.device) if out is None else out  # float32 sums
-        out[:, :, y1:y2, x1:x2] += s
+        for name, s in window_scores(images[:, :, y1:y2, x1:x2]).items():  # (B, K, y2-y1, x2-x1)
+            if name not in out:
+                out[name] = torch.zeros(B, s.shape[1], H, W, device=s.device)  # float32 sums
+            out[name][:, :, y1:y2, x1:x2] += s
         count[:, :, y1:y2, x1:x2] += 1
-    return out / count  # (B, K, H, W)
+    return {name: o / count for name, o in out.items()}  # (B, K, H, W) each
 
 
 @torch.no_grad()
-def predict(model, tokenizer, inverse, images, mode='whole', crop=None, stride=None):
+def predict(model, tokenizer, inverse, images, mode='whole', crop=None, stride=None, aux=False):
     """Generative inference: image -> tokens (argmax, chunked) -> tokenizer.decode -> maskige at 2H x 2W -> X^-1
     -> class scores bilinearly resized to the input: (B, 3, H, W) -> (B, K, H, W). Put the modules in eval mode.
     inverse: any X^-1 module of gss; as in the official code, NearestColour gives a one-hot before the resize and
-    learned inverses their logits (maskige_scores, facts §3, §10)."""
+    learned inverses their logits (maskige_scores, facts §3, §10). inverse may also be a dict {name: X^-1}: then
+    the result is a dict {name: scores} from one generation per window, plus 'aux head' (the auxiliary head's
+    per-pixel logits on the same backbone pass) when aux=True."""
+    model = getattr(model, 'module', model)  # through a DDP wrapper
+    inverses = inverse if isinstance(inverse, dict) else {'': inverse}
+
     def window_scores(x):
-        return maskige_scores(inverse, generate(model, tokenizer, x), x.shape[-2:])  # (B, K, H, W)
-    return _infer(window_scores, images, mode, crop, stride)
+        H, W = x.shape[-2:]
+        feats = model.backbone(x)
+        out = {}
+        if inverses:
+            maskige = _generate(model, tokenizer, feats, H, W)  # (B, 3, 2H, 2W)
+            out = {name: maskige_scores(inv, maskige, (H, W)) for name, inv in inverses.items()}  # (B, K, H, W)
+        if aux:
+            a = model.head.aux_logits(feats)  # (B, K, h, w), h = ceil(H/4)
+            a = F.interpolate(a, (4 * a.shape[2], 4 * a.shape[3]), mode='bilinear', align_corners=False)
+            out['aux head'] = a[:, :, :H, :W]  # (B, K, H, W)
+        return out
+    scores = _infer(window_scores, images, mode, crop, stride)
+    return scores if isinstance(inverse, dict) else scores['']
+
+
+def _generate(model, tokenizer, feats, H, W):
+    """Backbone features of an (H, W) image -> token argmax -> tokenizer.decode -> maskige (B, 3, 2H, 2W)."""
+    tokens = token_argmax(model.head.token_features(feats), model.head.conv_seg)  # (B, ceil(H/4), ceil(W/4))
+    return tokenizer.decode(tokens)[:, :, :2 * H, :2 * W]
 
 
 @torch.no_grad()
 def generate(model, tokenizer, images):
     """The generated maskige: image (B, 3, H, W) -> token logits -> argmax -> tokenizer.decode -> (B, 3, 2H, 2W)."""
     model = getattr(model, 'module', model)  # through a DDP wrapper
-    H, W = images.shape[-2:]
-    feats = model.head.token_features(model.backbone(images))  # (B, C, h, w), h = ceil(H/4)
-    return tokenizer.decode(token_argmax(feats, model.head.conv_seg))[:, :, :2 * H, :2 * W]  # (B, 3, 2H, 2W)
+    return _generate(model, tokenizer, model.backbone(images), *images.shape[-2:])
 
 
-@torch.no_grad()
 def predict_aux(model, images, mode='whole', crop=None, stride=None):
     """The auxiliary head's per-pixel logits (a discriminative baseline on the same backbone): (B, K, H, W)."""
-    model = getattr(model, 'module', model)
-
-    def window_scores(x):
-        H, W = x.shape[-2:]
-        aux = model.head.aux_logits(model.backbone(x))  # (B, K, h, w), h = ceil(H/4)
-        aux = F.interpolate(aux, (4 * aux.shape[2], 4 * aux.shape[3]), mode='bilinear', align_corners=False)
-        return aux[:, :, :H, :W]  # (B, K, H, W)
-    return _infer(window_scores, images, mode, crop, stride)
+    return predict(model, None, {}, images, mode, crop, stride, aux=True)['aux head']
 
 
 OFFICIAL_NAMES = [  # (official decode_head.* name prefix, ours); facts §6.2, §7, §4.1, §5

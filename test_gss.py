@@ -544,15 +544,15 @@ def test_synthetic_deterministic_with_promised_properties(tmp_path):
     assert open(os.path.join(other, files[0]), 'rb').read() != open(os.path.join(a, files[0]), 'rb').read()
 
     ds = datasets.build_dataset('ade20k', 'train', root=a, train=False)  # the real ADE20K loader reads it
-    labels = np.stack([ds[i]['label'].numpy() for i in range(len(ds))])  # (20, 64, 64) after reduce_zero_label
-    images = np.stack([np.asarray(Image.open(ds.files[i][0])) for i in range(len(ds))])  # (20, 64, 64, 3)
-    assert labels.shape == (20, 64, 64) and images.shape == (20, 64, 64, 3)
+    labels = np.stack([ds[i]['label'].numpy() for i in range(len(ds))])  # (20, 128, 128) after reduce_zero_label
+    images = np.stack([np.asarray(Image.open(ds.files[i][0])) for i in range(len(ds))])  # (20, 128, 128, 3)
+    assert labels.shape == (20, 128, 128) and images.shape == (20, 128, 128, 3)
     assert set(np.unique(labels)) == set(range(10)) | {255}  # all 10 classes and some unlabeled pixels
     assert 0.005 < (labels == 255).mean() < 0.15 and (labels == 255).any((1, 2)).mean() > 0.3
     for c in range(10):  # texture matters: per-class colour spreads are wide
         assert images[labels == c].std(0).mean() > 12, datasets.SYNTHETIC_CLASSES[c]
     item = datasets.SegDataset(ds.files, datasets.DATASET_PRESETS['synthetic'], True, '')[0]
-    assert item['image'].shape == (3, 64, 64) and item['label'].shape == (64, 64)
+    assert item['image'].shape == (3, 64, 64) and item['label'].shape == (64, 64)  # training crops of 64
 
 def test_presets():
     ade, city = datasets.DATASET_PRESETS['ade20k'], datasets.DATASET_PRESETS['cityscapes']
@@ -908,6 +908,7 @@ def write_folder_dataset(root, K=4, n=6, size=32):
 def test_train_posterior_cli_writes_artifacts_and_reports_user_errors(tmp_path, tiny_tok, monkeypatch):
     write_folder_dataset(tmp_path / 'data')
     monkeypatch.setitem(datasets.DATASET_PRESETS['folder'], 'crop_size', 16)  # 32x32 maskiges, not 1024x1024
+    monkeypatch.setitem(datasets.DATASET_PRESETS['folder'], 'test_scale', (32, 32))  # validation at 32, not 512
     monkeypatch.chdir(tmp_path)
     gss.save_tokenizer(tiny_tok, 'tok.pt')
     common = ['--dataset', 'folder', '--data-root', 'data', '--tokenizer', 'tok.pt']
@@ -1353,7 +1354,7 @@ def in_one_thread():
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
-    """A tiny synthetic set (8 train, 2 val images of 64x64), a tiny tokenizer and its GSS-FF stage-I artifact."""
+    """A tiny synthetic set (8 train, 2 val images of 128x128), a tiny tokenizer and its GSS-FF stage-I artifact."""
     root = tmp_path_factory.mktemp('train')
     # datasets.synthetic_root(root) would generate the default 2000 + 200 images: generate 8 + 2 under its name
     tiny = datasets.synthetic_root(str(root / 'data'), num_train=8, num_val=2)
@@ -1735,10 +1736,13 @@ def test_stage1_kill_and_resume_reaches_identical_weights(env):
     for target in (2, 3):  # checkpoints written by this run before the kill (one per iteration)
         p = FORKSERVER.Process(target=run_stage1, args=(stage1_flags(env, out, iters=iters, resume='auto'), console))
         p.start()
-        seen = {latest.stat().st_ino} if latest.exists() else set()  # each atomic write is a new inode
-        while p.is_alive() and len(seen) <= target:
+        def version():  # each atomic write is a new file; inode numbers alone get reused, so add the mtime
             with contextlib.suppress(FileNotFoundError):
-                seen.add(latest.stat().st_ino)
+                st = latest.stat()
+                return st.st_ino, st.st_mtime_ns
+        seen = {version()} - {None}
+        while p.is_alive() and len(seen) <= target:
+            seen.add(version()), seen.discard(None)
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 0.02))
         with contextlib.suppress(ProcessLookupError):
@@ -1812,6 +1816,28 @@ def test_cli_errors_are_one_line(env, capsys):
         capsys.readouterr().err and not (env / 'bad').exists()
     assert train_prior.main(flags(env, env / 'bad', resume=env / 'missing.pt')) == 2
     assert capsys.readouterr().err == f"error: {env / 'missing.pt'}: no such checkpoint\n"
+
+
+# ---- the main job, end to end (issue 6): the README's chain of entry points on the tiny set, a few iterations each
+
+def test_main_job_runs_end_to_end_through_the_readme_entry_points(env, tmp_path, capsys):
+    data, run = str(env / 'data'), tmp_path / 'runs'
+    common = ['--dataset', 'synthetic', '--data-root', data, '--iters', '2', '--batch-size', '2']
+    assert train_posterior.main(['--variant', 'tokenizer', *common, '--out', str(run / 'tokenizer.pt')]) == 0
+    assert train_posterior.main(['--variant', 'ff', *common, '--tokenizer', str(run / 'tokenizer.pt'),
+                                 '--out', str(run / 'posterior_ff.pt')]) == 0
+    prior = run / 'prior'  # torchrun --nproc_per_node 2 train_prior.py --dataset synthetic
+    argv = flags(env, prior, posterior=run / 'posterior_ff.pt', iters=2, batch_size=2, eval_interval=0)
+    assert finish(launch(argv, prior, world_size=2)) == [0, 0], open(f'{prior}.rank0.txt').read()
+    assert train_posterior.main(['--variant', 'ft-w', *common, '--prior', str(prior / 'latest.pt'), '--depth', '1',
+                                 '--out', str(run / 'posterior_ft-w.pt')]) == 0
+    capsys.readouterr()
+    assert evaluate.main(['--dataset', 'synthetic', '--data-root', data, '--checkpoint', str(prior / 'latest.pt'),
+                          '--posterior', str(run / 'posterior_ff.pt'), '--posterior', str(run / 'posterior_ft-w.pt'),
+                          '--recon', '--device', 'cpu']) == 0
+    table = capsys.readouterr().out.splitlines()[-4:]  # the final table: one line per method
+    assert [line.rsplit(maxsplit=3)[0] for line in table] == ['tokenizer oracle', 'GSS-FF', 'GSS-FT-W', 'aux head']
+    assert all(0 <= float(v) <= 100 for line in table for v in line.split()[-3:])
 
 
 # ---- evaluate.py on the trained checkpoint: the CLI, the saved outputs, the oracle

@@ -261,8 +261,11 @@ def parse_args(argv=None):
     p.add_argument('--out', help="output folder for latest.pt, best.pt, log.jsonl (default runs/<dataset>/prior)")
     p.add_argument('--resume', help="checkpoint to resume from, or 'auto' = <out>/latest.pt if it exists")
     p.add_argument('--stop-at', type=int, help="save and exit after this iteration (for time-limited jobs)")
+    p.add_argument('--long', action='store_true', help="the preset's longer schedule (synthetic: 2000 iterations, "
+                                                       "validation every 500, instead of 800 and only the end)")
     p.add_argument('--eval-interval', type=int, help="validate every N iterations and at the end; 0 = never "
-                                                     "(default iters/10 as the official 16k of 160k, at least 100)")
+                                                     "(default iters/10 as the official 16k of 160k, at least 100; synthetic: 0, evaluate.py "
+                                                     "measures the end)")
     p.add_argument('--log-interval', type=int, help="log every N iterations (default 50, iters/20 if smaller)")
     p.add_argument('--ckpt-interval', type=int, default=1000, help="write <out>/latest.pt every N iterations "
                                                                        "(default 1000)")
@@ -280,6 +283,10 @@ def parse_args(argv=None):
         raise gss.UserError(f"--dataset {args.dataset}: unknown dataset; expected one of "
                             f"{', '.join(datasets.DATASET_PRESETS)}")
     preset = datasets.DATASET_PRESETS[args.dataset]
+    if args.long:
+        if 'long' not in preset:
+            raise gss.UserError(f"--long: --dataset {args.dataset} has no longer schedule; expected --iters N")
+        preset = {**preset, **preset['long']}
     cuda = (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')) == 'cuda'
     defaults = dict(backbone='swin_mini' if args.dataset == 'synthetic' else 'swin_l',
                     posterior=os.path.join('runs', args.dataset, 'posterior_ff.pt'),
@@ -290,7 +297,8 @@ def parse_args(argv=None):
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.eval_interval = max(100, args.iters // 10) if args.eval_interval is None else args.eval_interval
+    if args.eval_interval is None:  # official: every 16k of 160k iterations
+        args.eval_interval = preset.get('eval_interval', max(100, args.iters // 10))
     args.workers = (4 if cuda else 0) if args.workers is None else args.workers
     args.log_interval = args.log_interval or max(1, min(50, args.iters // 20))
     for flag in ('iters', 'batch_size', 'micro_batch', 'log_interval', 'ckpt_interval', 'stop_at'):
