@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import datasets
 import gss
 import swin
+import train_posterior
 import train_prior
 
 
@@ -397,6 +398,8 @@ def _tokenizer_setup(side, op, S):
     tok = _dalle_size()
     maskige = gss.paint(blobs(1, S, 150, seed=0), gss.make_palette(150), torch.tensor([0, 0, 0]))  # (1, 3, S, S)
     tokens = tok.encode(maskige) if op == 'decode' else None
+    if side == 'naive':
+        tok.to(memory_format=torch.contiguous_format)  # the dall_e modules as they are (ours: channels-last)
     if op == 'encode':
         if side == 'naive':  # the official get_codebook_indices: argmax of the dall_e Encoder's logits
             def naive():
@@ -461,7 +464,8 @@ def bench_tokenizer(args):
 
 # One stage-II training step on CPU as train_prior.py runs it, split into its parts:
 #   synthetic:   the synthetic preset as `python train_prior.py --dataset synthetic` trains it (swin_mini, the CPU-sized
-#                head train_prior.SYNTHETIC_HEAD, batch 16 of 64x64 crops), with a 64-wide, 512-code tokenizer;
+#                head train_prior.SYNTHETIC_HEAD, batch 16 of 64x64 crops), with the tokenizer that train_posterior.py
+#                trains for it (train_posterior.TOKENIZER_ARCH: 64 wide, 512 codes, 1 block per group);
 #   synthetic-paper-head: the same with the paper's head widths (384/512/2048, 16 heads), the cost it avoids;
 #   swin_t:      Swin-T and the paper's head (vocabulary 8192) with the DALL-E-size tokenizer (n_hid 256, 8192 codes),
 #                the ADE20K pipeline and K = 150, batch 1 at 256x256. The 512x512 crop has 4x the FLOPs of every
@@ -469,11 +473,11 @@ def bench_tokenizer(args):
 #                repeat in a benchmark.
 TRAIN_BENCH_CONFIGS = {
     'synthetic': dict(backbone='swin_mini', head=train_prior.SYNTHETIC_HEAD, dataset='synthetic', num_classes=10,
-                      crop=64, batch=16, n_hid=64, vocab=512),
+                      crop=64, batch=16, tok=train_posterior.TOKENIZER_ARCH),
     'synthetic-paper-head': dict(backbone='swin_mini', head={}, dataset='synthetic', num_classes=10, crop=64, batch=16,
-                                 n_hid=64, vocab=512),
-    'swin_t': dict(backbone='swin_t', head={}, dataset='ade20k', num_classes=150, crop=256, batch=1, n_hid=256,
-                   vocab=8192, steps=1),
+                                 tok=train_posterior.TOKENIZER_ARCH),
+    'swin_t': dict(backbone='swin_t', head={}, dataset='ade20k', num_classes=150, crop=256, batch=1,
+                   tok=dict(n_hid=256, vocab_size=8192, n_init=128, n_blk_per_group=2), steps=1),
 }
 
 
@@ -513,8 +517,8 @@ def _train_step_child(name, steps, threads, queue):
             dataset.preset = dict(dataset.preset, crop_size=c['crop'])
         else:
             dataset = datasets.build_dataset('synthetic', 'train')
-        model = gss.GSS(c['backbone'], num_classes=c['num_classes'], vocab_size=c['vocab'], **c['head'])
-        tokenizer = gss.build_tokenizer(n_hid=c['n_hid'], vocab_size=c['vocab'])
+        model = gss.GSS(c['backbone'], num_classes=c['num_classes'], vocab_size=c['tok']['vocab_size'], **c['head'])
+        tokenizer = gss.build_tokenizer(**c['tok'])
         palette = gss.make_palette(c['num_classes'])  # (K, 3)
         optimizer = torch.optim.AdamW(train_prior.param_groups(model), lr=1e-4, weight_decay=0.01, fused=True)
         times = {}
@@ -584,7 +588,8 @@ def bench_train(args):
         total = sum(med.values())
         achieved = r['step_flops'] / (total - med['data'])  # (wall, CPU) FLOP/s outside data loading
         print(f"\n{name}: {c['backbone']} ({r['params'] / 1e6:.1f} M parameters), batch {c['batch']} x "
-              f"{c['crop']}x{c['crop']}, tokenizer n_hid {c['n_hid']} / {c['vocab']} codes, {args.threads} threads, "
+              f"{c['crop']}x{c['crop']}, tokenizer n_hid {c['tok']['n_hid']} / {c['tok']['vocab_size']} codes / "
+              f"{c['tok']['n_blk_per_group']} block(s) per group, {args.threads} threads, "
               f"median of {steps} step(s) after a warm-up step")
         print(f"  {'part':<38} {'wall s':>8} {'share':>6} {'CPU s':>8} {'share':>6}")
         for k, (wall, cpu) in med.items():

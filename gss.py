@@ -386,6 +386,8 @@ def maskige_scores(inverse, maskige, size):
 DALLE_URLS = 'https://cdn.openai.com/dall-e/encoder.pkl and https://cdn.openai.com/dall-e/decoder.pkl'
 LOGIT_LAPLACE_EPS = dall_e.utils.logit_laplace_eps  # 0.1: map_pixels x -> 0.8 x + 0.1, unmap clamps back
 STRIP_ELEMENTS = 2 ** 22  # strips of rows of at most ~16 MB (float32) in and out, for convs run without autograd
+CHANNELS_LAST = torch.channels_last  # the tokenizer's convs run on (B, H, W, C)-ordered tensors: oneDNN's fast path
+# (measured here: encode of 16 synthetic 128x128 maskiges 1.44 s -> 0.93 s on 2 CPU threads, same tokens)
 
 
 def _conv(conv, x):
@@ -410,7 +412,7 @@ def _relu_conv(conv, x, out=None, alpha=1.0, channels=None, keep_input=False, dt
             return F.conv2d(x.to(dtype), w, b, padding=p)
     B, C, H, W = x.shape
     if out is None:
-        out, alpha = x.new_empty(B, len(w), H, W, dtype=dtype), None
+        out, alpha = torch.empty(B, len(w), H, W, dtype=dtype, device=x.device, memory_format=CHANNELS_LAST), None
     rows = max(1, STRIP_ELEMENTS // (B * max(C, len(w)) * W))
     for r0 in range(0, H, rows):
         r1 = min(r0 + rows, H)
@@ -469,6 +471,7 @@ class Tokenizer(nn.Module):
         self.vocab_size = decoder.vocab_size
         self.info = {}
         self.requires_grad_(False)
+        self.to(memory_format=CHANNELS_LAST)  # conv weights (O, kh, kw, I)-ordered; load_state_dict keeps that
         self.eval()
 
     def train(self, mode=True):  # frozen: stays in eval mode inside a model that is being trained
@@ -477,7 +480,8 @@ class Tokenizer(nn.Module):
     def encoder_logits(self, maskige):
         """Encoder logits (B, vocab, H/8, W/8), differentiable w.r.t. the maskige (GSS-TF/TT, tokenizer training)."""
         with torch.autocast(maskige.device.type, enabled=False):
-            x = _conv(self.encoder.blocks.input, (1 - 2 * LOGIT_LAPLACE_EPS) * maskige.float() + LOGIT_LAPLACE_EPS)
+            x = (1 - 2 * LOGIT_LAPLACE_EPS) * maskige.float() + LOGIT_LAPLACE_EPS  # map_pixels
+            x = _conv(self.encoder.blocks.input, x.contiguous(memory_format=CHANNELS_LAST))
             x = _residual_stack(self.encoder.blocks, x, torch.float32)  # (B, 8 n_hid, H/8, W/8)
             return _relu_conv(self.encoder.blocks.output.conv, x).float()  # (B, vocab, H/8, W/8)
 
@@ -490,7 +494,8 @@ class Tokenizer(nn.Module):
             tokens = []
             for x in maskige.split(max(1, max_pixels // (maskige.shape[2] * maskige.shape[3]))):
                 x = (1 - 2 * LOGIT_LAPLACE_EPS) * x.to(dtype) + LOGIT_LAPLACE_EPS  # map_pixels
-                x = _conv(self.encoder.blocks.input, x).float()  # (b, n_hid, H, W)
+                x = x.contiguous(memory_format=CHANNELS_LAST)  # (b, 3, H, W)
+                x = _conv(self.encoder.blocks.input, x).float()  # (b, n_hid, H, W), the float32 residual stream
                 x = _residual_stack(self.encoder.blocks, x, dtype)  # (b, 8 n_hid, h, w)
                 conv, x = self.encoder.blocks.output.conv, x.relu_()
                 rows = max(1, 2 ** 21 // (x.shape[0] * self.vocab_size * x.shape[3]))  # ~8 MB of logits per strip
@@ -512,7 +517,7 @@ class Tokenizer(nn.Module):
         with torch.autocast(tokens.device.type, enabled=False):
             out = []
             for t in tokens.split(max(1, max_tokens // (tokens.shape[1] * tokens.shape[2]))):
-                x = (F.embedding(t, table) + conv.b).permute(0, 3, 1, 2).contiguous()  # (b, n_init, h, w)
+                x = (F.embedding(t, table) + conv.b).permute(0, 3, 1, 2)  # (b, n_init, h, w), channels-last
                 out.append(_unmap(torch.sigmoid(self._decoder_trunk(x, dtype))))
             return torch.cat(out)  # (B, 3, 8h, 8w)
 
@@ -520,7 +525,8 @@ class Tokenizer(nn.Module):
         """Differentiable: token probabilities or relaxed one-hots (B, vocab, h, w) -> colour logits (B, 3, 8h, 8w)
         (the official Dalle_VAE.forward feeds soft probabilities the same way; GSS-TF/TT, tokenizer training)."""
         with torch.autocast(probs.device.type, enabled=False):
-            return self._decoder_trunk(_conv(self.decoder.blocks.input, probs.float()))
+            x = probs.float().contiguous(memory_format=CHANNELS_LAST)  # (B, vocab, h, w)
+            return self._decoder_trunk(_conv(self.decoder.blocks.input, x))
 
     def decode_soft(self, probs):
         """Differentiable decode: (B, vocab, h, w) probabilities -> maskige (B, 3, 8h, 8w) in [0, 1]."""

@@ -785,10 +785,12 @@ def test_convert_dalle_pickles_reload_identically(tmp_path):
     tok = gss.load_tokenizer(out)
     assert gss.tokenizer_config(tok) == {'n_hid': 64, 'vocab_size': 512, 'n_init': 32, 'n_blk_per_group': 1}
     assert not any(p.requires_grad for p in tok.parameters()) and not tok.train().training
-    with torch.no_grad():  # the converted modules are the original ones
-        assert torch.equal(tok.encoder(dall_e.utils.map_pixels(x)), logits)
-        assert torch.equal(dall_e.utils.unmap_pixels(torch.sigmoid(tok.decoder(onehot)[:, :3])), ref)
-        assert torch.equal(tok.encoder_logits(x), logits)  # ours: convs run by hand
+    for ours, theirs in ((tok.encoder, enc), (tok.decoder, dec)):  # the converted weights are the original ones
+        assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())
+    with torch.no_grad():  # the same modules, their convs in channels-last order (a different summation order)
+        assert (tok.encoder(dall_e.utils.map_pixels(x)) - logits).abs().max() <= 1e-5
+        assert (dall_e.utils.unmap_pixels(torch.sigmoid(tok.decoder(onehot)[:, :3])) - ref).abs().max() <= 1e-5
+        assert (tok.encoder_logits(x) - logits).abs().max() <= 1e-5  # ours: convs run by hand
     assert torch.equal(tok.encode(x), tokens)
     assert (tok.decode(tokens) - ref).abs().max() <= 1e-5  # gather of the first 1x1 conv instead of the one-hot
     assert (tok.decode_soft(onehot) - ref).abs().max() <= 1e-5
@@ -1816,6 +1818,19 @@ def test_cli_errors_are_one_line(env, capsys):
         capsys.readouterr().err and not (env / 'bad').exists()
     assert train_prior.main(flags(env, env / 'bad', resume=env / 'missing.pt')) == 2
     assert capsys.readouterr().err == f"error: {env / 'missing.pt'}: no such checkpoint\n"
+    assert train_prior.main(['--dataset', 'ade20k', '--long']) == 2
+    assert capsys.readouterr().err == "error: --long: --dataset ade20k has no longer schedule; expected --iters N\n"
+    assert train_posterior.main(['--variant', 'ft', '--dataset', 'synthetic', '--long']) == 2
+    assert capsys.readouterr().err.startswith("error: --long: only --variant tokenizer on --dataset synthetic has")
+
+
+def test_long_settings_are_the_ones_that_reach_the_targets(env):
+    post = ['--posterior', str(env / 'posterior.pt')]
+    args = train_prior.parse_args(['--dataset', 'synthetic', '--long', *post])
+    assert (args.iters, args.eval_interval, args.warmup_iters) == (1000, 500, 100)
+    args = train_prior.parse_args(['--dataset', 'synthetic', *post])
+    assert (args.iters, args.eval_interval, args.warmup_iters) == (350, 0, 50)  # evaluate.py measures the end
+    assert train_posterior.SYNTHETIC_LONG == {'tokenizer': {'iters': 5000, 'eval': 1000}}
 
 
 # ---- the main job, end to end (issue 6): the README's chain of entry points on the tiny set, a few iterations each
