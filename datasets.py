@@ -79,7 +79,7 @@ DATASET_PRESETS = {
     # ours: small and fast on a CPU; milder scale jitter keeps the 2-6 px textures readable
     'synthetic': dict(_COMMON, num_classes=10, classes=SYNTHETIC_CLASSES, root=None, ratio_range=(0.75, 1.5),
                       warmup=50, crop_size=64, img_scale=(128, 128), test_scale=(128, 128), batch_size=16,
-                      iters=350, eval_interval=0, long=dict(iters=1000, eval_interval=500, warmup=100), lr=1e-3,
+                      iters=280, eval_interval=0, long=dict(iters=1000, eval_interval=500, warmup=100), lr=1e-3,
                       test_mode='whole', test_crop=128, test_stride=96),
     # ours: the user's own data (classes.txt), ADE20K-like pipeline
     'folder': dict(_COMMON, num_classes=None, classes=None, root=None, crop_size=512, img_scale=(2048, 512),

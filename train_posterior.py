@@ -57,7 +57,7 @@ SETTINGS = {  # eval: iterations between validation recon metrics (and at the en
 }
 # ours: sized for 2 CPU cores (the synthetic set is 128x128, crops of 64); --long: the settings that reach the targets
 SYNTHETIC_SETTINGS = {
-    'tokenizer': dict(iters=500, batch_size=8, lr=1e-3, crop=64, eval=500),
+    'tokenizer': dict(iters=450, batch_size=8, lr=1e-3, crop=64, eval=450),
     'ft': dict(iters=300, batch_size=16, lr=1e-3, warmup=0, eval=100),
     'ft-w': dict(iters=200, batch_size=8, lr=1e-3, warmup=20, eval=100, ftw=dict(dim=32, num_heads=2)),  # CPU-sized
     'tf': dict(iters=100, batch_size=8, lr=0.01, warmup=0, eval=50),
@@ -375,7 +375,7 @@ def parse_args(argv=None):
     parser.add_argument('--depth', type=int, default=2, help='Swin blocks in the FT-W inverse (official: 2 ADE20K, '
                         '1 Cityscapes)')
     parser.add_argument('--long', action='store_true', help="synthetic: the longer settings that reach the targets "
-                        "(tokenizer: 5000 iterations instead of 500)")
+                        "(tokenizer: 5000 iterations instead of 450)")
     parser.add_argument('--iters', type=int, default=None)
     parser.add_argument('--batch-size', type=int, default=None, help="images per rank")
     parser.add_argument('--lr', type=float, default=None)

@@ -262,7 +262,7 @@ def parse_args(argv=None):
     p.add_argument('--resume', help="checkpoint to resume from, or 'auto' = <out>/latest.pt if it exists")
     p.add_argument('--stop-at', type=int, help="save and exit after this iteration (for time-limited jobs)")
     p.add_argument('--long', action='store_true', help="the preset's longer schedule (synthetic: 1000 iterations, "
-                                                       "validation every 500, instead of 350 and only the end)")
+                                                       "validation every 500, instead of 280 and only the end)")
     p.add_argument('--eval-interval', type=int, help="validate every N iterations and at the end; 0 = never "
                                                      "(default iters/10 as the official 16k of 160k, at least 100; synthetic: 0, evaluate.py "
                                                      "measures the end)")
