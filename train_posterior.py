@@ -330,7 +330,8 @@ def train_inverse(args, s, num_classes, palette, ignore_colour, tok, prior, devi
     ds = datasets.build_dataset(args.dataset, 'train', args.data_root, train=True)
     val = val_labels(args, VAL_IMAGES)
     beta = nn.Parameter(palette.float().to(device) / 255) if v in ('tf', 'tt') else None  # (K, 3) in [0, 1]
-    config = {'ft': {'hidden': 64}, 'tt': {'hidden': 64}, 'ft-w': {'depth': args.depth, **s.get('ftw', {})}, 'tf': {}}[v]
+    ftw = {'depth': args.depth, **s.get('ftw', {})}  # the synthetic preset's CPU-sized widths, if any
+    config = {'ft': {'hidden': 64}, 'tt': {'hidden': 64}, 'ft-w': ftw, 'tf': {}}[v]
     inverse = {'ft': gss.FTInverse, 'tt': gss.FTInverse, 'ft-w': gss.FTWInverse}[v](num_classes, **config) \
         if v != 'tf' else None
     trained = {**({'beta': beta} if beta is not None else {}), **({'inverse': inverse} if inverse is not None else {})}

@@ -264,8 +264,8 @@ def parse_args(argv=None):
     p.add_argument('--long', action='store_true', help="the preset's longer schedule (synthetic: 1000 iterations, "
                                                        "validation every 500, instead of 280 and only the end)")
     p.add_argument('--eval-interval', type=int, help="validate every N iterations and at the end; 0 = never "
-                                                     "(default iters/10 as the official 16k of 160k, at least 100; synthetic: 0, evaluate.py "
-                                                     "measures the end)")
+                                                     "(default iters/10 as the official 16k of 160k, at least 100; "
+                                                     "synthetic: 0, evaluate.py measures the end)")
     p.add_argument('--log-interval', type=int, help="log every N iterations (default 50, iters/20 if smaller)")
     p.add_argument('--ckpt-interval', type=int, default=1000, help="write <out>/latest.pt every N iterations "
                                                                        "(default 1000)")
