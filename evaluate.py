@@ -115,7 +115,8 @@ def evaluate_split(model, tokenizer, inverses, dataset, test_cfg, aux=True, indi
     """Metrics over `dataset` (test items, see datasets.py) of the generative prediction with each X^-1 in
     `inverses` ({name: module}) and of the auxiliary head's per-pixel prediction ('aux head', when aux=True).
     indices: the items to visit (default all; a rank's share under DDP, followed by SegMetric.all_reduce).
-    on_item(item, preds) is called with each item and its {name: (H, W) labels}, e.g. to save them."""
+    on_item(item, preds, maskige) is called with each item, its {name: (H, W) labels} and the generated maskige
+    (3, 2h, 2w), e.g. to save them."""
     names = list(inverses) + (['aux head'] if aux else [])
     metrics = {name: SegMetric(dataset.num_classes) for name in names}
     device = next(model.parameters()).device
@@ -123,12 +124,14 @@ def evaluate_split(model, tokenizer, inverses, dataset, test_cfg, aux=True, indi
         item = dataset[i]
         image = item['image'][None].to(device)  # (1, 3, h, w) at the test scale
         label = item['label'].to(device)  # (H, W) at the original resolution
-        scores = gss.predict(model, tokenizer, inverses, image, **test_cfg, aux=aux)  # one generation per window
+        scores = gss.predict(model, tokenizer, inverses, image, **test_cfg, aux=aux,  # one generation per window
+                             maskige=on_item is not None)
+        maskige = scores.pop('maskige', None)  # (1, 3, 2h, 2w)
         preds = {name: resized_argmax(s, label.shape)[0] for name, s in scores.items()}
         for name, pred in preds.items():
             metrics[name].update(pred, label)
         if on_item is not None:
-            on_item(item, preds)
+            on_item(item, preds, None if maskige is None else maskige[0])
     return metrics
 
 
@@ -263,9 +266,9 @@ def segment_images(args, model, tokenizer, inverse, palette):
         img = datasets.read_image(path)  # (H, W, 3) uint8
         H, W = img.shape[:2]
         image = datasets.test_transform(img, np.zeros((H, W), np.uint8), preset)['image'][None].to(args.device)
-        pred = resized_argmax(gss.predict(model, tokenizer, inverse, image, **test_cfg), (H, W))[0]
-        maskige = gss.generate(model, tokenizer, image)[0] if args.mode == 'whole' else None
-        save_outputs(save_dir, path, pred, palette, maskige, args.cityscapes_ids)
+        out = gss.predict(model, tokenizer, {'': inverse}, image, **test_cfg, maskige=True)  # one generation
+        pred = resized_argmax(out[''], (H, W))[0]
+        save_outputs(save_dir, path, pred, palette, out['maskige'][0], args.cityscapes_ids)
         print(f"{path}: {H}x{W} -> {save_dir}")
 
 
@@ -279,16 +282,13 @@ def run(args):
         if args.images:
             return segment_images(args, model, tokenizer, next(iter(inverses.values())), palette)
 
-        def save(item, preds):  # the first X^-1's labels and the model's maskige
-            if args.save_dir:
-                image = item['image'][None].to(args.device)
-                maskige = gss.generate(model, tokenizer, image)[0] if args.mode == 'whole' else None
-                save_outputs(args.save_dir, item['path'], next(iter(preds.values())), palette, maskige,
-                             args.cityscapes_ids)
+        def save(item, preds, maskige):  # the first X^-1's labels and the model's maskige
+            save_outputs(args.save_dir, item['path'], next(iter(preds.values())), palette, maskige,
+                         args.cityscapes_ids)
         t0 = time.time()
         results = evaluate_split(model, tokenizer, inverses, dataset,
                                  dict(mode=args.mode, crop=args.crop, stride=args.stride), indices=indices,
-                                 on_item=save)
+                                 on_item=save if args.save_dir else None)
         print(f"evaluated {len(indices)} images of {args.dataset} {args.split} in {time.time() - t0:.1f} s "
               f"({args.mode} inference)")
     if args.recon:  # the stage-I oracle of the (first) artifact, or of the official checkpoint's palette

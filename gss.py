@@ -968,8 +968,8 @@ def slide_windows(H, W, crop, stride):
 
 
 def _infer(window_scores, images, mode, crop, stride):
-    """Whole image, or mmseg's sliding windows: each of the window's score maps ({name: (B, K, h, w)}) summed into
-    its canvas, divided by the overlap count. -> {name: (B, K, H, W)}."""
+    """Whole image, or mmseg's sliding windows: each of the window's maps ({name: (B, C, f h, f w)}, f = 1 for
+    class scores, 2 for the maskige) summed into its canvas (B, C, f H, f W), divided by the overlap count."""
     if mode == 'whole':
         return window_scores(images)
     if mode != 'slide' or crop is None or stride is None:
@@ -977,22 +977,24 @@ def _infer(window_scores, images, mode, crop, stride):
     B, _, H, W = images.shape
     out, count = {}, images.new_zeros(1, 1, H, W)
     for y1, y2, x1, x2 in slide_windows(H, W, crop, stride):
-        for name, s in window_scores(images[:, :, y1:y2, x1:x2]).items():  # (B, K, y2-y1, x2-x1)
+        for name, s in window_scores(images[:, :, y1:y2, x1:x2]).items():  # (B, C, f (y2-y1), f (x2-x1))
+            f = s.shape[2] // (y2 - y1)
             if name not in out:
-                out[name] = torch.zeros(B, s.shape[1], H, W, device=s.device)  # float32 sums
-            out[name][:, :, y1:y2, x1:x2] += s
+                out[name] = torch.zeros(B, s.shape[1], f * H, f * W, device=s.device)  # float32 sums
+            out[name][:, :, f * y1:f * y2, f * x1:f * x2] += s
         count[:, :, y1:y2, x1:x2] += 1
-    return {name: o / count for name, o in out.items()}  # (B, K, H, W) each
+    return {name: o / F.interpolate(count, o.shape[2:], mode='nearest') for name, o in out.items()}
 
 
 @torch.no_grad()
-def predict(model, tokenizer, inverse, images, mode='whole', crop=None, stride=None, aux=False):
+def predict(model, tokenizer, inverse, images, mode='whole', crop=None, stride=None, aux=False, maskige=False):
     """Generative inference: image -> tokens (argmax, chunked) -> tokenizer.decode -> maskige at 2H x 2W -> X^-1
     -> class scores bilinearly resized to the input: (B, 3, H, W) -> (B, K, H, W). Put the modules in eval mode.
     inverse: any X^-1 module of gss; as in the official code, NearestColour gives a one-hot before the resize and
     learned inverses their logits (maskige_scores, facts §3, §10). inverse may also be a dict {name: X^-1}: then
     the result is a dict {name: scores} from one generation per window, plus 'aux head' (the auxiliary head's
-    per-pixel logits on the same backbone pass) when aux=True."""
+    per-pixel logits on the same backbone pass) when aux=True, and 'maskige' (the generated maskige, (B, 3, 2H, 2W),
+    averaged where windows overlap) when maskige=True."""
     model = getattr(model, 'module', model)  # through a DDP wrapper
     inverses = inverse if isinstance(inverse, dict) else {'': inverse}
 
@@ -1001,8 +1003,10 @@ def predict(model, tokenizer, inverse, images, mode='whole', crop=None, stride=N
         feats = model.backbone(x)
         out = {}
         if inverses:
-            maskige = _generate(model, tokenizer, feats, H, W)  # (B, 3, 2H, 2W)
-            out = {name: maskige_scores(inv, maskige, (H, W)) for name, inv in inverses.items()}  # (B, K, H, W)
+            m = _generate(model, tokenizer, feats, H, W)  # (B, 3, 2H, 2W)
+            out = {name: maskige_scores(inv, m, (H, W)) for name, inv in inverses.items()}  # (B, K, H, W)
+            if maskige:
+                out['maskige'] = m
         if aux:
             a = model.head.aux_logits(feats)  # (B, K, h, w), h = ceil(H/4)
             a = F.interpolate(a, (4 * a.shape[2], 4 * a.shape[3]), mode='bilinear', align_corners=False)

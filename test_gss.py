@@ -1121,6 +1121,16 @@ def test_predict_whole_slide_and_aux():
     assert torch.equal(gss.predict(model, tokenizer, inverse, images, 'slide', 64, 32), whole)  # one window
     slide = gss.predict(model, tokenizer, inverse, images, 'slide', (24, 32), (12, 16))  # 2 x 2 windows
     assert slide.shape == whole.shape and torch.allclose(slide.sum(1), torch.ones(2, 30, 46))
+    # the generated maskige comes from the same generation as the scores (evaluate.py --save-dir writes it)
+    out = gss.predict(model, tokenizer, {'ff': inverse}, images, maskige=True)
+    assert torch.equal(out['ff'], whole) and torch.equal(out['maskige'], gss.generate(model, tokenizer, images))
+    one = gss.predict(model, tokenizer, {'ff': inverse}, images, 'slide', 64, 32, maskige=True)
+    assert torch.equal(one['maskige'], out['maskige'])  # one window: the whole-image maskige
+    four = gss.predict(model, tokenizer, {'ff': inverse}, images, 'slide', (24, 32), (12, 16), maskige=True)
+    assert four['maskige'].shape == (2, 3, 60, 92) and 0 <= four['maskige'].min() <= four['maskige'].max() <= 1
+    # windows (0, 24, 0, 32), (0, 24, 14, 46), (6, 30, 0, 32), (6, 30, 14, 46): rows < 6, columns < 14 see the first only
+    first = gss.generate(model, tokenizer, images[:, :, :24, :32])  # (2, 3, 48, 64): the first window's maskige
+    assert torch.allclose(four['maskige'][:, :, :12, :28], first[:, :, :12, :28])
     aux = gss.predict_aux(model, images)
     assert aux.shape == (2, 5, 30, 46)
     assert torch.equal(gss.predict_aux(model, images, 'slide', 64, 32), aux)
@@ -1872,7 +1882,9 @@ def test_evaluate_cli_saves_labels_that_reload_to_its_predictions(env, ref1, tmp
                                        item['label'].shape)[0]
         saved = np.asarray(Image.open(out / f'{stem}.png'))
         assert np.array_equal(saved, pred.numpy()) and Image.open(out / f'{stem}.png').mode == 'P'
-        assert Image.open(out / f'{stem}_maskige.png').size == (2 * pred.shape[1], 2 * pred.shape[0])
+        maskige = gss.generate(model, tokenizer, item['image'][None])[0]  # (3, 2h, 2w)
+        expected = (maskige * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        assert np.array_equal(np.asarray(Image.open(out / f'{stem}_maskige.png')), expected)
         assert Image.open(out / f'{stem}_overlay.jpg').size == (pred.shape[1], pred.shape[0])
     # a checkpoint that is not one gives a one-line error
     bad = tmp_path / 'bad.pt'
