@@ -382,9 +382,12 @@ def bench_inverse(args):
 # ----------------------------------------------------------------------------------------------------------
 # tokenizer: the DALL-E-size dVAE, ours vs the naive use of the dall_e package
 
+DALLE_ARCH = dict(n_hid=256, vocab_size=8192, n_init=128, n_blk_per_group=2)  # DALL-E's dVAE shapes
+
+
 def _dalle_size():
     torch.manual_seed(0)
-    tok = gss.build_tokenizer(n_hid=256, vocab_size=8192, n_init=128, n_blk_per_group=2)  # DALL-E's shapes
+    tok = gss.build_tokenizer(**DALLE_ARCH)
     # random weights give an almost flat grey maskige; spread the colours as a trained decoder would (as the golden
     # vectors of the official code do), so the bf16 class agreement below is measured on varied colours
     with torch.no_grad():
@@ -477,7 +480,7 @@ TRAIN_BENCH_CONFIGS = {
     'synthetic-paper-head': dict(backbone='swin_mini', head={}, dataset='synthetic', num_classes=10, crop=64, batch=16,
                                  tok=train_posterior.TOKENIZER_ARCH),
     'swin_t': dict(backbone='swin_t', head={}, dataset='ade20k', num_classes=150, crop=256, batch=1,
-                   tok=dict(n_hid=256, vocab_size=8192, n_init=128, n_blk_per_group=2), steps=1),
+                   tok=DALLE_ARCH, steps=1),
 }
 
 
@@ -650,7 +653,7 @@ def _infer_tflop(name):
     backbone, K, _, _, _, _ = INFER_CASES[name]
     with torch.device('meta'):
         model = gss.GSS(backbone, num_classes=K, vocab_size=8192).eval()
-    tokenizer = gss.build_tokenizer(n_hid=256, vocab_size=8192, n_init=128, n_blk_per_group=2)
+    tokenizer = gss.build_tokenizer(**DALLE_ARCH)
     with FlopCounterMode(display=False) as counter:
         tokenizer.decode(torch.zeros(1, 8, 8, dtype=torch.long))
     decode_per_token = counter.get_total_flops() / 64

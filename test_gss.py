@@ -1128,7 +1128,8 @@ def test_predict_whole_slide_and_aux():
     assert torch.equal(one['maskige'], out['maskige'])  # one window: the whole-image maskige
     four = gss.predict(model, tokenizer, {'ff': inverse}, images, 'slide', (24, 32), (12, 16), maskige=True)
     assert four['maskige'].shape == (2, 3, 60, 92) and 0 <= four['maskige'].min() <= four['maskige'].max() <= 1
-    # windows (0, 24, 0, 32), (0, 24, 14, 46), (6, 30, 0, 32), (6, 30, 14, 46): rows < 6, columns < 14 see the first only
+    # windows (0, 24, 0, 32), (0, 24, 14, 46), (6, 30, 0, 32), (6, 30, 14, 46):
+    # rows < 6 and columns < 14 are covered by the first window only
     first = gss.generate(model, tokenizer, images[:, :, :24, :32])  # (2, 3, 48, 64): the first window's maskige
     assert torch.allclose(four['maskige'][:, :, :12, :28], first[:, :, :12, :28])
     aux = gss.predict_aux(model, images)
@@ -1754,7 +1755,7 @@ def test_stage1_kill_and_resume_reaches_identical_weights(env):
                 return st.st_ino, st.st_mtime_ns
         seen = {version()} - {None}
         while p.is_alive() and len(seen) <= target:
-            seen.add(version()), seen.discard(None)
+            seen |= {version()} - {None}
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 0.02))
         with contextlib.suppress(ProcessLookupError):

@@ -376,7 +376,8 @@ def parse_args(argv=None):
     parser.add_argument('--depth', type=int, default=2, help='Swin blocks in the FT-W inverse (official: 2 ADE20K, '
                         '1 Cityscapes)')
     parser.add_argument('--long', action='store_true', help="synthetic: the longer settings that reach the targets "
-                        "(tokenizer: 5000 iterations instead of 450)")
+                        f"(tokenizer: {SYNTHETIC_LONG['tokenizer']['iters']} iterations instead of "
+                        f"{SYNTHETIC_SETTINGS['tokenizer']['iters']})")
     parser.add_argument('--iters', type=int, default=None)
     parser.add_argument('--batch-size', type=int, default=None, help="images per rank")
     parser.add_argument('--lr', type=float, default=None)

@@ -261,8 +261,10 @@ def parse_args(argv=None):
     p.add_argument('--out', help="output folder for latest.pt, best.pt, log.jsonl (default runs/<dataset>/prior)")
     p.add_argument('--resume', help="checkpoint to resume from, or 'auto' = <out>/latest.pt if it exists")
     p.add_argument('--stop-at', type=int, help="save and exit after this iteration (for time-limited jobs)")
-    p.add_argument('--long', action='store_true', help="the preset's longer schedule (synthetic: 1000 iterations, "
-                                                       "validation every 500, instead of 280 and only the end)")
+    syn = datasets.DATASET_PRESETS['synthetic']
+    p.add_argument('--long', action='store_true', help=f"the preset's longer schedule (synthetic: "
+                   f"{syn['long']['iters']} iterations, validation every {syn['long']['eval_interval']}, instead of "
+                   f"{syn['iters']} and only the end)")
     p.add_argument('--eval-interval', type=int, help="validate every N iterations and at the end; 0 = never "
                                                      "(default iters/10 as the official 16k of 160k, at least 100; "
                                                      "synthetic: 0, evaluate.py measures the end)")
