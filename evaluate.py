@@ -11,6 +11,7 @@ baseline, the stage-I reconstruction oracle, and the demo that segments arbitrar
     python evaluate.py --checkpoint gss-ff_swin-l_512x512_160k_ade20k.pth --dataset ade20k --data-root data/ade
 """
 import argparse
+import itertools
 import math
 import os
 import sys
@@ -135,17 +136,25 @@ def evaluate_split(model, tokenizer, inverses, dataset, test_cfg, aux=True, indi
     return metrics
 
 
+def labels_and_test_sizes(dataset, indices):
+    """A stream of (label (1, H, W) at the original resolution, size (h, w) of the test-transformed image)."""
+    return ((item['label'][None], tuple(item['image'].shape[-2:])) for item in map(dataset.__getitem__, indices))
+
+
 @torch.no_grad()
-def reconstruction_oracle(tokenizer, inverse, palette, ignore_colour, dataset, indices=None):
-    """The stage-I oracle (official dalle_reconstruction configs, facts 5; gss.recon_scores): each ground truth
-    painted (255 with the ignore colour), tokenized at 1/8, decoded, X^-1 -> metrics of the round trip."""
-    metric = SegMetric(dataset.num_classes)
+def reconstruction_oracle(tokenizer, inverse, palette, ignore_colour, items, num_classes, upsample=False):
+    """The stage-I oracle (official dalle_reconstruction configs, facts 5; gss.recon_scores) over (label, test size)
+    pairs (labels_and_test_sizes): each ground truth resized to its test size, painted (255 with the ignore colour),
+    tokenized at 1/8 (upsample=True: stage II's 2x path), decoded, X^-1, scores resized back to the label -> SegMetric.
+    Consecutive labels of one size go in batches of up to 2^18 pixels (the metric sums histograms: the same numbers)."""
+    metric = SegMetric(num_classes)
     device = next(tokenizer.parameters()).device
     palette, ignore_colour = palette.to(device), ignore_colour.to(device)
-    for i in range(len(dataset)) if indices is None else indices:
-        label = dataset[i]['label'].to(device)  # (H, W)
-        scores = gss.recon_scores(tokenizer, inverse, label[None], palette, ignore_colour)  # (1, K, H, W)
-        metric.update(scores[0].argmax(0), label)
+    for (shape, size), run in itertools.groupby(items, key=lambda item: (item[0].shape, item[1])):
+        while batch := [label for label, _ in itertools.islice(run, max(1, 2 ** 18 // shape.numel()))]:
+            label = torch.cat(batch).to(device)  # (b, H, W)
+            scores = gss.recon_scores(tokenizer, inverse, label, palette, ignore_colour, size, upsample)  # (b, K, H, W)
+            metric.update(scores.argmax(1), label)
     return metric
 
 
@@ -297,7 +306,8 @@ def run(args):
             tokenizer = gss.load_tokenizer(post['tokenizer']).to(args.device)
             inverses = {'': gss.build_inverse(post).to(args.device).eval()}
             palette, ignore = torch.tensor(post['palette']), torch.tensor(post['ignore_colour'])
-        oracle = reconstruction_oracle(tokenizer, next(iter(inverses.values())), palette, ignore, dataset, indices)
+        oracle = reconstruction_oracle(tokenizer, next(iter(inverses.values())), palette, ignore,
+                                       labels_and_test_sizes(dataset, indices), dataset.num_classes)
         results = {'tokenizer oracle': oracle, **results}
     classes = dataset.classes
     for name, metric in results.items():

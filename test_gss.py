@@ -931,6 +931,28 @@ def test_train_posterior_cli_writes_artifacts_and_reports_user_errors(tmp_path, 
     assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_recon_oracle_runs_at_the_test_resolution(tmp_path, tiny_tok, monkeypatch):
+    # 40x40 labels, test scale 24: evaluate.py --recon tokenizes at 24x24 as the official oracle and recon_metrics do
+    write_folder_dataset(tmp_path / 'data', n=3, size=40)
+    monkeypatch.setitem(datasets.DATASET_PRESETS['folder'], 'test_scale', (24, 24))
+    gss.save_tokenizer(tiny_tok, tmp_path / 'tok.pt')
+    palette = gss.make_palette(4)
+    ignore = gss.ignore_colour_for(palette)
+    gss.make_posterior(tmp_path / 'ff.pt', 'ff', palette, ignore, tmp_path / 'tok.pt', 512)
+    results = evaluate.run(evaluate.parse_args(['--recon', '--posterior', str(tmp_path / 'ff.pt'), '--dataset',
+                                                'folder', '--data-root', str(tmp_path / 'data'), '--device', 'cpu']))
+    val = datasets.build_dataset('folder', 'val', str(tmp_path / 'data'), train=False)
+    labels = torch.stack([item['label'] for item in val])  # (3, 40, 40)
+    assert val[0]['image'].shape[-2:] == (24, 24)
+    def areas(size):
+        metric = evaluate.SegMetric(4)
+        metric.update(gss.recon_scores(tiny_tok, gss.NearestColour(palette), labels, palette, ignore, size).argmax(1),
+                      labels)
+        return metric.areas
+    assert torch.equal(results['tokenizer oracle'].areas, areas((24, 24)))
+    assert not torch.equal(areas((24, 24)), areas(None))  # the label size gives other numbers
+
+
 def test_load_posterior_validates(tmp_path):
     palette = gss.make_palette(3)
     gss.make_posterior(tmp_path / 'p.pt', 'ff', palette, gss.ignore_colour_for(palette), tmp_path / 'tok.pt', 512)

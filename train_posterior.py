@@ -87,21 +87,13 @@ def choose_palette(variant, palette, dataset, num_classes, seed):
 def val_labels(args, n):
     """The first n validation items as (label (1, H, W) at the original resolution, test-resolution size)."""
     ds = datasets.build_dataset(args.dataset, 'val', args.data_root, train=False)
-    return [(item['label'][None], item['image'].shape[-2:]) for item in (ds[i] for i in range(min(n, len(ds))))]
+    return list(evaluate.labels_and_test_sizes(ds, range(min(n, len(ds)))))
 
 
 def recon_metrics(tok, inverse, palette, ignore_colour, val, num_classes, upsample=False):
-    """Maskige-reconstruction mIoU / aAcc over validation items (gss.recon_scores: the evaluate.py --recon oracle;
-    upsample=True: stage II's 2x path)."""
-    metric, same_size = evaluate.SegMetric(num_classes), {}
-    for label, size in val:  # batches of items of one size (the metric sums a histogram: the same numbers)
-        same_size.setdefault((tuple(label.shape), tuple(size)), []).append(label)
-    for (_, size), labels in same_size.items():
-        for i in range(0, len(labels), 16):
-            label = torch.cat(labels[i:i + 16]).to(palette.device)  # (b, H, W)
-            scores = gss.recon_scores(tok, inverse, label, palette, ignore_colour, size, upsample)  # (b, K, H, W)
-            metric.update(scores.argmax(1), label)
-    m = metric.compute()
+    """Maskige-reconstruction mIoU / aAcc over validation items (the evaluate.py --recon oracle; upsample=True: stage
+    II's 2x path)."""
+    m = evaluate.reconstruction_oracle(tok, inverse, palette, ignore_colour, val, num_classes, upsample).compute()
     return {'mIoU': round(float(m['mIoU']), 2), 'aAcc': round(float(m['aAcc']), 2)}
 
 
