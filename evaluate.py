@@ -189,18 +189,20 @@ def save_outputs(save_dir, image_path, pred, palette, maskige=None, cityscapes_i
 # -----------------------------------------------------------------------------
 # loading a stage-II model: ours (train_prior.py) or an official GSS release
 
-def load_stage2(path, posterior_paths, dataset, device):
-    """-> (model, tokenizer, {name: inverse}, palette, ignore_colour). Our checkpoints record their stage-I artifact
-    (used when no --posterior is given, and checked against each given one); official releases carry the DALL-E
-    weights and, for GSS-FT-W, the inverse; their palette is the official one of `dataset` (not stored in them)."""
+def load_stage2(path, posterior_paths, dataset, device, tokenizer=None):
+    """-> (model, tokenizer, {name: inverse}, palette, ignore_colour). Our checkpoints carry their stage-I artifact
+    (gss.checkpoint_posterior: used when no --posterior is given, and checked against each given one; `tokenizer`, a
+    file, overrides its tokenizer); official releases carry the DALL-E weights and, for GSS-FT-W, the inverse; their
+    palette is the official one of `dataset` (not stored in them)."""
     ckpt = gss.load_file(path, 'checkpoint')
     if isinstance(ckpt, dict) and ckpt.get('kind') == 'gss-prior':
-        posteriors = [gss.load_posterior(p) for p in posterior_paths or [ckpt['posterior']['path']]]
-        for p, post in zip(posterior_paths or [ckpt['posterior']['path']], posteriors):
+        posteriors = [gss.load_posterior(p) for p in posterior_paths or []] or \
+            [gss.checkpoint_posterior(ckpt, path, tokenizer)]
+        for post in posteriors:
             gss.check_posterior_match(ckpt['posterior'], post, path)
         model = gss.GSS.from_config(ckpt['config'])
         model.load_state_dict(ckpt['model'])
-        tokenizer = gss.load_tokenizer(posteriors[0]['tokenizer'])
+        tokenizer = gss.load_tokenizer(tokenizer or posteriors[0]['tokenizer'])
         inverses = {f"GSS-{post['variant'].upper()}": gss.build_inverse(post) for post in posteriors}
         palette, ignore = torch.tensor(posteriors[0]['palette']), torch.tensor(posteriors[0]['ignore_colour'])
     elif isinstance(ckpt, dict) and any(k.startswith(('decode_head.', 'backbone.')) for k in ckpt.get('state_dict', ckpt)):
@@ -226,6 +228,8 @@ def parse_args(argv=None):
                                         "GSS release .pth)")
     p.add_argument('--posterior', action='append', help="stage-I artifact(s) of train_posterior.py; repeat to compare "
                    "several X^-1 on one model (default: the one the checkpoint was trained with)")
+    p.add_argument('--tokenizer', help="tokenizer file (default: the one of the stage-I artifact, found relative to "
+                                       "a train_prior.py checkpoint as at training time)")
     p.add_argument('--recon', action='store_true', help="also report the tokenizer's maskige-reconstruction oracle "
                                                         "(needs only --posterior)")
     p.add_argument('--dataset', default='synthetic', help="preset: " + ", ".join(datasets.DATASET_PRESETS))
@@ -287,7 +291,7 @@ def run(args):
     results = {}
     if args.checkpoint:
         model, tokenizer, inverses, palette, ignore = load_stage2(args.checkpoint, args.posterior, args.dataset,
-                                                                  args.device)
+                                                                  args.device, args.tokenizer)
         if args.images:
             return segment_images(args, model, tokenizer, next(iter(inverses.values())), palette)
 
@@ -303,7 +307,7 @@ def run(args):
     if args.recon:  # the stage-I oracle of the (first) artifact, or of the official checkpoint's palette
         if not args.checkpoint:
             post = gss.load_posterior(args.posterior[0])
-            tokenizer = gss.load_tokenizer(post['tokenizer']).to(args.device)
+            tokenizer = gss.load_tokenizer(args.tokenizer or post['tokenizer']).to(args.device)
             inverses = {'': gss.build_inverse(post).to(args.device).eval()}
             palette, ignore = torch.tensor(post['palette']), torch.tensor(post['ignore_colour'])
         oracle = reconstruction_oracle(tokenizer, next(iter(inverses.values())), palette, ignore,

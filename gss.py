@@ -669,17 +669,31 @@ def load_posterior(path):
     return post
 
 
-def posterior_summary(posterior, path):
-    """What a checkpoint records about the stage-I artifact it was trained with (plain types)."""
-    return {'path': os.path.abspath(path), 'num_classes': int(posterior['num_classes']),
-            'palette': [[int(c) for c in rgb] for rgb in posterior['palette']],
-            'vocab_size': int(posterior['vocab_size'])}
+def posterior_summary(posterior, path, ckpt_dir):
+    """What a stage-II checkpoint in the folder `ckpt_dir` records of the stage-I artifact `posterior` (at `path`) it
+    was trained with, plain types: all of it but the tokenizer, whose file it records relative to ckpt_dir and
+    absolute, so that a moved runs folder still evaluates (checkpoint_posterior)."""
+    tokenizer = os.path.abspath(posterior['tokenizer'])
+    return {**posterior, 'path': os.path.abspath(path), 'tokenizer_abs': tokenizer,
+            'tokenizer': os.path.relpath(tokenizer, os.path.abspath(ckpt_dir))}
 
 
-def check_posterior_match(saved, posterior, path):
+def checkpoint_posterior(ckpt, path, tokenizer=None):
+    """The stage-I artifact that the stage-II checkpoint `ckpt` (loaded from `path`) carries, as load_posterior returns
+    it. Its tokenizer: the file `tokenizer` when given, else the one relative to the checkpoint's folder, else the one
+    at the absolute path of training time."""
+    saved = ckpt['posterior']
+    near = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), saved['tokenizer']))
+    tokenizer = tokenizer or next((p for p in (near, saved['tokenizer_abs']) if os.path.isfile(p)), None)
+    if tokenizer is None:
+        raise UserError(f"{path}: its tokenizer file is neither at {near} nor at {saved['tokenizer_abs']}; expected "
+                        f"--tokenizer FILE, the tokenizer of the stage-I artifact it was trained with")
+    return {**saved, 'tokenizer': tokenizer}
+
+
+def check_posterior_match(saved, now, path):
     """UserError naming each of class count / palette / vocabulary size that differs between a checkpoint's record
-    `saved` (posterior_summary) and the stage-I artifact `posterior`."""
-    now = posterior_summary(posterior, saved['path'])
+    `saved` (posterior_summary) and the stage-I artifact `now`."""
     diffs = []
     if saved['num_classes'] != now['num_classes']:
         diffs.append(f"class count {saved['num_classes']} vs {now['num_classes']}")

@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -1579,6 +1580,32 @@ def test_checkpoint_is_plain_and_checked_against_the_artifact(env, ref1):
     with pytest.raises(gss.UserError, match='not a readable checkpoint'):
         (env / 'truncated.pt').write_bytes((ref1 / 'latest.pt').read_bytes()[:1000])
         train_prior.load_checkpoint(env / 'truncated.pt', 'gss-prior')
+
+
+def test_moved_runs_folder_still_evaluates(env, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / 'runs'  # tokenizer.pt, posterior.pt, prior/latest.pt: the README's layout
+    runs.mkdir()
+    shutil.copy(env / 'tokenizer.pt', runs / 'tokenizer.pt')
+    post = gss.load_posterior(env / 'posterior.pt')
+    gss.make_posterior(runs / 'posterior.pt', 'ff', post['palette'], post['ignore_colour'], runs / 'tokenizer.pt', 512)
+    assert train_prior.main(flags(env, runs / 'prior', posterior=runs / 'posterior.pt', iters=1, batch_size=1)) == 0
+    moved = Path(shutil.move(runs, tmp_path / 'moved'))
+    os.remove(moved / 'posterior.pt')  # the checkpoint carries the stage-I artifact
+    (tmp_path / 'cwd').mkdir()
+    monkeypatch.chdir(tmp_path / 'cwd')
+    argv = ['--dataset', 'synthetic', '--data-root', str(env / 'data'), '--checkpoint',
+            str(moved / 'prior' / 'latest.pt'), '--max-images', '1', '--device', 'cpu']
+    assert evaluate.main(argv) == 0, capsys.readouterr().err  # the tokenizer found relative to the checkpoint
+    os.rename(moved / 'tokenizer.pt', tmp_path / 'tok.pt')
+    capsys.readouterr()
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'its tokenizer file is neither at' in err and 'expected --tokenizer FILE' in err
+    assert evaluate.main(argv + ['--tokenizer', str(tmp_path / 'tok.pt')]) == 0
+    post['palette'][:2] = post['palette'][1::-1]  # an explicit --posterior still overrides and is checked
+    gss.make_posterior(tmp_path / 'swapped.pt', 'ff', post['palette'], post['ignore_colour'], tmp_path / 'tok.pt', 512)
+    assert evaluate.main(argv + ['--posterior', str(tmp_path / 'swapped.pt')]) == 2
+    assert 'does not match the stage-I artifact: palette (first at class 0' in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -360,7 +360,8 @@ def parse_args(argv=None):
     parser.add_argument('--variant', choices=['ff', 'ff-r', 'lstsq', 'ft', 'ft-w', 'tf', 'tt', 'tokenizer'])
     parser.add_argument('--dataset', default='synthetic', help='ade20k, cityscapes, synthetic or folder')
     parser.add_argument('--data-root', default=None, help="dataset directory (default: the preset's)")
-    parser.add_argument('--tokenizer', default=None, help='tokenizer file (default runs/<dataset>/tokenizer.pt)')
+    parser.add_argument('--tokenizer', default=None, help="tokenizer file (default runs/<dataset>/tokenizer.pt; with "
+                        "--prior, the prior's)")
     parser.add_argument('--prior', default=None, help="ft-w / ft: train X^-1 on this stage-II checkpoint's generated "
                         "maskiges (train_prior.py's latest.pt or an official GSS-FF release with --tokenizer)")
     parser.add_argument('--palette', choices=['maximal', 'official', 'random'], default=None,
@@ -407,10 +408,10 @@ def parse_args(argv=None):
 
 def load_prior(args, device):
     """--prior: (frozen stage-II model, its tokenizer, palette, ignore colour, tokenizer path, record of the prior)."""
-    model, tok, _, palette, ignore = evaluate.load_stage2(args.prior, None, args.dataset, device)
+    model, tok, _, palette, ignore = evaluate.load_stage2(args.prior, None, args.dataset, device, args.tokenizer)
     ckpt = gss.load_file(args.prior, 'checkpoint')
     if isinstance(ckpt, dict) and ckpt.get('kind') == 'gss-prior':
-        tok_path = gss.load_posterior(ckpt['posterior']['path'])['tokenizer']
+        tok_path = gss.checkpoint_posterior(ckpt, args.prior, args.tokenizer)['tokenizer']
         record = {'prior': os.path.abspath(args.prior), 'prior_iter': int(ckpt['iter'])}
     else:  # an official release: its DALL-E weights are OpenAI's; the artifact refers to our converted file of them
         if not args.tokenizer:

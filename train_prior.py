@@ -14,8 +14,9 @@ Outputs in --out (default runs/<dataset>/prior): latest.pt (every --ckpt-interva
 SIGTERM/SIGINT), best.pt (best validation mIoU), log.jsonl (one JSON object per log line). Checkpoints hold plain
 types only (torch.load(weights_only=True) reads them): kind 'gss-prior', iter, model (state dict), config (rebuilds
 it: gss.GSS.from_config), optimizer, scaler, data (epoch and position in the epoch's sample order), rng (every rank's
-torch / CUDA / numpy / python RNG states), best_miou, val_miou, args, posterior (path, class count, palette,
-vocabulary size of the stage-I artifact, checked on load). They are written atomically: the previous one stays
+torch / CUDA / numpy / python RNG states), best_miou, val_miou, args, posterior (the stage-I artifact itself, checked
+on load, but for its tokenizer: that file's path relative to --out and absolute, so that a moved runs folder still
+evaluates). They are written atomically: the previous one stays
 intact until the new one is complete (and the unfinished file of a killed write is removed at the next start).
 After a resume, log.jsonl repeats the iterations redone since that checkpoint.
 
@@ -480,7 +481,7 @@ def train_loop(args, rank, world_size, local_rank, device):
                 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                 'data': {'epoch': epoch, 'position': consumed * world_size}, 'rng': rng,
                 'best_miou': best_miou, 'val_miou': val_miou, 'args': vars(args),
-                'posterior': gss.posterior_summary(posterior, args.posterior)}
+                'posterior': gss.posterior_summary(posterior, args.posterior, args.out)}
 
     def save(path):
         nonlocal saved_it
