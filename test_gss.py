@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torchvision.models.swin_transformer import PatchMerging as TVPatchMerging
 from torchvision.models.swin_transformer import SwinTransformerBlock as TVSwinBlock
 
@@ -1437,16 +1438,27 @@ def run_rank(argv, env, console):
     os.dup2(fd, 1), os.dup2(fd, 2)
     os.environ.update(env)
     torch.set_num_threads(1)
+    if 'FIRST_GRADS' in env and env.get('RANK', '0') == '0':
+        save_first_grads(env['FIRST_GRADS'])
     sys.exit(train_prior.main(argv))
+
+
+def save_first_grads(path):
+    """Save the gradients that the first optimizer step of this process sees to `path` (a global step pre-hook: the
+    library is left as it is) -> the hook's handle."""
+    def hook(optimizer, args, kwargs):
+        if not os.path.exists(path):
+            torch.save([p.grad for group in optimizer.param_groups for p in group['params']], path)
+    return register_optimizer_step_pre_hook(hook)
 
 
 FORKSERVER = multiprocessing.get_context('forkserver')
 FORKSERVER.set_forkserver_preload(['train_prior', 'train_posterior'])
 
 
-def launch(argv, out, world_size=1):
+def launch(argv, out, world_size=1, first_grads=None):
     """train_prior.main(argv) in world_size processes with torchrun's environment variables -> list of Process;
-    rank r writes its console output to <out>.rank<r>.txt."""
+    rank r writes its console output to <out>.rank<r>.txt; rank 0 its first step's gradients to `first_grads`."""
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
@@ -1454,6 +1466,7 @@ def launch(argv, out, world_size=1):
     for r in range(world_size):
         env = dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1',
                    MASTER_PORT=str(port)) if world_size > 1 else {}
+        env.update({'FIRST_GRADS': str(first_grads)} if first_grads else {})
         procs.append(FORKSERVER.Process(target=run_rank, args=(argv, env, f'{out}.rank{r}.txt')))
         procs[-1].start()
     return procs
@@ -1478,15 +1491,19 @@ def finish(procs, timeout=120):
 @pytest.fixture(scope='module')
 def ref1(env):
     out = env / 'ref1'
-    with one_thread():
-        assert train_prior.main(flags(env, out, eval_interval=ITERS)) == 0  # validates once, at the end
+    hook = save_first_grads(env / 'ref1.grads.pt')
+    try:
+        with one_thread():
+            assert train_prior.main(flags(env, out, eval_interval=ITERS)) == 0  # validates once, at the end
+    finally:
+        hook.remove()
     return out
 
 
 @pytest.fixture(scope='module')
 def ref2(env):
     out = env / 'ref2'
-    assert finish(launch(flags(env, out, eval_interval=ITERS), out, world_size=2)) == [0, 0], \
+    assert finish(launch(flags(env, out, eval_interval=ITERS), out, 2, env / 'ref2.grads.pt')) == [0, 0], \
         (env / 'ref2.rank0.txt').read_text()
     return out
 
@@ -1499,6 +1516,12 @@ def test_two_ranks_match_one_rank_with_accumulation(env, ref1, ref2):
     assert it1 == it2 == ITERS
     config = gss.load_file(ref1 / 'latest.pt', 'checkpoint')['config']
     params = {k for k, _ in gss.GSS.from_config(config).named_parameters()}  # BN running stats differ (rank 0's)
+    # AdamW's update ignores a constant factor, so first the gradients of the first step: summing instead of
+    # averaging over the ranks or the micro-steps would double them
+    g1, g2 = (torch.load(env / f'{ref}.grads.pt') for ref in ('ref1', 'ref2'))
+    assert len(g1) == len(g2) == len(params) and all(g is not None for g in g1 + g2)
+    diff = max((a - b).abs().max().item() / b.abs().max().clamp(min=1e-12).item() for a, b in zip(g1, g2))
+    assert diff < 1e-4, diff  # relative to each tensor's largest gradient
     diff = max_diff({k: w1[k] for k in params}, {k: w2[k] for k in params})
     assert diff < 1e-6, diff  # float summation order only (all-reduce vs accumulation)
     log1, log2 = log_lines(ref1), log_lines(ref2)
