@@ -1705,8 +1705,9 @@ def test_kill_and_resume_reaches_identical_weights(env, ref1, ref2):
     report = []
     for world_size, ref, kills in ((1, ref1, 5), (2, ref2, 1)):
         out = env / f'kill{world_size}'
+        targets = sorted(rng.sample(range(2, ITERS - 1), kills))  # from 2: the kill finds a checkpoint to resume from
         resumed = []
-        for n, target in enumerate(sorted(rng.sample(range(1, ITERS - 1), kills))):
+        for n, target in enumerate(targets):
             procs = launch(flags(env, out, resume='auto'), env / f'kill{world_size}-{n}', world_size)
             console = env / f'kill{world_size}-{n}.rank0.txt'
             while max(progress(console)[:2]) < target and procs[0].is_alive():
@@ -1721,12 +1722,24 @@ def test_kill_and_resume_reaches_identical_weights(env, ref1, ref2):
         procs = launch(flags(env, out, resume='auto'), env / f'kill{world_size}-end', world_size)
         assert finish(procs) == [0] * world_size
         resumed.append(progress(env / f'kill{world_size}-end.rank0.txt')[0])
+        # every restart logged "resumed from ... at iteration N", N at least the checkpoint before the kill's target
+        assert resumed[0] == 0 and all(t - 1 <= r < ITERS for t, r in zip(targets, resumed[1:])), (targets, resumed)
         it, w = weights(out)
         assert not [f for f in os.listdir(out) if f.endswith('.tmp')]  # unfinished writes of killed runs removed
         diff = max_diff(w, weights(ref)[1])
         report.append(f"{world_size} rank(s): {ITERS} iterations, {kills} kill(s), the runs started at iterations "
                       f"{resumed}, max abs difference of the final weights {diff}")
         assert it == ITERS and diff == 0
+        # the optimizer (exp_avg, exp_avg_sq, step; lr and the other group settings) and every logged iteration's lr
+        # and loss, the ones redone after a resume included, equal the uninterrupted run's
+        opt, ref_opt = (gss.load_file(d / 'latest.pt', 'checkpoint')['optimizer'] for d in (out, ref))
+        assert opt['param_groups'] == ref_opt['param_groups'] and opt['state'].keys() == ref_opt['state'].keys()
+        for i, state in opt['state'].items():
+            assert state.keys() == ref_opt['state'][i].keys() == {'step', 'exp_avg', 'exp_avg_sq'}
+            assert all(torch.equal(v, ref_opt['state'][i][k]) for k, v in state.items())
+        expected = {r['iter']: (r['lr'], r['loss']) for r in log_lines(ref) if 'lr' in r}
+        logged = [(r['iter'], (r['lr'], r['loss'])) for r in log_lines(out)]
+        assert {i for i, _ in logged} == set(expected) and all(expected[i] == v for i, v in logged), logged
     print('kill test: ' + '; '.join(report))
 
 
