@@ -683,6 +683,9 @@ def checkpoint_posterior(ckpt, path, tokenizer=None):
     it. Its tokenizer: the file `tokenizer` when given, else the one relative to the checkpoint's folder, else the one
     at the absolute path of training time."""
     saved = ckpt['posterior']
+    if 'tokenizer_abs' not in saved:  # written before checkpoints carried their artifact
+        raise UserError(f"{path}: records only the path of its stage-I artifact, {saved.get('path')}; expected "
+                        f"--posterior FILE")
     near = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), saved['tokenizer']))
     tokenizer = tokenizer or next((p for p in (near, saved['tokenizer_abs']) if os.path.isfile(p)), None)
     if tokenizer is None:

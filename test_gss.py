@@ -1629,6 +1629,12 @@ def test_moved_runs_folder_still_evaluates(env, tmp_path, monkeypatch, capsys):
     gss.make_posterior(tmp_path / 'swapped.pt', 'ff', post['palette'], post['ignore_colour'], tmp_path / 'tok.pt', 512)
     assert evaluate.main(argv + ['--posterior', str(tmp_path / 'swapped.pt')]) == 2
     assert 'does not match the stage-I artifact: palette (first at class 0' in capsys.readouterr().err
+    ckpt = torch.load(moved / 'prior' / 'latest.pt', weights_only=True)  # an older checkpoint: the artifact's path only
+    ckpt['posterior'] = {k: ckpt['posterior'][k] for k in ('path', 'num_classes', 'palette', 'vocab_size')}
+    torch.save(ckpt, moved / 'prior' / 'latest.pt')
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'records only the path of its stage-I artifact' in err and '--posterior' in err
 
 
 # ----------------------------------------------------------------------------------------------------------
