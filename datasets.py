@@ -91,14 +91,23 @@ DATASET_PRESETS = {
 # file I/O with one-line UserErrors
 
 def read_image(path):
-    """-> (H, W, 3) uint8 RGB (greyscale/palette/RGBA images converted)."""
+    """-> (H, W, 3) uint8 RGB. 8-bit modes (greyscale, palette, CMYK, 1-bit, ...) convert as PIL does, alpha and
+    transparency dropped; 16-bit greyscale keeps the high byte, as cv2.imread (mmcv) does and PIL does for 16-bit RGB,
+    also in 32-bit integer images (older Pillow's mode for 16-bit PNGs); other integer and float images are refused."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such image file")
     try:
         with Image.open(path) as im:
-            return np.asarray(im if im.mode == 'RGB' else im.convert('RGB'))
+            mode = im.mode
+            if mode[0] not in 'IF':  # via RGBA for palettes: PIL warns when going straight to RGB drops transparency
+                return np.asarray((im.convert('RGBA') if mode == 'P' else im).convert('RGB'))  # (H, W, 3)
+            grey = np.asarray(im)  # (H, W) 16/32-bit integer or float
     except Exception as e:
         raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e}); expected a JPEG or PNG") from None
+    if mode == 'F' or grey.min() < 0 or grey.max() > 65535:
+        raise UserError(f"{path}: a 32-bit {'float' if mode == 'F' else 'integer'} image (values {grey.min()}.."
+                        f"{grey.max()}); expected 8- or 16-bit greyscale, RGB(A), palette or CMYK")
+    return np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2)  # (H, W, 3)
 
 def read_label(path):
     """-> (H, W) uint8 raw label values from a single-channel (or palette) PNG."""
@@ -141,20 +150,32 @@ def rescale_size(h, w, scale):
     f = min(max(scale) / max(h, w), min(scale) / min(h, w))
     return int(h * f + 0.5), int(w * f + 0.5)
 
+def _linear(a, m, sl, axis):
+    """Axis `axis` of array a resized bilinearly from n to m samples, only outputs sl, as cv2 INTER_LINEAR
+    (align_corners=False, clamped at the border, no antialiasing) -> float32."""
+    n = a.shape[axis]
+    x = ((np.arange(sl.start, sl.stop) + 0.5) * (n / m) - 0.5).clip(0, n - 1)  # (len(sl),) source coordinates
+    i = x.astype(int)
+    w = (x - i).astype(np.float32).reshape(-1, *[1] * (a.ndim - axis - 1))  # weight of sample i + 1
+    first = a.take(i, axis).astype(np.float32)  # a with axis `axis` now len(sl) long
+    return first + (a.take(np.minimum(i + 1, n - 1), axis) - first) * w
+
 def resize_image(img, size, box=None):
-    """(H, W, 3) uint8 resized to size (h, w) with PIL bilinear (antialiased when shrinking, unlike OpenCV);
-    box = (y slice, x slice) of the resized image computes only that region (resize-then-crop, +-1 rounding)."""
+    """(H, W, 3) uint8 resized to size (h, w) bilinearly without antialiasing, as mmcv (cv2 INTER_LINEAR; within 1
+    grey level of it); box = (y slice, x slice) of the resized image computes only that region (resize-then-crop)."""
     (H, W), (h, w) = img.shape[:2], size
     ys, xs = box or (slice(0, h), slice(0, w))
     if (H, W) == (h, w):
         return img[ys, xs]
-    sy, sx = H / h, W / w
-    region = (xs.start * sx, ys.start * sy, xs.stop * sx, ys.stop * sy)  # in input pixels
-    return np.asarray(Image.fromarray(img).resize((xs.stop - xs.start, ys.stop - ys.start), Image.BILINEAR, region))
+    rows = _linear(img, w, xs, axis=1)  # (H, w', 3), horizontal pass first as cv2
+    return np.rint(_linear(rows, h, ys, axis=0)).astype(np.uint8)  # (h', w', 3)
 
 def resize_label(lab, size):
-    """(H, W) uint8 resized to size (h, w) with nearest neighbour."""
-    return lab if lab.shape == size else np.asarray(Image.fromarray(lab).resize(size[::-1], Image.NEAREST))
+    """(H, W) uint8 resized to size (h, w) by nearest neighbour as mmcv (cv2 INTER_NEAREST): output i takes input
+    floor(i * H / h), computed as OpenCV does (PIL and torch 'nearest-exact' take floor((i + 0.5) * H / h))."""
+    (H, W), (h, w) = lab.shape, size
+    ys, xs = ((np.arange(m) * (1 / (m / n))).astype(int) for n, m in ((H, h), (W, w)))
+    return lab.take(ys, axis=0).take(xs, axis=1)  # (h, w)
 
 def crop_box(lab, crop, cat_max_ratio, rng):
     """mmseg RandomCrop: retry up to 10 times until no class covers >= cat_max_ratio of the valid pixels;

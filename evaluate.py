@@ -330,7 +330,7 @@ def main(argv=None):
         run(parse_args(argv))
         return 0
     except gss.UserError as e:
-        print(f"error: {str(e).splitlines()[-1]}", file=sys.stderr)  # a DataLoader worker prefixes its traceback
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

@@ -6,6 +6,7 @@ predicting the tokenizer's discrete codes.
 """
 import math
 import os
+import re
 import tempfile
 import warnings
 
@@ -22,6 +23,9 @@ import swin
 
 class UserError(Exception):
     """A problem the user can fix (bad file, bad flag); CLIs print it as `error: ...` and exit 2."""
+
+    def __init__(self, msg):  # a DataLoader worker's error is re-raised as UserError(its traceback): keep its message
+        super().__init__(msg.rstrip('\n').rpartition('UserError: ')[2])
 
 
 def save_atomic(obj, path):
@@ -47,14 +51,21 @@ def save_atomic(obj, path):
 
 
 def load_file(path, what):
-    """torch.load(weights_only=True) on CPU with one-line UserErrors for missing or unreadable files."""
+    """torch.load(weights_only=True) on CPU with one-line UserErrors: missing file, not a torch.save file (or
+    truncated), or an object of a type that safe loading refuses (named, with how to convert the file)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such {what}")
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception:
-        raise UserError(f"{path}: not a readable {what} (truncated or corrupt?)") from None
+    except Exception as e:
+        refused = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))  # pickle.UnpicklingError of weights_only
+        if refused is None:
+            raise UserError(f"{path}: not a readable {what} (truncated, corrupt or not from torch.save?)") from None
+        raise UserError(f"{path}: the {what} holds a {refused[1]}, which safe loading (weights_only=True) refuses; "
+                        f"expected tensors and plain Python types: if you trust the file, torch.load it once with "
+                        f"weights_only=False and torch.save its state dict alone, or allow the type with "
+                        f"torch.serialization.add_safe_globals") from None
 
 
 # ----------------------------------------------------------------------------------------------------------

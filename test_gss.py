@@ -15,10 +15,12 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import dall_e
@@ -468,7 +470,18 @@ def test_region_resize_equals_resize_then_crop():
         box = (slice(3, min(3 + 16, size[0])), slice(5, 5 + 24))
         full = datasets.resize_image(img, size)
         assert full.shape == (*size, 3)
-        np.testing.assert_allclose(datasets.resize_image(img, size, box).astype(int), full[box].astype(int), atol=1)
+        assert (datasets.resize_image(img, size, box) == full[box]).all()
+
+def test_resize_follows_mmcv_cv2_linear_and_nearest():
+    row = lambda values: np.array(values, np.uint8)[None, :, None].repeat(3, 2)  # (1, W, 3)
+    shrunk = datasets.resize_image(row([0, 0, 0, 255, 0, 0, 0, 0]), (1, 4))  # no antialiasing: means of pairs
+    assert shrunk[0, :, 0].tolist() == [0, 128, 0, 0]  # PIL's antialiased bilinear gives 0, 96, 32, 0
+    grown = datasets.resize_image(row([0, 255]), (1, 4))  # sources -0.25 (clamped to 0), 0.25, 0.75, 1.25 (to 1)
+    assert grown[0, :, 0].tolist() == [0, 64, 191, 255]
+    lab = np.arange(7, dtype=np.uint8)
+    assert datasets.resize_label(lab[None, :5], (1, 3)).tolist() == [[0, 1, 3]]  # floor(i * 5 / 3); PIL: 0, 2, 4
+    assert datasets.resize_label(lab[:3, None], (7, 1)).ravel().tolist() == [0, 0, 0, 1, 1, 2, 2]  # PIL: 0, 0, 1, ..
+    assert datasets.resize_label(lab[None, :2], (1, 98))[0, 49] == 0  # OpenCV's floor(49 * (1 / (98 / 2))); torch: 1
 
 def test_train_pipeline_pads_with_zero_and_255():
     lab = np.arange(20 * 30).reshape(20, 30).astype(np.uint8) % 7
@@ -528,6 +541,46 @@ def test_user_errors(tmp_path):
     expect_error(lambda: ds[0], img_path, 'not a readable image')
     expect_error(lambda: datasets.build_dataset('folder', 'train'), '--data-root')
     expect_error(lambda: datasets.build_dataset('folder', 'train', root=str(tmp_path)), 'classes.txt')
+
+def write_png16(path, array):
+    """A 16-bit greyscale (H, W) or RGB (H, W, 3) PNG written by hand (PIL cannot write 16-bit RGB)."""
+    h, w = array.shape[:2]
+    rows = b''.join(b'\0' + r.astype('>u2').tobytes() for r in array)  # filter byte 0 before each row
+    chunk = lambda kind, data: struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    header = struct.pack('>IIBBBBB', w, h, 16, 2 if array.ndim == 3 else 0, 0, 0, 0)  # 16 bits, RGB or grey
+    chunks = chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(rows)) + chunk(b'IEND', b'')
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunks)
+
+def test_read_image_modes(tmp_path):
+    v = np.array([[0, 257, 1000, 65535]], np.uint16)  # 16-bit -> the high byte, as cv2.imread: 0, 1, 3, 255
+    write_png16(tmp_path / 'grey16.png', v)
+    write_png16(tmp_path / 'rgb16.png', np.stack([v, 65535 - v, v // 2], -1))
+    palette = Image.new('P', (3, 1))
+    palette.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255])
+    palette.putdata([0, 1, 2])
+    palette.save(tmp_path / 'palette.png', transparency=bytes([255, 128, 0]))  # PIL warns if it is dropped directly
+    palette.save(tmp_path / 'palette_plain.png')
+    Image.new('CMYK', (1, 1), (0, 255, 0, 0)).save(tmp_path / 'cmyk.tif')
+    Image.fromarray(np.array([[[10, 20, 30, 0]]], np.uint8)).save(tmp_path / 'rgba.png')
+    Image.fromarray(np.array([[[7, 255]]], np.uint8), 'LA').save(tmp_path / 'la.png')
+    Image.fromarray(np.array([[9, 200]], np.uint8)).save(tmp_path / 'l.png')
+    Image.fromarray(np.array([[0, 1]], bool)).save(tmp_path / 'one.png')
+    Image.fromarray(np.array([[0, 1000]], np.int32)).save(tmp_path / 'i.tif')  # 32-bit I within 16 bits
+    expected = {'grey16.png': [[0] * 3, [1] * 3, [3] * 3, [255] * 3],
+                'rgb16.png': [[0, 255, 0], [1, 254, 0], [3, 252, 1], [255, 0, 127]],
+                'palette.png': [[255, 0, 0], [0, 255, 0], [0, 0, 255]],
+                'palette_plain.png': [[255, 0, 0], [0, 255, 0], [0, 0, 255]], 'cmyk.tif': [[255, 0, 255]],
+                'rgba.png': [[10, 20, 30]], 'la.png': [[7, 7, 7]], 'l.png': [[9] * 3, [200] * 3],
+                'one.png': [[0] * 3, [255] * 3], 'i.tif': [[0] * 3, [3] * 3]}
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        for name, rgb in expected.items():
+            img = datasets.read_image(str(tmp_path / name))
+            assert img.dtype == np.uint8 and img.reshape(-1, 3).tolist() == rgb, name
+    Image.fromarray(np.array([[0, 70000]], np.int32)).save(tmp_path / 'i32.tif')
+    Image.fromarray(np.array([[0, 0.5]], np.float32)).save(tmp_path / 'f.tif')
+    expect_error(lambda: datasets.read_image(str(tmp_path / 'i32.tif')), 'i32.tif', '32-bit integer', '0..70000')
+    expect_error(lambda: datasets.read_image(str(tmp_path / 'f.tif')), 'f.tif', '32-bit float', '8- or 16-bit')
 
 # -----------------------------------------------------------------------------
 # synthetic
@@ -603,8 +656,16 @@ def test_save_atomic_and_load_file(tmp_path):
     with pytest.raises(gss.UserError, match='no such thing'):
         gss.load_file(tmp_path / 'missing.pt', 'thing')
     path.write_bytes(path.read_bytes()[:20])
-    with pytest.raises(gss.UserError, match='truncated or corrupt'):
+    with pytest.raises(gss.UserError, match=r'a.pt: not a readable thing \(truncated, corrupt or not from torch.save'):
         gss.load_file(path, 'thing')
+    path.write_text('not a checkpoint')
+    with pytest.raises(gss.UserError, match='not a readable thing'):
+        gss.load_file(path, 'thing')
+    torch.save({'state_dict': {'x': torch.zeros(1)}, 'meta': {'epoch': np.float64(3)}}, path)  # as mmcv's meta can
+    with pytest.raises(gss.UserError) as e:
+        gss.load_file(path, 'thing')
+    assert re.fullmatch(r'\S+a.pt: the thing holds a numpy\.(_core|core)\.multiarray\.scalar, which safe loading '
+                        r'\(weights_only=True\) refuses; .*weights_only=False.*add_safe_globals', str(e.value))
 
 
 # ---- section 2: palettes
@@ -1924,6 +1985,16 @@ def test_cli_errors_are_one_line(env, capsys):
     assert capsys.readouterr().err == "error: --long: --dataset ade20k has no longer schedule; expected --iters N\n"
     assert train_posterior.main(['--variant', 'ft', '--dataset', 'synthetic', '--long']) == 2
     assert capsys.readouterr().err.startswith("error: --long: only --variant tokenizer on --dataset synthetic has")
+
+
+def test_data_errors_in_loader_workers_are_one_line(env, tmp_path, capfd):
+    data = tmp_path / 'data'
+    shutil.copytree(env / 'data', data)
+    bad = sorted(data.glob('*/images/training/*.png'))[0]
+    bad.write_bytes(b'not an image')
+    assert train_prior.main(flags(env, tmp_path / 'out', data_root=data, workers=1)) == 2
+    assert capfd.readouterr().err == (f"error: {bad}: not a readable image (UnidentifiedImageError: cannot identify "
+                                      f"image file '{bad}'); expected a JPEG or PNG\n")
 
 
 def test_long_settings_are_the_ones_that_reach_the_targets(env):
