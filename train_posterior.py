@@ -13,9 +13,11 @@ Then one X / X^-1 variant of Table 1 (default paths: runs/<dataset>/tokenizer.pt
     python train_posterior.py --variant ft --dataset ade20k --tokenizer runs/dalle.pt   # also ff-r lstsq ft-w tf tt
 GSS-FT-W as the official recipe trains it: X^-1 learns from the maskiges a frozen stage-II model predicts for
 augmented training crops (an intermediate checkpoint gives noisier maskiges, as the paper advises); the palette and
-tokenizer are the ones that model was trained with:
+tokenizer are the ones that model was trained with; --dataset and the model's backbone select the official depth, lr,
+iterations and batch (FTW_RECIPES):
     python train_posterior.py --variant ft-w --dataset synthetic --prior runs/synthetic/prior/latest.pt
-Several GPUs (X^-1 and beta training; gradients are averaged over ranks):
+Several GPUs (the trained variants; --batch-size is the TOTAL over the ranks, as in train_prior.py, and gradients are
+averaged over them):
     torchrun --nproc_per_node 8 train_posterior.py --variant ft-w --dataset ade20k --prior runs/ade20k/prior/iter.pt
 Measure a stage-I artifact with the maskige-reconstruction oracle:
     python evaluate.py --recon --posterior runs/synthetic/posterior_ff.pt --dataset synthetic
@@ -43,15 +45,22 @@ import datasets
 import evaluate
 import gss
 import train_prior
-from train_prior import Logger, StopSignals, cleanup_distributed, lr_at, setup_distributed
+from train_prior import Logger, StopSignals, cleanup_distributed, lr_at, setup_distributed, stop_together
 
+# The official GSS-FT-W recipes (facts 4.1, 4.2: AdamW, wd 0.01, poly, warmup 1500) by --dataset and the backbone of
+# the --prior model (Swin without --prior); other datasets and backbones take ADE20K Swin-L's, the paper's.
+FTW_RECIPES = {
+    ('ade20k', 'swin'): dict(depth=2, lr=1.5e-3, iters=40000, batch_size=16),
+    ('cityscapes', 'swin'): dict(depth=1, lr=7.5e-4, iters=40000, batch_size=8),
+    ('cityscapes', 'resnet'): dict(depth=1, lr=1.5e-3, iters=80000, batch_size=16),
+}
 # Paper settings (appendix D): beta (TF, TT) 4,000 iterations of SGD at batch 16; X^-1 with AdamW at batch 16,
-# GSS-FT 3,000 iterations, GSS-FT-W 40,000 (official: lr 1.5e-3, wd 0.01, poly, warmup 1500; facts 4.2).
+# GSS-FT 3,000 iterations, GSS-FT-W 40,000. Batches are TOTAL over the ranks (per iteration).
 # Learning rates the paper does not give (SGD for beta, AdamW for FT) are ours; the tokenizer settings are ours.
 SETTINGS = {  # eval: iterations between validation recon metrics (and at the end)
     'tokenizer': dict(iters=5000, batch_size=32, lr=1e-3, crop=32, eval=500),
     'ft': dict(iters=3000, batch_size=16, lr=1e-3, warmup=0, eval=1000),
-    'ft-w': dict(iters=40000, batch_size=16, lr=1.5e-3, warmup=1500, eval=5000),
+    'ft-w': dict(FTW_RECIPES['ade20k', 'swin'], warmup=1500, eval=5000),
     'tf': dict(iters=4000, batch_size=16, lr=0.01, warmup=0, eval=1000),
     'tt': dict(iters=4000, batch_size=16, lr=0.01, warmup=0, eval=1000),
 }
@@ -59,7 +68,7 @@ SETTINGS = {  # eval: iterations between validation recon metrics (and at the en
 SYNTHETIC_SETTINGS = {
     'tokenizer': dict(iters=450, batch_size=8, lr=1e-3, crop=64, eval=450),
     'ft': dict(iters=300, batch_size=16, lr=1e-3, warmup=0, eval=100),
-    'ft-w': dict(iters=200, batch_size=8, lr=1e-3, warmup=20, eval=100, ftw=dict(dim=32, num_heads=2)),  # CPU-sized
+    'ft-w': dict(iters=200, batch_size=8, lr=1e-3, warmup=20, eval=100, depth=2, ftw=dict(dim=32, num_heads=2)),
     'tf': dict(iters=100, batch_size=8, lr=0.01, warmup=0, eval=50),
     'tt': dict(iters=200, batch_size=8, lr=0.01, warmup=0, eval=100),
 }
@@ -97,6 +106,17 @@ def recon_metrics(tok, inverse, palette, ignore_colour, val, num_classes, upsamp
     return {'mIoU': round(float(m['mIoU']), 2), 'aAcc': round(float(m['aAcc']), 2)}
 
 
+def keyed(fn, seeds, tag, *batches):
+    """fn on each sample alone (batches of one), torch's RNG seeded by (the sample's seed, tag) -> the results
+    concatenated: the losses' random draws are keyed by the sample, so 2 ranks x b images draw what 1 rank x 2b
+    images draw, and a resumed run what the uninterrupted one drew."""
+    out = []
+    for seed, *samples in zip(seeds.tolist(), *batches):
+        torch.manual_seed(train_prior.seed_of(seed, tag))
+        out.append(fn(*(x[None] for x in samples)))
+    return torch.cat(out)
+
+
 def sync_grads(params, world_size):
     """Average gradients over DDP ranks (one all-reduce per tensor; these models are tiny)."""
     if world_size > 1:
@@ -108,24 +128,29 @@ def sync_grads(params, world_size):
 # ----------------------------------------------------------------------------------------------------------
 # the objectives
 
-def tokenizer_loss(tok, labels, palette, ignore_colour, crop, progress):
-    """Eq. 3 / the first term of Eq. 5 on a random crop of the 1x or the 2x label maps (the tokens of the oracle and of
+def tokenizer_loss(tok, labels, seeds, palette, ignore_colour, crop, progress):
+    """Eq. 3 / the first term of Eq. 5 on a random crop of each 1x or 2x label map (the tokens of the oracle and of
     stage II), ignore painted with the ignore colour: MSE between the decoder's sigmoid colour means and
     map_pixels(maskige), the decoder fed relaxed one-hots, plus DIVERSITY x (log V - entropy of the batch's mean code
-    distribution), wav2vec 2.0's codebook-diversity term. Without it, training collapses onto a few dozen codes that
-    only say which class fills a token (measured: 22 of 512 codes in use), and reconstructions stay blurred.
-    The relaxation is DALL-E's Gumbel-softmax, its temperature annealed from 1 to 1/16, with the Gumbel noise annealed
-    from full to none as well (progress = fraction of training done): at the end the decoder sees the argmax codes
-    it will be given at test time."""
-    if torch.rand(()) < 0.5:
-        labels = gss.upsample_labels_2x(labels)
-    y, x = (int(torch.randint(0, n - crop + 1, ())) for n in labels.shape[1:])
-    maskige = gss.paint(labels[:, y:y + crop, x:x + crop], palette, ignore_colour)  # (B, 3, crop, crop)
+    distribution, over all ranks), wav2vec 2.0's codebook-diversity term. Without it, training collapses onto a few
+    dozen codes that only say which class fills a token (measured: 22 of 512 codes in use), and reconstructions stay
+    blurred. The relaxation is DALL-E's Gumbel-softmax, its temperature annealed from 1 to 1/16, with the Gumbel noise
+    annealed from full to none as well (progress = fraction of training done): at the end the decoder sees the argmax
+    codes it will be given at test time. Crops and noise are keyed by the samples' seeds."""
+    def random_crop(label):  # (1, H, W) -> (1, crop, crop) of the 1x or the 2x map
+        label = gss.upsample_labels_2x(label) if torch.rand(()) < 0.5 else label
+        y, x = (int(torch.randint(0, n - crop + 1, ())) for n in label.shape[1:])
+        return label[:, y:y + crop, x:x + crop]
+    maskige = gss.paint(keyed(random_crop, seeds, 1, labels), palette, ignore_colour)  # (B, 3, crop, crop)
     logits = tok.encoder_logits(maskige)  # (B, V, crop/8, crop/8)
-    gumbel = -torch.empty_like(logits).exponential_().log()
+    gumbel = keyed(lambda x: -torch.empty_like(x).exponential_().log(), seeds, 2, logits)  # (B, V, crop/8, crop/8)
     z = ((logits + (1 - progress) * gumbel) / (1 / 16) ** progress).softmax(1)  # relaxed one-hots
     mean = torch.sigmoid(tok.decoder_logits(z))  # (B, 3, crop, crop)
-    q = logits.softmax(1).mean((0, 2, 3))  # (V,) the batch's code distribution
+    q = logits.softmax(1).mean((0, 2, 3))  # (V,) this rank's code distribution
+    if dist.is_initialized():  # the whole batch's over the ranks; its gradient flows through this rank's share
+        total = q.detach().clone()  # (V,)
+        dist.all_reduce(total)
+        q = q + (total / dist.get_world_size() - q).detach()
     diversity = math.log(len(q)) + (q * torch.log(q + 1e-10)).sum()  # log V - H(q) >= 0
     return F.mse_loss(mean, (1 - 2 * gss.LOGIT_LAPLACE_EPS) * maskige + gss.LOGIT_LAPLACE_EPS) + DIVERSITY * diversity
 
@@ -136,10 +161,11 @@ def paint_soft(beta, ignore_colour, labels):
     return F.embedding(labels.clamp(max=len(beta)), table).permute(0, 3, 1, 2)
 
 
-def relaxed_roundtrip(tok, maskige):
+def relaxed_roundtrip(tok, maskige, seeds):
     """Encoder logits -> hard Gumbel-softmax (argmax forward, straight-through gradients; Sec. 3.3; the paper gives no
-    temperature, we use 1) -> decode_soft."""
-    z = F.gumbel_softmax(tok.encoder_logits(maskige), tau=1.0, hard=True, dim=1)  # (B, vocab, h, w) one-hot
+    temperature, we use 1), its noise keyed by the samples' seeds -> decode_soft."""
+    logits = tok.encoder_logits(maskige)  # (B, vocab, h, w)
+    z = keyed(lambda x: F.gumbel_softmax(x, tau=1.0, hard=True, dim=1), seeds, 2, logits)  # one-hots, same shape
     return tok.decode_soft(z)  # (B, 3, H, W)
 
 
@@ -151,8 +177,9 @@ def training_maskige(tok, labels, palette, ignore_colour):
 
 def prior_maskige(prior, tok, images):
     """The noisy maskige of the official FT-W recipe (facts 4.2): a frozen stage-II model's generation for augmented
-    training crops, the model in train mode as officially (Dropout2d active, BatchNorm on the batch's statistics)."""
-    prior.train()
+    training crops, its backbone in eval mode as official frozen_stages=4 keeps it (no drop path, BatchNorm on running
+    statistics), its head in train mode (Dropout2d active, BatchNorm on the batch's statistics)."""
+    prior.eval().head.train()
     return gss.generate(prior, tok, images)  # (B, 3, 2H, 2W), no gradients
 
 
@@ -181,7 +208,7 @@ def inverse_loss(v, batch, tok, palette, ignore_colour, beta, inverse, prior):
         return F.cross_entropy(logits, labels, ignore_index=255)
     labels2 = gss.upsample_labels_2x(labels)
     maskige = paint_soft(beta, ignore_colour, labels2)  # (B, 3, 2H, 2W)
-    recon = relaxed_roundtrip(tok, maskige)
+    recon = relaxed_roundtrip(tok, maskige, batch['seed'])
     if v == 'tt':  # beta and X^-1 jointly, CE through both
         logits = F.interpolate(inverse(recon), labels.shape[-2:], mode='bilinear', align_corners=False)
         return F.cross_entropy(logits, labels, ignore_index=255)
@@ -202,16 +229,19 @@ def current_stage1(beta, palette, inverse, device):
 
 def train(args, s, trained, optimizer, loss_fn, validate, ds, log, rank, world_size, device, clip=None, clamp=None):
     """Iterate loss_fn(batch, progress) -> loss with `optimizer` over the dict `trained` ({name: module or
-    Parameter}) for s['iters'] iterations of s['batch_size'] images per rank: lr poly with s['warmup'], gradients
-    averaged over ranks, optionally clipped (clip: max norm) and clamped (clamp: params to clamp to [0, 1]).
+    Parameter}) for s['iters'] iterations of s['batch_size'] images in total over the ranks: lr poly with s['warmup'],
+    gradients averaged over ranks, optionally clipped (clip: max norm) and clamped (clamp: params to clamp to [0, 1]).
     validate() -> dict of metrics, every s['eval'] iterations and at the end on rank 0. Randomness is keyed by what
     is computed, as in train_prior.py: batches come from its sampler (each sample's augmentation seeded by its epoch
-    and position) and the loss's own draws (crops, Gumbel noise, dropout) from a generator seeded by (seed, iteration,
-    rank), so a resume reproduces the uninterrupted run. -> (exit code: 0, or 128 + signal; the last logged stats)."""
+    and position), the losses' crops and Gumbel noise by that sample's seed (keyed), so that a resume reproduces the
+    uninterrupted run and 2 ranks x b images compute what 1 rank x 2b computes for the losses that are means over the
+    samples; the rest (the --prior model's dropout) by (seed, iteration, rank).
+    -> (exit code: 0, or 128 + signal; the last logged stats)."""
     latest = args.checkpoint_path
     params = [p for t in trained.values() for p in (t.parameters() if isinstance(t, nn.Module) else [t])]
     sampler = train_prior.ResumableSampler(ds, world_size, rank, args.seed)
-    loader = torch.utils.data.DataLoader(train_prior.SeededItems(ds), batch_size=s['batch_size'], sampler=sampler,
+    images = train_prior.per_rank(s['batch_size'], world_size)
+    loader = torch.utils.data.DataLoader(train_prior.SeededItems(ds), batch_size=images, sampler=sampler,
                                          drop_last=True, num_workers=4 if device.type == 'cuda' else 0,
                                          worker_init_fn=train_prior.ignore_sigint)
     it, epoch, consumed, saved_it, stats = 0, 0, 0, None, {}
@@ -224,14 +254,14 @@ def train(args, s, trained, optimizer, loss_fn, validate, ds, log, rank, world_s
         if ckpt['variant'] != args.variant or set(ckpt['trained']) != set(trained):
             raise gss.UserError(f"{resume}: checkpoint of --variant {ckpt['variant']}; expected --variant "
                                 f"{args.variant}")
-        for name, t in trained.items():
-            try:
+        try:
+            for name, t in trained.items():
                 t.load_state_dict(ckpt['trained'][name]) if isinstance(t, nn.Module) else t.data.copy_(
                     ckpt['trained'][name])
-            except RuntimeError as e:
-                raise gss.UserError(f"{resume}: {name} does not match the flags ({str(e).splitlines()[0]}); "
-                                    f"expected the flags it was trained with") from None
-        optimizer.load_state_dict(ckpt['optimizer'])
+            optimizer.load_state_dict(ckpt['optimizer'])  # (one written before FT-W's two weight-decay groups: error)
+        except (RuntimeError, ValueError) as e:
+            raise gss.UserError(f"{resume}: does not match the flags or this version ({str(e).splitlines()[0]}); "
+                                f"expected the flags it was trained with") from None
         it = saved_it = ckpt['iter']
         epoch, consumed = ckpt['data']['epoch'], ckpt['data']['position'] // world_size
         log.info(f"resumed from {resume} at iteration {it}")
@@ -253,15 +283,9 @@ def train(args, s, trained, optimizer, loss_fn, validate, ds, log, rank, world_s
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
             for g in optimizer.param_groups:
                 g['lr'] = lr_at(it, s['lr'], s['iters'], s.get('warmup', 0))
-            torch.manual_seed(train_prior.seed_of(args.seed, 1, it, rank))  # 1: the loss's own draws
+            torch.manual_seed(train_prior.seed_of(args.seed, 1, it, rank))  # 1: the draws not keyed by the sample
             loss = loss_fn(batch, it / s['iters'])
-            flags = torch.tensor([float(stop.signum), float(not math.isfinite(loss.item()))])
-            if world_size > 1:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            if flags[1]:
-                raise gss.UserError(f"non-finite loss at iteration {it + 1}; stopped without saving; " + (
-                    f"the last good checkpoint {latest} (iteration {saved_it}) is intact" if saved_it is not None
-                    else "no checkpoint was written yet"))
+            signum = stop_together(stop.signum, math.isfinite(loss.item()), it, latest, saved_it, device, world_size)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             sync_grads(params, world_size)
@@ -278,12 +302,12 @@ def train(args, s, trained, optimizer, loss_fn, validate, ds, log, rank, world_s
                 if rank == 0 and (it % s['eval'] == 0 or last):
                     stats.update(validate())
                 log.log(it, stats)
-            if flags[0] or last or it % args.ckpt_interval == 0:
+            if signum or last or it % args.ckpt_interval == 0:
                 save()
-            if flags[0]:
-                log.info(f"stopped by signal {int(flags[0])} after iteration {it}; saved {latest}; "
+            if signum:
+                log.info(f"stopped by signal {signum} after iteration {it}; saved {latest}; "
                          f"continue with --resume auto")
-                return 128 + int(flags[0]), stats
+                return 128 + signum, stats
     return 0, stats
 
 
@@ -308,7 +332,7 @@ def train_tokenizer(args, s, num_classes, palette, ignore_colour, device, rank, 
         return out
 
     def loss_fn(batch, progress):
-        return tokenizer_loss(tok, batch['label'], palette, ignore_colour, s['crop'], progress)
+        return tokenizer_loss(tok, batch['label'], batch['seed'], palette, ignore_colour, s['crop'], progress)
     code, stats = train(args, dict(s, warmup=0), {'tokenizer': tok}, opt, loss_fn, validate, ds, log, rank,
                         world_size, device, clip=1.0)
     tok.requires_grad_(False)
@@ -322,18 +346,19 @@ def train_inverse(args, s, num_classes, palette, ignore_colour, tok, prior, devi
     ds = datasets.build_dataset(args.dataset, 'train', args.data_root, train=True)
     val = val_labels(args, VAL_IMAGES)
     beta = nn.Parameter(palette.float().to(device) / 255) if v in ('tf', 'tt') else None  # (K, 3) in [0, 1]
-    ftw = {'depth': args.depth, **s.get('ftw', {})}  # the synthetic preset's CPU-sized widths, if any
+    ftw = {'depth': s.get('depth'), **s.get('ftw', {})}  # the synthetic preset's CPU-sized widths, if any
     config = {'ft': {'hidden': 64}, 'tt': {'hidden': 64}, 'ft-w': ftw, 'tf': {}}[v]
     inverse = {'ft': gss.FTInverse, 'tt': gss.FTInverse, 'ft-w': gss.FTWInverse}[v](num_classes, **config) \
         if v != 'tf' else None
+    if inverse is not None:  # FT-W's BatchNorm over the images of all ranks, as official
+        inverse = train_prior.sync_batchnorm(inverse, world_size, device).to(device).train()
     trained = {**({'beta': beta} if beta is not None else {}), **({'inverse': inverse} if inverse is not None else {})}
     params = [p for t in trained.values() for p in (t.parameters() if isinstance(t, nn.Module) else [t])]
-    if inverse is not None:
-        inverse.to(device).train()
     if v in ('tf', 'tt'):  # appendix D ii: SGD
         opt = torch.optim.SGD(params, lr=s['lr'], momentum=0.9)
-    else:  # appendix D iii: AdamW (official FT-W: betas 0.9/0.999, weight decay 0.01)
-        opt = torch.optim.AdamW(params, lr=s['lr'], weight_decay=0.01)
+    else:  # appendix D iii: AdamW (official FT-W: betas 0.9/0.999, weight decay 0.01 except on norms, as stage II)
+        groups = train_prior.param_groups(inverse, prefix='inverse') if v == 'ft-w' else params
+        opt = torch.optim.AdamW(groups, lr=s['lr'], weight_decay=0.01)
     pal, ign = palette.to(device), ignore_colour.to(device)
 
     def validate():
@@ -366,13 +391,14 @@ def parse_args(argv=None):
                         "maskiges (train_prior.py's latest.pt or an official GSS-FF release with --tokenizer)")
     parser.add_argument('--palette', choices=['maximal', 'official', 'random'], default=None,
                         help='maximal (appendix B, default), official (the official config palette) or random')
-    parser.add_argument('--depth', type=int, default=2, help='Swin blocks in the FT-W inverse (official: 2 ADE20K, '
-                        '1 Cityscapes)')
+    parser.add_argument('--depth', type=int, default=None, help="Swin blocks in the FT-W inverse (default: the "
+                        "official recipe's, FTW_RECIPES: 2 ADE20K, 1 Cityscapes)")
     parser.add_argument('--long', action='store_true', help="synthetic: the longer settings that reach the targets "
                         f"(tokenizer: {SYNTHETIC_LONG['tokenizer']['iters']} iterations instead of "
                         f"{SYNTHETIC_SETTINGS['tokenizer']['iters']})")
     parser.add_argument('--iters', type=int, default=None)
-    parser.add_argument('--batch-size', type=int, default=None, help="images per rank")
+    parser.add_argument('--batch-size', type=int, default=None, help="TOTAL batch over all ranks (default: the "
+                        "variant's, e.g. 16 for ft-w)")
     parser.add_argument('--lr', type=float, default=None)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', default=None, help='output file (default runs/<dataset>/posterior_<variant>.pt)')
@@ -394,7 +420,7 @@ def parse_args(argv=None):
                             f"{', '.join(datasets.DATASET_PRESETS)}")
     if args.prior and args.variant not in ('ft', 'ft-w'):
         raise gss.UserError(f"--prior: only for --variant ft-w or ft (X^-1 on generated maskiges); got {args.variant}")
-    for flag in ('iters', 'batch_size', 'ckpt_interval'):
+    for flag in ('iters', 'batch_size', 'depth', 'ckpt_interval'):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise gss.UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive integer")
     run_dir = os.path.join('runs', args.dataset)
@@ -406,8 +432,26 @@ def parse_args(argv=None):
     return args
 
 
-def load_prior(args, device):
-    """--prior: (frozen stage-II model, its tokenizer, palette, ignore colour, tokenizer path, record of the prior)."""
+def train_settings(args, prior):
+    """The variant's settings: the preset's (FT-W: the official recipe of --dataset and the prior's backbone), --long,
+    then the flags."""
+    v = args.variant
+    s = dict((SYNTHETIC_SETTINGS if args.dataset == 'synthetic' else SETTINGS).get(v, {}))
+    if args.long:
+        if args.dataset != 'synthetic' or v not in SYNTHETIC_LONG:
+            raise gss.UserError(f"--long: only {', '.join(f'--variant {k}' for k in SYNTHETIC_LONG)} on --dataset "
+                                f"synthetic has a longer setting; expected --iters N")
+        s.update(SYNTHETIC_LONG[v])
+    if v == 'ft-w':  # the prior's backbone family (without --prior: Swin-L, the paper's)
+        family = 'resnet' if prior is not None and prior.config['backbone'].startswith('resnet') else 'swin'
+        s.update(FTW_RECIPES.get((args.dataset, family), {}))
+    s.update({k: getattr(args, k) for k in ('iters', 'batch_size', 'lr', 'depth') if getattr(args, k) is not None})
+    return s
+
+
+def load_prior(args, device, world_size):
+    """--prior: (frozen stage-II model, its tokenizer, palette, ignore colour, tokenizer path, record of the prior);
+    the model's head normalises over the images of all ranks (SyncBN), as official."""
     model, tok, _, palette, ignore = evaluate.load_stage2(args.prior, None, args.dataset, device, args.tokenizer)
     ckpt = gss.load_file(args.prior, 'checkpoint')
     if isinstance(ckpt, dict) and ckpt.get('kind') == 'gss-prior':
@@ -420,7 +464,7 @@ def load_prior(args, device):
         tok_path = args.tokenizer
         record = {'prior': os.path.abspath(args.prior)}
     model.requires_grad_(False)
-    return model, tok, palette, ignore, tok_path, record
+    return train_prior.sync_batchnorm(model, world_size, device), tok, palette, ignore, tok_path, record
 
 
 def main(argv=None):
@@ -440,18 +484,17 @@ def run(args):
     v = args.variant
     rank, world_size, _, device = setup_distributed()
     try:
-        torch.manual_seed(args.seed + rank)
+        torch.manual_seed(args.seed)  # the same initial weights on every rank: nothing broadcasts them
         preset = datasets.DATASET_PRESETS[args.dataset]
         num_classes = preset['num_classes'] or datasets.build_dataset(args.dataset, 'val', args.data_root).num_classes
-        tok_path = args.tokenizer_path
-        s = dict((SYNTHETIC_SETTINGS if args.dataset == 'synthetic' else SETTINGS).get(v, {}))
-        if args.long:
-            if args.dataset != 'synthetic' or v not in SYNTHETIC_LONG:
-                raise gss.UserError(f"--long: only {', '.join(f'--variant {k}' for k in SYNTHETIC_LONG)} on --dataset "
-                                    f"synthetic has a longer setting; expected --iters N")
-            s.update(SYNTHETIC_LONG[v])
-        s.update({k: getattr(args, k) for k in ('iters', 'batch_size', 'lr') if getattr(args, k) is not None})
         palette, ignore_colour = choose_palette(v, args.palette, args.dataset, num_classes, args.seed)
+        tok_path, prior, record = args.tokenizer_path, None, {}
+        if args.prior:  # the palette and tokenizer of the stage-II model
+            prior, tok, palette, ignore_colour, tok_path, record = load_prior(args, device, world_size)
+            if len(palette) != num_classes:
+                raise gss.UserError(f"--prior {args.prior}: {len(palette)} classes; expected {num_classes} for "
+                                    f"--dataset {args.dataset}")
+        s = train_settings(args, prior)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         log = Logger(os.path.splitext(args.out)[0] + '.log.jsonl', rank)
         log.info(f"stage I, variant {v}, dataset {args.dataset} ({num_classes} classes), settings {s}, device {device}")
@@ -465,13 +508,7 @@ def run(args):
                 log.info(f"wrote {args.out}")
             return code
 
-        prior, record = None, {}
-        if args.prior:  # the palette and tokenizer of the stage-II model
-            prior, tok, palette, ignore_colour, tok_path, record = load_prior(args, device)
-            if len(palette) != num_classes:
-                raise gss.UserError(f"--prior {args.prior}: {len(palette)} classes; expected {num_classes} for "
-                                    f"--dataset {args.dataset}")
-        else:
+        if prior is None:
             tok = gss.load_tokenizer(tok_path).to(device)
             trained_on = tok.info.get('palette')
             if trained_on is not None and trained_on != palette.tolist():

@@ -33,7 +33,7 @@ where or when: each sample's augmentation by (seed, epoch, position), dropout / 
 micro-batch), so a resume is exact and 2 ranks x 1 image equal 1 rank x 2 accumulated images.
 
 This file also hosts the training plumbing that train_posterior.py imports: setup_distributed, cleanup_distributed,
-lr_at, Logger, save_checkpoint, load_checkpoint, rng_state, set_rng_state.
+per_rank, sync_batchnorm, stop_together, lr_at, Logger, save_checkpoint, load_checkpoint, rng_state, set_rng_state.
 """
 import argparse
 import ast
@@ -82,6 +82,33 @@ def setup_distributed(device=None):
 def cleanup_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def per_rank(batch_size, world_size):
+    """The TOTAL --batch-size -> images per rank; a one-line error when the ranks cannot share it evenly."""
+    if batch_size % world_size:
+        raise gss.UserError(f"--batch-size {batch_size} is not divisible by {world_size} ranks; "
+                            f"expected a multiple of {world_size}")
+    return batch_size // world_size
+
+
+def sync_batchnorm(model, world_size, device):
+    """BatchNorm statistics over the whole batch of all ranks, as official (SyncBN). PyTorch's SyncBatchNorm is
+    GPU-only, so on CPU each rank normalises over its own images."""
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if world_size > 1 and device.type == 'cuda' else model
+
+
+def stop_together(signum, finite, it, latest, saved_it, device, world_size):
+    """Every rank stops together: -> the signal number any rank received (0: none); a non-finite loss on any rank is
+    a UserError naming the iteration. The flags are a tensor on the training device: NCCL refuses CPU tensors."""
+    flags = torch.tensor([float(signum), float(not finite)], device=device)  # (2,)
+    if world_size > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[1]:
+        raise gss.UserError(f"non-finite loss at iteration {it + 1}; stopped without saving; " + (
+            f"the last good checkpoint {latest} (iteration {saved_it}) is intact" if saved_it is not None
+            else "no checkpoint was written yet"))
+    return int(flags[0])
 
 
 def lr_at(it, base_lr, max_iters, warmup_iters=1500, warmup_ratio=1e-6, power=1.0):
@@ -200,8 +227,8 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 
 class SeededItems(torch.utils.data.Dataset):
-    """dataset[index] with torch's RNG (datasets.py draws its augmentation from it) seeded by the sampler's seed;
-    the caller's RNG state is left untouched."""
+    """dataset[index] with torch's RNG (datasets.py draws its augmentation from it) seeded by the sampler's seed, which
+    the item carries as 'seed' (stage I keys its losses' random draws by it); the caller's RNG state is untouched."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -213,7 +240,7 @@ class SeededItems(torch.utils.data.Dataset):
         index, seed = index_seed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.dataset[index]
+            return dict(self.dataset[index], seed=seed)
 
 
 def ignore_sigint(worker_id):
@@ -313,12 +340,10 @@ def parse_args(argv=None):
     args.model_config = {**(SYNTHETIC_HEAD if args.dataset == 'synthetic' else {}),
                          **parse_model_config(args.model_config)}
     world_size = int(os.environ.get('WORLD_SIZE', 1))  # known before the process group starts
-    if args.batch_size % world_size:
-        raise gss.UserError(f"--batch-size {args.batch_size} is not divisible by {world_size} ranks; "
-                            f"expected a multiple of {world_size}")
-    args.micro_batch = args.micro_batch or args.batch_size // world_size
-    if (args.batch_size // world_size) % args.micro_batch:
-        raise gss.UserError(f"--micro-batch {args.micro_batch} does not divide the {args.batch_size // world_size} "
+    images = per_rank(args.batch_size, world_size)
+    args.micro_batch = args.micro_batch or images
+    if images % args.micro_batch:
+        raise gss.UserError(f"--micro-batch {args.micro_batch} does not divide the {images} "
                             f"images per rank (--batch-size {args.batch_size} over {world_size} ranks)")
     if not os.path.isfile(args.posterior):
         raise gss.UserError(f"--posterior {args.posterior}: no such stage-I artifact; expected the file of "
@@ -343,15 +368,16 @@ def parse_model_config(text):
     return config
 
 
-def param_groups(model, weight_decay=0.01):
-    """AdamW groups of a gss.GSS by the official rule (facts section 9): no weight decay on parameters whose
-    official name contains 'norm', 'relative_position_bias_table' or 'absolute_pos_embed'. The rule is kept as
-    simple as it is: everything else decays, biases and the norms not named so included (the head's BatchNorms
-    'bn' and its LayerNorm, officially 'swin_ln', ours head.swin_norm: hence the match on official names)."""
+def param_groups(model, weight_decay=0.01, prefix=''):
+    """AdamW groups of a gss.GSS (or of an FT-W X^-1 with prefix='inverse') by the official rule (facts section 9):
+    no weight decay on parameters whose official name contains 'norm', 'relative_position_bias_table' or
+    'absolute_pos_embed'. The rule is kept as simple as it is: everything else decays, biases and the norms not named
+    so included (the BatchNorms 'bn' and the LayerNorms officially 'swin_ln' / 'post_swin_ln', ours head.swin_norm /
+    inverse.norm: hence the match on official names)."""
     no_decay = ('norm', 'relative_position_bias_table', 'absolute_pos_embed')
     decay, rest = [], []
-    for name, p in model.named_parameters():
-        official = gss.official_key(name) if name.startswith('head.') else name  # backbone names agree already
+    for name, p in model.named_parameters(prefix):
+        official = gss.official_key(name) if name.startswith(('head.', 'inverse.')) else name  # backbone's agree
         if p.requires_grad:
             (rest if any(s in official for s in no_decay) else decay).append(p)
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': rest, 'weight_decay': 0.0}]
@@ -423,9 +449,7 @@ def train_loop(args, rank, world_size, local_rank, device):
     # model, optimizer, AMP scaler
     model = gss.GSS(args.backbone, num_classes=K, vocab_size=posterior['vocab_size'], pretrained=args.pretrained,
                     **args.model_config)  # DDP broadcasts rank 0's initial weights
-    if world_size > 1 and device.type == 'cuda':  # as official; PyTorch's SyncBatchNorm is GPU-only, so on CPU
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # each rank normalises over its own images
-    model.to(device)
+    model = sync_batchnorm(model, world_size, device).to(device)
     raw_model = model
     optimizer = torch.optim.AdamW(param_groups(raw_model), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.01,
                                   fused=True)  # one kernel over all tensors: 3x less CPU time than the per-tensor loop
@@ -518,13 +542,7 @@ def train_loop(args, rank, world_size, local_rank, device):
                 finite &= math.isfinite(loss.item())
                 for k, v in {'loss': loss.item(), **parts}.items():
                     sums[k] = sums.get(k, 0.0) + v / accum
-            flags = torch.tensor([float(stop.signum), float(not finite)], device=device)
-            if world_size > 1:  # every rank stops together
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            if flags[1]:
-                raise gss.UserError(f"non-finite loss at iteration {it + 1}; stopped without saving; " + (
-                    f"the last good checkpoint {latest} (iteration {saved_it}) is intact" if saved_it is not None
-                    else "no checkpoint was written yet"))
+            signum = stop_together(stop.signum, finite, it, latest, saved_it, device, world_size)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -541,11 +559,11 @@ def train_loop(args, rank, world_size, local_rank, device):
                              'eta': str(datetime.timedelta(seconds=round(dt * (args.iters - it)))),
                              'peak_mem_mb': round(peak_memory_mb(device))})
                 sums, train_time, it0 = {}, 0.0, it
-            if flags[0]:
+            if signum:
                 save(latest)
-                log.info(f"stopped by signal {int(flags[0])} after iteration {it}; saved {latest}; "
+                log.info(f"stopped by signal {signum} after iteration {it}; saved {latest}; "
                          f"continue with --resume auto")
-                return 128 + int(flags[0])
+                return 128 + signum
             if args.eval_interval and (it % args.eval_interval == 0 or it == args.iters):
                 val_miou, aux_miou = validate(raw_model, tokenizer, inverse, val_set,
                                               datasets.DATASET_PRESETS[args.dataset], autocast, rank, world_size)
