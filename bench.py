@@ -11,12 +11,14 @@ spirit). Each subcommand prints a readable table and, as its last line, one `BEN
     python bench.py infer       # end-to-end gss.predict: Swin-T 512x512 whole vs slide; Swin-L 1024x2048 slide 768/512
                                 # (the 8 GB target; --windows N times N of its 8 windows, default 3, 0 = all)
 
-Peak memory on CPU is measured honestly: each side runs in its own fresh subprocess, which reports its
-peak resident set size (VmHWM, reset after imports and input creation) minus its RSS at that point.
+Peak memory on CPU is measured honestly: each side runs in its own fresh subprocess, which hands the memory its
+setup and warm-up freed back to the OS, then reports its peak resident set size (VmHWM, reset at that point) minus
+its RSS at that point.
 Timings are medians of interleaved repeats (infer: one call per case by default, without a warm-up call: a call
 takes minutes). The machine's cores may be shared: compare ratios, not seconds.
 """
 import argparse
+import ctypes
 import json
 import multiprocessing as mp
 import resource
@@ -52,8 +54,10 @@ def _child(setup, args, threads, warmup, queue):
     fn = setup(*args)  # builds the model and inputs, returns the callable to time
     if warmup:
         fn()  # first call: kernel creation, allocator growth
-    # reset the peak RSS (VmHWM) to the current RSS (Linux >= 4.0): ru_maxrss cannot be reset, and a spawned
-    # child inherits its parent's high-water mark
+    # hand the memory that setup and warm-up freed back to the OS (glibc keeps it otherwise, and the timed call would
+    # reuse it unseen), then reset the peak RSS (VmHWM) to the current RSS (Linux >= 4.0): ru_maxrss cannot be reset,
+    # and a spawned child inherits its parent's high-water mark
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
     with open('/proc/self/clear_refs', 'w') as f:
         f.write('5')
     base = _rss_mb('VmRSS')

@@ -37,6 +37,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torchvision.models.swin_transformer import PatchMerging as TVPatchMerging
 from torchvision.models.swin_transformer import SwinTransformerBlock as TVSwinBlock
 
+import bench
 import datasets
 import evaluate
 import gss
@@ -46,6 +47,18 @@ import train_prior
 
 # ../shared sits beside the project in CI (design notes, official palettes, golden vectors), not in a user's clone
 SHARED = Path(__file__).resolve().parent.parent / 'shared'
+
+
+def shared_file(name):
+    """SHARED/name, else a skip that says what is missing; a failure in CI (CI=true), where ../shared is laid out."""
+    path = SHARED / name
+    if not path.exists():
+        why = (f"{path} not found: the official-parity tests read the ../shared folder laid beside this checkout "
+               f"(data/official_gss golden vectors, data/official_palettes.json, data/class_names.json)")
+        if os.environ.get('CI') == 'true':
+            pytest.fail(why)
+        pytest.skip(why)
+    return path
 
 
 @pytest.fixture(scope='module')
@@ -415,11 +428,22 @@ def test_folder_dataset(tmp_path):
         ds[0]
 
 def test_embedded_class_names_match_shared():
-    path = str(SHARED / 'data' / 'class_names.json')
-    if not os.path.isfile(path):
-        pytest.skip('../shared/data/class_names.json not available (developer-only check)')
-    names = json.load(open(path))
+    names = json.loads(shared_file('data/class_names.json').read_text())
     assert list(datasets.ADE20K_CLASSES) == names['ade20k'] and list(datasets.CITYSCAPES_CLASSES) == names['cityscapes']
+
+
+def test_missing_shared_skips_with_its_reason_and_fails_in_ci(tmp_path, monkeypatch):
+    monkeypatch.setitem(globals(), 'SHARED', tmp_path / 'shared')  # a clone without ../shared
+    monkeypatch.delenv('CI', raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r'shared/data/official_palettes.json not found: .* \.\./shared '
+                                                     r'folder laid beside this checkout \(data/official_gss golden'):
+        shared_file('data/official_palettes.json')
+    monkeypatch.setenv('CI', 'true')
+    with pytest.raises(pytest.fail.Exception, match='official_palettes.json not found'):
+        shared_file('data/official_palettes.json')
+    (tmp_path / 'shared' / 'data').mkdir(parents=True)
+    (tmp_path / 'shared' / 'data' / 'official_palettes.json').write_text('{}')
+    assert shared_file('data/official_palettes.json') == tmp_path / 'shared' / 'data' / 'official_palettes.json'
 
 # -----------------------------------------------------------------------------
 # pipelines
@@ -622,7 +646,6 @@ def test_presets():
 
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # the repository
-needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason='../shared (official data) is not available')
 
 
 def min_distance(palette):
@@ -672,9 +695,8 @@ def test_save_atomic_and_load_file(tmp_path):
 
 # ---- section 2: palettes
 
-@needs_shared
 def test_official_palettes_match_the_shared_data():
-    data = json.load(open(SHARED / 'data' / 'official_palettes.json'))
+    data = json.loads(shared_file('data/official_palettes.json').read_text())
     for name in ('ade20k', 'cityscapes', 'mseg'):
         assert gss.official_palette(name).tolist() == data[name]['classes'] + [data[name]['ignore']]
 
@@ -758,15 +780,26 @@ def test_nearest_colour_soft_scores_labels_and_ties():
     assert tie.labels(torch.tensor([10 / 255, 0, 0]).view(1, 3, 1, 1)).item() == 2  # first index wins
 
 
-@needs_shared
-def test_nearest_colour_matches_the_official_golden_vectors():
-    g = torch.load(SHARED / 'data' / 'official_gss' / 'golden_ff.pt', weights_only=True)
-    palette = g['palette'][:-1]
+def _reuse_freed_blocks():
+    """bench.run_side() setup: frees 64 MB of 64 KB blocks, which glibc keeps (the last block pins the top of its
+    heap); the call allocates them again."""
+    blocks = lambda: [torch.ones(2 ** 14) for _ in range(1024)]  # 1024 x (16384,) float32
+    last = blocks()[-1]
+    return lambda: (blocks(), last)
+
+
+def test_bench_peak_memory_counts_what_setup_and_warm_up_freed():
+    peak = bench.run_side(_reuse_freed_blocks, threads=1)['peak_mb']
+    assert peak >= 60, peak  # measured 64.2 (0.004 before bench trimmed the allocator)
+
+
+def test_nearest_colour_matches_the_official_golden_vectors(golden_ff):
+    palette = golden_ff['palette'][:-1]
     nc = gss.NearestColour(palette)
-    m = g['nearest_colour']['maskige']
+    m = golden_ff['nearest_colour']['maskige']
     scale = 1.0 if m.max() <= 1 else 255.0
-    assert torch.equal(nc.labels(m / scale), g['nearest_colour']['label'][:, 0])
-    assert torch.equal(nc.labels(g['test']['maskige_pred_0_255'] / 255), g['test']['labels_2x'])
+    assert torch.equal(nc.labels(m / scale), golden_ff['nearest_colour']['label'][:, 0])
+    assert torch.equal(nc.labels(golden_ff['test']['maskige_pred_0_255'] / 255), golden_ff['test']['labels_2x'])
 
 
 def test_resize_one_hot_equals_interpolating_the_one_hot():
@@ -881,22 +914,20 @@ def test_missing_tokenizer_is_a_user_error(tmp_path):
     assert '\n' not in msg
 
 
-@needs_shared
-def test_reconstruct_matches_the_official_oracle_golden_vectors():
-    g = torch.load(SHARED / 'data' / 'official_gss' / 'golden_ff.pt', weights_only=True)
-    sd = g['state_dict']
+def test_reconstruct_matches_the_official_oracle_golden_vectors(golden_ff):
+    sd = golden_ff['state_dict']
     tok = gss.build_tokenizer(n_hid=64, vocab_size=8192, n_init=128, n_blk_per_group=2)
     tok.encoder.load_state_dict({k[len('d_vae.encoder.'):]: v for k, v in sd.items() if k.startswith('d_vae.encoder.')})
     tok.decoder.load_state_dict({k[len('d_vae.decoder.'):]: v for k, v in sd.items() if k.startswith('d_vae.decoder.')})
-    decoded = tok.decode(g['test']['vq_tokens'])
-    ref = gss._unmap(torch.sigmoid(g['test']['dvae_decoder_out'][:, :3]))
-    assert (decoded - ref).abs().max() < 1e-4
-    palette = g['palette']
-    labels = g['inputs']['gt'][:, 0]
+    decoded = tok.decode(golden_ff['test']['vq_tokens'])
+    ref = gss._unmap(torch.sigmoid(golden_ff['test']['dvae_decoder_out'][:, :3]))
+    assert (decoded - ref).abs().max() < 5e-6  # measured 1.5e-6 (1 thread), 0 (2 to 4)
+    palette = golden_ff['palette']
+    labels = golden_ff['inputs']['gt'][:, 0]
     scores = gss.recon_scores(tok, gss.NearestColour(palette[:-1]), labels, palette[:-1], palette[-1])
-    assert torch.equal(scores.argmax(1), g['recon_eval']['labels'])
-    assert (scores - g['recon_eval']['scores']).abs().max() < 1e-5
-    target = g['train_eval_mode']  # the official token targets: encoder argmax of the 2x maskige
+    assert torch.equal(scores.argmax(1), golden_ff['recon_eval']['labels'])
+    assert torch.equal(scores, golden_ff['recon_eval']['scores'])
+    target = golden_ff['train_eval_mode']  # the official token targets: encoder argmax of the 2x maskige
     assert torch.equal(tok.encode(target['maskige_target_0_255'].float() / 255), target['token_targets_raw'])
     scores = gss.recon_scores(tok, gss.NearestColour(palette[:-1]), labels, palette[:-1], palette[-1], size=(32, 40),
                               upsample=True)  # test resolution 32x40, stage II's 2x path: tokens 8x10
@@ -1033,8 +1064,6 @@ def test_load_posterior_validates(tmp_path):
         gss.load_posterior(tmp_path / 'short.pt')
 
 
-OFFICIAL = SHARED / 'data' / 'official_gss'
-
 TINY_GSS = dict(backbone='swin_mini', num_classes=5, vocab_size=512, mla_channels=16, fused_channels=32,
             token_channels=64, depth=2, num_heads=2, window_size=7)
 
@@ -1047,12 +1076,6 @@ def tiny_gss(seed=0, **overrides):
 def tiny_gss_tokenizer(seed=0):
     torch.manual_seed(seed)
     return gss.build_tokenizer(n_hid=64, vocab_size=512, n_init=32)
-
-
-def official_file(path):
-    if not path.exists():
-        pytest.skip(f"{path} not found: the official golden vectors live in ../shared/data/official_gss")
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1243,7 +1266,7 @@ class FixedFeatures(nn.Module):
 
 @pytest.fixture(scope='module')
 def golden_ff():
-    return torch.load(official_file(OFFICIAL / 'golden_ff.pt'), weights_only=True)
+    return torch.load(shared_file('data/official_gss/golden_ff.pt'), weights_only=True)
 
 
 def golden_ff_model(golden_ff):
@@ -1270,13 +1293,14 @@ def test_golden_training_step(golden_ff, mode):
     rec, palette = golden_ff[mode], golden_ff['palette'][:10]
     gt, images = golden_ff['inputs']['gt'][:, 0], torch.zeros(2, 3, 64, 64)
     loss, logs = gss.compute_loss(model, tokenizer, palette, images, gt)
-    assert logs['loss_token'] == pytest.approx(rec['losses']['loss_ce'], rel=1e-5)  # measured 3e-8
-    assert logs['loss_aux'] == pytest.approx(rec['losses']['loss_ce_pixel'], rel=1e-5)  # measured 9e-8
-    assert logs['acc_aux'] == pytest.approx(rec['losses']['acc_seg_aux'], rel=1e-5)
+    # tolerances: about 3x the largest difference measured over 1 to 4 threads and both modes
+    assert logs['loss_token'] == pytest.approx(rec['losses']['loss_ce'], rel=1e-7)  # measured 2.7e-8
+    assert logs['loss_aux'] == pytest.approx(rec['losses']['loss_ce_pixel'], rel=3e-7)  # measured 8.9e-8
+    assert logs['acc_aux'] == pytest.approx(rec['losses']['acc_seg_aux'], rel=1e-7)  # measured 3.0e-8
     if mode == 'train_batchstats_nodropout':  # one forward in batch-statistics mode moved the running stats
         ours = {gss.official_key('head.' + k): v for k, v in model.head.state_dict().items()}
         for k, v in rec['bn_running_after'].items():
-            torch.testing.assert_close(ours['decode_head.' + k], v, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ours['decode_head.' + k], v, rtol=0, atol=1.5e-6)  # measured 4.8e-7
     with torch.no_grad():  # the same forward again (batch statistics do not depend on the running ones)
         _, aux = model(images)
         labels2x = gss.upsample_labels_2x(gt)
@@ -1287,7 +1311,8 @@ def test_golden_training_step(golden_ff, mode):
     maskige = gss.paint(composed, palette, golden_ff['palette'][10])
     assert torch.equal((maskige * 255).round().long(), rec['maskige_target_0_255'])
     expected = rec['token_targets_masked'][:, 0]
-    close = (rec['enc_logit_top2'][:, 0] - rec['enc_logit_top2'][:, 1]).abs() < 1e-4  # either token is right
+    # either token is right where the official top-2 logits are closer than our logits' error (measured 1.7e-6)
+    close = (rec['enc_logit_top2'][:, 0] - rec['enc_logit_top2'][:, 1]).abs() < 5e-6
     assert not ((tokens != expected) & ~close).any()  # measured: 0 tokens differ
     assert torch.equal(tokens == 8192, expected == 8192)  # ignore mask
 
@@ -1299,10 +1324,10 @@ def test_golden_inference(golden_ff):
     with torch.no_grad():
         feats = model.head.token_features(golden_ff['inputs']['feats'])
         tokens = gss.token_argmax(feats, model.head.conv_seg)
-        close = (rec['vq_logits_top2'][:, 0] - rec['vq_logits_top2'][:, 1]).abs() < 1e-4
+        close = (rec['vq_logits_top2'][:, 0] - rec['vq_logits_top2'][:, 1]).abs() < 1e-6  # logit error: 3.3e-7
         assert not ((tokens != rec['vq_tokens']) & ~close).any()  # measured: 0 tokens differ
         maskige = tokenizer.decode(rec['vq_tokens'])  # (2, 3, 128, 128)
-    assert (maskige * 255 - rec['maskige_pred_0_255']).abs().max() < 1e-3  # measured 3.8e-4
+    assert (maskige * 255 - rec['maskige_pred_0_255']).abs().max() < 1e-3  # measured 3.8e-4 (1 thread), 4.6e-5 (2-4)
     inverse = gss.NearestColour(palette[:10])
     assert torch.equal(inverse.labels(maskige), rec['labels_2x'])
     scores = gss.predict(model, tokenizer, inverse, torch.zeros(2, 3, 64, 64))  # the whole path, one-hot resized
@@ -1380,7 +1405,7 @@ def test_official_checkpoint_round_trip(tmp_path):
 
 
 def test_official_ftw_keys_into_an_ff_model(golden_ff):
-    layout = json.loads(official_file(OFFICIAL / 'ftw_head_keys.json').read_text())
+    layout = json.loads(shared_file('data/official_gss/ftw_head_keys.json').read_text())
     torch.manual_seed(0)
     sd = {k: (torch.randn(shape) if dtype == 'torch.float32' else torch.zeros(shape, dtype=torch.long))
           for k, shape, dtype in layout['keys']}
@@ -1396,8 +1421,8 @@ def test_official_ftw_keys_into_an_ff_model(golden_ff):
 
 
 def test_official_config_from_shapes():
-    swin_l = json.loads(official_file(OFFICIAL / 'swin_keys.json').read_text())['swin_l']['keys']
-    head = json.loads(official_file(OFFICIAL / 'ff_head_keys.json').read_text())['keys']
+    swin_l = json.loads(shared_file('data/official_gss/swin_keys.json').read_text())['swin_l']['keys']
+    head = json.loads(shared_file('data/official_gss/ff_head_keys.json').read_text())['keys']
     with torch.device('meta'):  # names and shapes only
         sd = {'backbone.' + k: torch.empty(shape) for k, shape in swin_l}
         sd.update({'decode_head.' + k: torch.empty(shape) for k, shape, _ in head})
@@ -1410,7 +1435,7 @@ def test_official_config_from_shapes():
 
 
 def test_mmseg_swin_layouts_load_into_swin_py():
-    layout = json.loads(official_file(OFFICIAL / 'swin_keys.json').read_text())
+    layout = json.loads(shared_file('data/official_gss/swin_keys.json').read_text())
     torch.manual_seed(0)
     sd = {k: torch.randn(shape) for k, shape in layout['swin_t']['keys']}
     model = swin.build_swin('swin_t')
