@@ -15,9 +15,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gss import UserError
-
 IGNORE = 255
+
+
+class UserError(Exception):
+    """A problem with the user's data (missing file, bad label value); the CLIs print it as one line."""
+
+    def __init__(self, msg):  # a DataLoader worker's error is re-raised as UserError(its traceback): keep its message
+        super().__init__(msg.rstrip('\n').rpartition('UserError: ')[2])
+
 
 # -----------------------------------------------------------------------------
 # class names and label tables (conventions 3.1, 3.2)
