@@ -205,8 +205,24 @@ def test_block_is_plain_attention_on_one_window():
         assert (shifted(x) - y).abs().max() < 1e-5
 
 
+def window_unpartition(windows, ws, H, W):
+    """Inverse of swin.window_partition: (B*nW, ws*ws, C) -> (B, H, W, C)."""
+    C = windows.shape[-1]
+    x = windows.view(-1, H // ws, W // ws, ws, ws, C)  # (B, nWh, nWw, ws, ws, C)
+    return x.transpose(2, 3).reshape(-1, H, W, C)  # (B, H, W, C)
+
+
+def windows_attention(attn, x, mask):
+    """The official WindowAttention.forward: x (B*nW, N, C) windows, B-major; mask (nW, N, N) -> (B*nW, N, C)."""
+    Bw, N, C = x.shape
+    h, nW = attn.num_heads, mask.shape[0]
+    qkv = attn.qkv(x).view(Bw // nW, nW, N, 3, h, C // h).permute(3, 0, 4, 1, 2, 5)  # (3, B, h, nW, N, d)
+    x = attn.attend(*qkv, mask)  # (B, h, nW, N, d)
+    return attn.proj(x.permute(0, 2, 3, 1, 4).reshape(Bw, N, C))
+
+
 def test_window_attention_on_windows_is_the_official_pipeline():
-    """WindowAttention on explicit windows (pad, roll, window_partition, attention, unpartition, roll back,
+    """Attention on explicit windows (pad, roll, window_partition, attention, unpartition, roll back,
     crop: the official order) equals the block's gather-based path."""
     torch.manual_seed(0)
     block = swin.SwinBlock(32, 2, window_size=7, shift_size=3).eval()
@@ -216,9 +232,9 @@ def test_window_attention_on_windows_is_the_official_pipeline():
     x = torch.randn(2, 13, 20, 32)
     _, _, mask = swin.window_layout(13, 20, 7, 3, x.device)
     y = torch.roll(F.pad(x, (0, 0, 0, 1, 0, 1)), (-3, -3), (1, 2))  # (2, 14, 21, 32)
-    windows, pad_hw = swin.window_partition(y, 7)
+    windows = swin.window_partition(y, 7)
     with torch.no_grad():
-        y = swin.window_unpartition(block.attn(windows, mask), 7, pad_hw, pad_hw)
+        y = window_unpartition(windows_attention(block.attn, windows, mask), 7, 14, 21)
         y = torch.roll(y, (3, 3), (1, 2))[:, :13, :20]
         assert (block.shifted_window_attention(x) - y).abs().max() < 1e-5
 
@@ -236,10 +252,10 @@ def test_sdpa_path_keeps_the_numbers():
 
 def test_window_partition_round_trip():
     x = torch.randn(2, 13, 20, 5)
-    windows, (Hp, Wp) = swin.window_partition(x, 7)
-    assert windows.shape == (2 * 2 * 3, 49, 5) and (Hp, Wp) == (14, 21)
+    windows = swin.window_partition(F.pad(x, (0, 0, 0, 1, 0, 1)), 7)  # padded to (2, 14, 21, 5)
+    assert windows.shape == (2 * 2 * 3, 49, 5)
     assert windows[3, 42:].abs().sum() == 0 and windows[3, :42].abs().min() > 0  # window (1, 0): last row is padding
-    assert torch.equal(swin.window_unpartition(windows, 7, (Hp, Wp), (13, 20)), x)
+    assert torch.equal(window_unpartition(windows, 7, 14, 21)[:, :13, :20], x)
 
 # -----------------------------------------------------------------------------
 # checkpoint layouts
