@@ -430,16 +430,10 @@ def _border(mask):
     p = np.pad(mask, 1)
     return mask & ~(p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:])
 
-def synthetic_scene(rng, S=128):
-    """One scene -> (image (S, S, 3) uint8, label (S, S) uint8 with 0 = other/unlabeled, 1..10 classes)."""
-    yy, xx = np.mgrid[:S, :S].astype(np.float32)
-    img = np.zeros((S, S, 3), np.float32)
-    lab = np.zeros((S, S), np.uint8)
-    def put(mask, cls, tex=None):
-        img[mask] = (_texture(rng, cls, yy, xx) if tex is None else tex)[mask]
-        lab[mask] = cls
-
-    # stuff: sky above a tilted wavy horizon, optional skyline of buildings, ground below
+def _stuff(rng, yy, xx, put, lab):
+    """Sky above a tilted wavy horizon, an optional skyline of buildings, ground below, maybe a patch of another
+    ground type, a road and an unlabeled band along the horizon; -> the mean horizon row h0."""
+    S = yy.shape[0]
     h0 = S * rng.uniform(0.25, 0.6)
     horizon = h0 + rng.uniform(-0.15, 0.15) * (xx - S / 2) + 0.03 * S * np.sin(xx / S * 6 + rng.uniform(0, 6))
     sky = yy < horizon
@@ -463,42 +457,47 @@ def synthetic_scene(rng, S=128):
         put(road, ROAD, tex)
     if rng.random() < 0.3:  # unlabeled band along the horizon
         lab[np.abs(yy - horizon) < 1] = 0
+    return h0
 
-    # things standing on the ground, later ones occluding earlier ones
+def _thing(rng, cls, yy, xx, cy, cx):
+    """A ball, crate or sign centred at (cy, cx) -> (mask (S, S) bool, texture (S, S, 3))."""
+    S = yy.shape[0]
+    if cls == BALL:  # shaded sphere with a specular highlight
+        r = rng.uniform(0.1, 0.22) * S
+        d2 = ((yy - cy) ** 2 + (xx - cx) ** 2) / r ** 2
+        spot = np.exp(-((yy - cy + 0.35 * r) ** 2 + (xx - cx + 0.35 * r) ** 2) / (0.06 * r * r))
+        shade = 0.5 * np.sqrt(np.clip(1 - d2, 0, 1)) - 0.25 + 0.6 * spot
+        return d2 < 1, np.clip(_colour(rng, BALL) * (1 + shade[..., None]), 0, 255)
+    if cls == CRATE:  # rotated rectangle with a 4-6 px checker and a dark frame
+        u, v = _rotated(yy, xx, cy, cx, rng.uniform(-0.35, 0.35))
+        hw, hh = rng.uniform(0.1, 0.22, 2) * S
+        mask = (np.abs(u) < hw) & (np.abs(v) < hh)
+        half = rng.integers(2, 4)
+        checker = ((np.floor(u / half) + np.floor(v / half)) % 2) * 2 - 1
+        t = 0.2 * checker - 0.45 * _border(mask)
+        return mask, _colour(rng, CRATE) * (1 + t[..., None])
+    # sign: triangle with a flat face and a 2 px contrasting rim
+    a, r = rng.choice([-np.pi / 2, np.pi / 2]) + rng.uniform(-0.2, 0.2), rng.uniform(0.09, 0.17) * S
+    dist = np.max([(xx - cx) * np.cos(a + k * 2 * np.pi / 3) + (yy - cy) * np.sin(a + k * 2 * np.pi / 3)
+                   for k in range(3)], axis=0)  # (S, S), < r inside the triangle of inradius r
+    return dist < r, np.where((dist > r - 2)[..., None], _colour(rng, SIGN), _colour(rng, SIGN))
+
+def _things(rng, yy, xx, h0, put, lab):
+    """Things standing on the ground below row h0, later ones occluding earlier ones: maybe a fence, 1-3 balls,
+    crates or signs (maybe with unlabeled rims), maybe an "other" object."""
+    S = yy.shape[0]
     if rng.random() < 0.45:  # fence: 2 px bars and rails over a band, the background visible in the gaps
         y0, h = rng.uniform(h0 - 0.1 * S, 0.9 * S), rng.uniform(0.12, 0.3) * S
         x0, x1 = sorted(rng.uniform(-0.2, 1.2, 2) * S)
         period = rng.integers(4, 7)
         band = (yy >= y0 - h) & (yy < y0) & (xx >= x0) & (xx < x1)
         rails = (np.abs(yy - (y0 - 0.25 * h)) <= 1) | (np.abs(yy - (y0 - 0.75 * h)) <= 1)
-        wood = band & (((xx - x0) % period < 2) | rails)
-        img[wood] = _texture(rng, FENCE, yy, xx)[wood]
+        put(band & (((xx - x0) % period < 2) | rails), FENCE)
         lab[band] = FENCE  # annotated as a whole, gaps included (as Cityscapes and ADE20K annotate fences)
     unlabeled_rims = rng.random() < 0.5
     for _ in range(rng.integers(1, 4)):
         cls = rng.choice([BALL, CRATE, SIGN])
-        cy, cx = rng.uniform(h0 - 0.05 * S, S), rng.uniform(0, S)
-        if cls == BALL:  # shaded sphere with a specular highlight
-            r = rng.uniform(0.1, 0.22) * S
-            d2 = ((yy - cy) ** 2 + (xx - cx) ** 2) / r ** 2
-            mask = d2 < 1
-            spot = np.exp(-((yy - cy + 0.35 * r) ** 2 + (xx - cx + 0.35 * r) ** 2) / (0.06 * r * r))
-            shade = 0.5 * np.sqrt(np.clip(1 - d2, 0, 1)) - 0.25 + 0.6 * spot
-            tex = np.clip(_colour(rng, BALL) * (1 + shade[..., None]), 0, 255)
-        elif cls == CRATE:  # rotated rectangle with a 4-6 px checker and a dark frame
-            u, v = _rotated(yy, xx, cy, cx, rng.uniform(-0.35, 0.35))
-            hw, hh = rng.uniform(0.1, 0.22, 2) * S
-            mask = (np.abs(u) < hw) & (np.abs(v) < hh)
-            half = rng.integers(2, 4)
-            checker = ((np.floor(u / half) + np.floor(v / half)) % 2) * 2 - 1
-            t = 0.2 * checker - 0.45 * _border(mask)
-            tex = _colour(rng, CRATE) * (1 + t[..., None])
-        else:  # triangle with a flat face and a 2 px contrasting rim
-            a, r = rng.choice([-np.pi / 2, np.pi / 2]) + rng.uniform(-0.2, 0.2), rng.uniform(0.09, 0.17) * S
-            dist = np.max([(xx - cx) * np.cos(a + k * 2 * np.pi / 3) + (yy - cy) * np.sin(a + k * 2 * np.pi / 3)
-                           for k in range(3)], axis=0)  # (S, S), < r inside the triangle of inradius r
-            mask = dist < r
-            tex = np.where((dist > r - 2)[..., None], _colour(rng, SIGN), _colour(rng, SIGN))
+        mask, tex = _thing(rng, cls, yy, xx, rng.uniform(h0 - 0.05 * S, S), rng.uniform(0, S))
         put(mask, cls, tex)
         if unlabeled_rims:
             lab[_border(mask)] = 0
@@ -506,6 +505,17 @@ def synthetic_scene(rng, S=128):
         u, v = _rotated(yy, xx, rng.uniform(0.2, 0.9) * S, rng.uniform(0, S), rng.uniform(0, np.pi))
         put((u / rng.uniform(0.08, 0.2) / S) ** 2 + (v / rng.uniform(0.08, 0.2) / S) ** 2 < 1, 0)
 
+def synthetic_scene(rng, S=128):
+    """One scene -> (image (S, S, 3) uint8, label (S, S) uint8 with 0 = other/unlabeled, 1..10 classes)."""
+    yy, xx = np.mgrid[:S, :S].astype(np.float32)
+    img = np.zeros((S, S, 3), np.float32)
+    lab = np.zeros((S, S), np.uint8)
+
+    def put(mask, cls, tex=None):  # paint and label a region, over whatever was there
+        img[mask] = (_texture(rng, cls, yy, xx) if tex is None else tex)[mask]
+        lab[mask] = cls
+    h0 = _stuff(rng, yy, xx, put, lab)
+    _things(rng, yy, xx, h0, put, lab)
     img = img * rng.uniform(0.75, 1.2) + rng.normal(0, 2.5, img.shape)  # exposure and sensor noise
     return np.clip(img, 0, 255).astype(np.uint8), lab
 
