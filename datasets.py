@@ -1,10 +1,18 @@
 """
-Datasets for GSS: ADE20K, Cityscapes, a generic folder layout and an embedded synthetic default,
-with training/test pipelines equivalent to mmsegmentation 0.x (configs/_base_/datasets/*.py).
+Datasets for GSS with mmsegmentation 0.x's pipelines (configs/_base_/datasets/*.py); imports only torch, numpy and
+pillow, so the file can be copied alone.
 
-Every dataset yields dicts (contract):
+In order: class names and label tables (raw PNG value -> train id), DATASET_PRESETS (the official GSS configs plus
+our synthetic and folder sets), file reading with one-line UserErrors, the training and test pipelines (mmseg Resize,
+RandomCrop, RandomFlip, PhotoMetricDistortion, Normalize, Pad), the layouts (ADE20K, Cityscapes, a folder with
+classes.txt) behind build_dataset, then the synthetic scene generator (the default dataset, made on first use).
+
+Every dataset yields dicts:
   train: {'image': (3, crop, crop) float normalised, 'label': (crop, crop) long, 255 = ignore}
   test:  {'image': (3, h, w) float at the test scale, 'label': (H, W) long at ORIGINAL size, 'path': str}
+
+    train_set = build_dataset('ade20k', 'train', root='data/ade')  # or ('synthetic', 'train'): nothing to download
+    item = train_set[0]  # {'image': (3, 512, 512), 'label': (512, 512)}
 """
 import colorsys
 import os
@@ -26,7 +34,7 @@ class UserError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# class names and label tables (conventions 3.1, 3.2)
+# class names and label tables (ADE20K objectInfo150.txt, cityscapesScripts labels.py)
 
 _ADE = """wall, building, sky, floor, tree, ceiling, road, bed, windowpane, grass, cabinet, sidewalk, person, earth,
 door, table, mountain, plant, curtain, chair, car, water, painting, sofa, shelf, house, sea, mirror, rug,
@@ -72,7 +80,8 @@ def cityscapes_id_lut():
     return lut
 
 # -----------------------------------------------------------------------------
-# presets (official_gss_facts.md section 9; conventions 3.5). img_scale is (long, short) as in mmseg.
+# presets: the official configs/gss/{ade20k,cityscapes}/gss-ff_*.py and their configs/_base_/datasets/*.py.
+# img_scale is (long, short) as in mmseg.
 
 _COMMON = dict(ratio_range=(0.5, 2.0), cat_max_ratio=0.75, warmup=1500)
 DATASET_PRESETS = {
@@ -227,7 +236,8 @@ def normalize(img):
     return x.sub_(MEAN).div_(STD)
 
 def train_transform(img, lab, p, rng):
-    """Training pipeline (official_gss_facts 9): resize x U[ratio_range], crop, flip, photometric, normalise, pad."""
+    """Training pipeline (configs/_base_/datasets/*.py): resize x U[ratio_range], crop, flip, photometric, normalise,
+    pad."""
     r = rng.uniform(*p['ratio_range'])
     size = rescale_size(*lab.shape, (int(p['img_scale'][0] * r), int(p['img_scale'][1] * r)))
     lab = resize_label(lab, size)
@@ -268,13 +278,24 @@ class SegDataset(torch.utils.data.Dataset):
         return dict(test_transform(img, lab, self.preset), path=img_path)
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png')
+SPLIT_ALIASES = {'train': 'training', 'training': 'train', 'val': 'validation', 'validation': 'val'}
 
 def _need_dir(path, what):
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such directory; expected {what}")
 
-def _pair_files(img_dir, lab_dir, lut):
-    """Images in img_dir (recursively) with their .png labels at the same relative path in lab_dir."""
+def split_files(root, split, lut, layout):
+    """Images in root/images/<split> (recursively; train/training and val/validation both accepted) with their .png
+    labels at the same relative path in root/annotations/<split>; layout says what images/ should hold."""
+    images = os.path.join(root, 'images')
+    _need_dir(images, layout)
+    for s in (split, SPLIT_ALIASES.get(split)):
+        if s and os.path.isdir(os.path.join(images, s)):
+            break
+    else:
+        raise UserError(f"{os.path.join(images, split)}: no such split directory; "
+                        f"expected one of {sorted(d for d in os.listdir(images) if not d.startswith('.'))}")
+    img_dir, lab_dir = os.path.join(images, s), os.path.join(root, 'annotations', s)
     imgs = sorted(p for p in Path(img_dir).rglob('*') if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith('.'))
     if not imgs:
         raise UserError(f"{img_dir}: no images in this split; expected *.jpg or *.png files")
@@ -286,25 +307,12 @@ def _pair_files(img_dir, lab_dir, lut):
         files.append((str(p), str(lab), lut))
     return files
 
-def _split_dir(parent, split, aliases):
-    """parent/<split>, also accepting the other spelling (train/training, val/validation)."""
-    for s in (split, *aliases.get(split, ())):
-        if os.path.isdir(os.path.join(parent, s)):
-            return s
-    raise UserError(f"{os.path.join(parent, split)}: no such split directory; "
-                    f"expected one of {sorted(d for d in os.listdir(parent) if not d.startswith('.'))}")
-
-_SPLIT_ALIASES = {'train': ('training',), 'training': ('train',), 'val': ('validation',), 'validation': ('val',)}
-
 def ade_files(root, split, num_classes):
     """ADEChallengeData2016 layout: images/<split>/*.jpg, annotations/<split>/*.png (root may be its parent)."""
     if os.path.isdir(os.path.join(root, 'ADEChallengeData2016')):
         root = os.path.join(root, 'ADEChallengeData2016')
     _need_dir(root, "the ADE20K layout ADEChallengeData2016/{images,annotations}/{training,validation}")
-    _need_dir(os.path.join(root, 'images'), "ADEChallengeData2016/images/{training,validation}")
-    s = _split_dir(os.path.join(root, 'images'), split, _SPLIT_ALIASES)
-    return _pair_files(os.path.join(root, 'images', s), os.path.join(root, 'annotations', s),
-                       reduce_zero_lut(num_classes))
+    return split_files(root, split, reduce_zero_lut(num_classes), "ADEChallengeData2016/images/{training,validation}")
 
 def cityscapes_files(root, split):
     """leftImg8bit/<split>/<city>/*_leftImg8bit.png with gtFine/.../*_gtFine_labelTrainIds.png, else labelIds."""
@@ -326,8 +334,13 @@ def cityscapes_files(root, split):
             raise UserError(f"{p}: image without its label; expected {base}labelTrainIds.png (or labelIds.png)")
     return files
 
-def folder_classes(root):
-    """Class names of a folder dataset: root/classes.txt, one name per line, in label order."""
+def folder_files(root, split):
+    """The user's layout: root/classes.txt (one class name per line, label 0 first), images/<split>, annotations/<split>
+    with labels 0..K-1 and 255 (ignore) -> (files, class names)."""
+    if root is None:
+        raise UserError("--data-root: required for the folder dataset; expected a directory with "
+                        "images/<split>, annotations/<split> and classes.txt")
+    _need_dir(root, "a directory with images/<split>, annotations/<split> and classes.txt")
     path = os.path.join(root, 'classes.txt')
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file; expected one class name per line (label 0 first)")
@@ -335,7 +348,7 @@ def folder_classes(root):
         names = tuple(line.strip() for line in f if line.strip())
     if not 1 <= len(names) <= 255:
         raise UserError(f"{path}: {len(names)} class names; expected 1 to 255 (255 is the ignore label)")
-    return names
+    return split_files(root, split, identity_lut(len(names)), "images/<split>/ with the image files"), names
 
 def build_dataset(name, split, root=None, train=True):
     """name in DATASET_PRESETS; split 'train'/'val' (also 'training'/'validation'); root overrides the preset's."""
@@ -350,16 +363,9 @@ def build_dataset(name, split, root=None, train=True):
     elif name == 'cityscapes':
         files, expected = cityscapes_files(root, split), "trainIds 0..18 or 255"
     else:
-        if root is None:
-            raise UserError("--data-root: required for the folder dataset; expected a directory with "
-                            "images/<split>, annotations/<split> and classes.txt")
-        _need_dir(root, "a directory with images/<split>, annotations/<split> and classes.txt")
-        p['classes'] = folder_classes(root)
-        p['num_classes'] = K = len(p['classes'])
-        _need_dir(os.path.join(root, 'images'), "images/<split>/ with the image files")
-        s = _split_dir(os.path.join(root, 'images'), split, _SPLIT_ALIASES)
-        files = _pair_files(os.path.join(root, 'images', s), os.path.join(root, 'annotations', s), identity_lut(K))
-        expected = f"0..{K - 1} or 255 (ignore)"
+        files, p['classes'] = folder_files(root, split)
+        p['num_classes'] = len(p['classes'])
+        expected = f"0..{p['num_classes'] - 1} or 255 (ignore)"
     return SegDataset(files, p, train, expected)
 
 # -----------------------------------------------------------------------------
