@@ -8,9 +8,7 @@ position bias (Eq. 4). Numerically matches torchvision.models.swin_t once its we
 In order: window helpers (window_partition, window_layout, attention), the modules (WindowAttention, SwinBlock,
 PatchMerging, SwinStage, PatchEmbed, SwinTransformer, build_swin), then load_pretrained for official (Microsoft),
 torchvision and mmsegmentation checkpoints. Tensors flow channels-last, (B, H, W, C), and any H, W works: maps are
-zero-padded to window multiples and the shifted-window mask is built for the padded size. Same numbers as the
-official pad / roll / partition order, less work: qkv and proj act per token, so a block runs them on the real
-tokens only, and pad + cyclic shift + partition is a single cached gather (window_layout).
+zero-padded to window multiples, as officially, but in one cached gather with the cyclic shift (window_layout).
 
     model = build_swin('swin_t')
     load_pretrained(model, 'swin_tiny_patch4_window7_224.pth')  # official, torchvision or mmseg file
@@ -101,8 +99,8 @@ def init_weights(m):
 # modules
 
 class WindowAttention(nn.Module):
-    """Multi-head self-attention within windows plus a relative position bias (paper Sec. 3.2, Eq. 4): the block
-    applies qkv and proj per token, attend to the windows."""
+    """Multi-head self-attention within windows plus a relative position bias (paper Sec. 3.2, Eq. 4); SwinBlock
+    applies qkv and proj per token and attend() within the windows."""
 
     def __init__(self, dim, window_size, num_heads):
         super().__init__()
