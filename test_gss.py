@@ -670,7 +670,7 @@ def test_modules_copy_alone(tmp_path, files, code):
     """Copied alone into an empty folder, each module imports: swin.py needs only torch, datasets.py torch, numpy
     and pillow, gss.py (with swin.py) everything but dall_e."""
     for name in files:
-        shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), tmp_path)
+        shutil.copy(os.path.join(ROOT, name), tmp_path)
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
     r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
