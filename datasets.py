@@ -57,27 +57,15 @@ CITYSCAPES_ID_TO_TRAINID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7
                             24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 SYNTHETIC_CLASSES = ('sky', 'building', 'grass', 'road', 'water', 'sand', 'ball', 'crate', 'sign', 'fence')
 
-# lookup tables raw PNG value -> train id (255 ignore, -1 = invalid value for the dataset)
-def reduce_zero_lut(num_classes):
-    """ADE20K reduce_zero_label: 0 (other) -> 255, k -> k-1 for k in 1..K, anything else invalid."""
-    lut = np.full(256, -1, np.int16)
-    lut[0] = IGNORE
-    lut[1:num_classes + 1] = np.arange(num_classes)
+def label_lut(train_ids, default=-1):
+    """Lookup table raw PNG value -> train id (256,) from {raw: train id}; other values get default (-1 = invalid)."""
+    lut = np.full(256, default, np.int16)
+    lut[list(train_ids)] = list(train_ids.values())
     return lut
 
 def identity_lut(num_classes):
-    """Labels already in train ids: 0..K-1 and 255, anything else invalid."""
-    lut = np.full(256, -1, np.int16)
-    lut[:num_classes] = np.arange(num_classes)
-    lut[IGNORE] = IGNORE
-    return lut
-
-def cityscapes_id_lut():
-    """Cityscapes labelIds -> trainIds; ids without a trainId become 255 (never invalid)."""
-    lut = np.full(256, IGNORE, np.int16)
-    for i, t in CITYSCAPES_ID_TO_TRAINID.items():
-        lut[i] = t
-    return lut
+    """Labels already in train ids: 0..K-1 and 255 (ignore), anything else invalid."""
+    return label_lut({**{k: k for k in range(num_classes)}, IGNORE: IGNORE})
 
 # -----------------------------------------------------------------------------
 # presets: the official configs/gss/{ade20k,cityscapes}/gss-ff_*.py and their configs/_base_/datasets/*.py.
@@ -312,14 +300,15 @@ def ade_files(root, split, num_classes):
     if os.path.isdir(os.path.join(root, 'ADEChallengeData2016')):
         root = os.path.join(root, 'ADEChallengeData2016')
     _need_dir(root, "the ADE20K layout ADEChallengeData2016/{images,annotations}/{training,validation}")
-    return split_files(root, split, reduce_zero_lut(num_classes), "ADEChallengeData2016/images/{training,validation}")
+    reduce_zero_label = label_lut({0: IGNORE, **{k + 1: k for k in range(num_classes)}})  # 0 = other, ignored
+    return split_files(root, split, reduce_zero_label, "ADEChallengeData2016/images/{training,validation}")
 
 def cityscapes_files(root, split):
     """leftImg8bit/<split>/<city>/*_leftImg8bit.png with gtFine/.../*_gtFine_labelTrainIds.png, else labelIds."""
     _need_dir(root, "the Cityscapes layout leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/...")
     img_dir, lab_dir = os.path.join(root, 'leftImg8bit', split), os.path.join(root, 'gtFine', split)
     _need_dir(img_dir, f"leftImg8bit/{split}/<city>/*_leftImg8bit.png")
-    train_ids, ids = identity_lut(19), cityscapes_id_lut()
+    train_ids, ids = identity_lut(19), label_lut(CITYSCAPES_ID_TO_TRAINID, IGNORE)  # ids without a trainId: 255
     imgs = sorted(Path(img_dir).glob('*/*_leftImg8bit.png'))
     if not imgs:
         raise UserError(f"{img_dir}: no images in this split; expected <city>/*_leftImg8bit.png files")
