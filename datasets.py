@@ -1,10 +1,18 @@
 """
-Datasets for GSS: ADE20K, Cityscapes, a generic folder layout and an embedded synthetic default,
-with training/test pipelines equivalent to mmsegmentation 0.x (configs/_base_/datasets/*.py).
+Datasets for GSS with mmsegmentation 0.x's pipelines (configs/_base_/datasets/*.py); imports only torch, numpy and
+pillow, so the file can be copied alone.
 
-Every dataset yields dicts (contract):
+In order: class names and label tables (raw PNG value -> train id), DATASET_PRESETS (the official GSS configs plus
+our synthetic and folder sets), file reading with one-line UserErrors, the training and test pipelines (mmseg Resize,
+RandomCrop, RandomFlip, PhotoMetricDistortion, Normalize, Pad), the layouts (ADE20K, Cityscapes, a folder with
+classes.txt) behind build_dataset, then the synthetic scene generator (the default dataset, made on first use).
+
+Every dataset yields dicts:
   train: {'image': (3, crop, crop) float normalised, 'label': (crop, crop) long, 255 = ignore}
   test:  {'image': (3, h, w) float at the test scale, 'label': (H, W) long at ORIGINAL size, 'path': str}
+
+    train_set = build_dataset('ade20k', 'train', root='data/ade')  # or ('synthetic', 'train'): nothing to download
+    item = train_set[0]  # {'image': (3, 512, 512), 'label': (512, 512)}
 """
 import colorsys
 import os
@@ -15,12 +23,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gss import UserError
-
 IGNORE = 255
 
+
+class UserError(Exception):
+    """A problem with the user's data (missing file, bad label value); the CLIs print it as one line."""
+
+    def __init__(self, msg):  # a DataLoader worker's error is re-raised as UserError(its traceback): keep its message
+        super().__init__(msg.rstrip('\n').rpartition('UserError: ')[2])
+
+
 # -----------------------------------------------------------------------------
-# class names and label tables (conventions 3.1, 3.2)
+# class names and label tables (ADE20K objectInfo150.txt, cityscapesScripts labels.py)
 
 _ADE = """wall, building, sky, floor, tree, ceiling, road, bed, windowpane, grass, cabinet, sidewalk, person, earth,
 door, table, mountain, plant, curtain, chair, car, water, painting, sofa, shelf, house, sea, mirror, rug,
@@ -43,30 +57,19 @@ CITYSCAPES_ID_TO_TRAINID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7
                             24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 SYNTHETIC_CLASSES = ('sky', 'building', 'grass', 'road', 'water', 'sand', 'ball', 'crate', 'sign', 'fence')
 
-# lookup tables raw PNG value -> train id (255 ignore, -1 = invalid value for the dataset)
-def reduce_zero_lut(num_classes):
-    """ADE20K reduce_zero_label: 0 (other) -> 255, k -> k-1 for k in 1..K, anything else invalid."""
-    lut = np.full(256, -1, np.int16)
-    lut[0] = IGNORE
-    lut[1:num_classes + 1] = np.arange(num_classes)
+def label_lut(train_ids, default=-1):
+    """Lookup table raw PNG value -> train id (256,) from {raw: train id}; other values get default (-1 = invalid)."""
+    lut = np.full(256, default, np.int16)
+    lut[list(train_ids)] = list(train_ids.values())
     return lut
 
 def identity_lut(num_classes):
-    """Labels already in train ids: 0..K-1 and 255, anything else invalid."""
-    lut = np.full(256, -1, np.int16)
-    lut[:num_classes] = np.arange(num_classes)
-    lut[IGNORE] = IGNORE
-    return lut
-
-def cityscapes_id_lut():
-    """Cityscapes labelIds -> trainIds; ids without a trainId become 255 (never invalid)."""
-    lut = np.full(256, IGNORE, np.int16)
-    for i, t in CITYSCAPES_ID_TO_TRAINID.items():
-        lut[i] = t
-    return lut
+    """Labels already in train ids: 0..K-1 and 255 (ignore), anything else invalid."""
+    return label_lut({**{k: k for k in range(num_classes)}, IGNORE: IGNORE})
 
 # -----------------------------------------------------------------------------
-# presets (official_gss_facts.md section 9; conventions 3.5). img_scale is (long, short) as in mmseg.
+# presets: the official configs/gss/{ade20k,cityscapes}/gss-ff_*.py and their configs/_base_/datasets/*.py.
+# img_scale is (long, short) as in mmseg.
 
 _COMMON = dict(ratio_range=(0.5, 2.0), cat_max_ratio=0.75, warmup=1500)
 DATASET_PRESETS = {
@@ -221,7 +224,8 @@ def normalize(img):
     return x.sub_(MEAN).div_(STD)
 
 def train_transform(img, lab, p, rng):
-    """Training pipeline (official_gss_facts 9): resize x U[ratio_range], crop, flip, photometric, normalise, pad."""
+    """Training pipeline (configs/_base_/datasets/*.py): resize x U[ratio_range], crop, flip, photometric, normalise,
+    pad."""
     r = rng.uniform(*p['ratio_range'])
     size = rescale_size(*lab.shape, (int(p['img_scale'][0] * r), int(p['img_scale'][1] * r)))
     lab = resize_label(lab, size)
@@ -262,13 +266,24 @@ class SegDataset(torch.utils.data.Dataset):
         return dict(test_transform(img, lab, self.preset), path=img_path)
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png')
+SPLIT_ALIASES = {'train': 'training', 'training': 'train', 'val': 'validation', 'validation': 'val'}
 
 def _need_dir(path, what):
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such directory; expected {what}")
 
-def _pair_files(img_dir, lab_dir, lut):
-    """Images in img_dir (recursively) with their .png labels at the same relative path in lab_dir."""
+def split_files(root, split, lut, layout):
+    """Images in root/images/<split> (recursively; train/training and val/validation both accepted) with their .png
+    labels at the same relative path in root/annotations/<split>; layout says what images/ should hold."""
+    images = os.path.join(root, 'images')
+    _need_dir(images, layout)
+    for s in (split, SPLIT_ALIASES.get(split)):
+        if s and os.path.isdir(os.path.join(images, s)):
+            break
+    else:
+        raise UserError(f"{os.path.join(images, split)}: no such split directory; "
+                        f"expected one of {sorted(d for d in os.listdir(images) if not d.startswith('.'))}")
+    img_dir, lab_dir = os.path.join(images, s), os.path.join(root, 'annotations', s)
     imgs = sorted(p for p in Path(img_dir).rglob('*') if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith('.'))
     if not imgs:
         raise UserError(f"{img_dir}: no images in this split; expected *.jpg or *.png files")
@@ -280,32 +295,20 @@ def _pair_files(img_dir, lab_dir, lut):
         files.append((str(p), str(lab), lut))
     return files
 
-def _split_dir(parent, split, aliases):
-    """parent/<split>, also accepting the other spelling (train/training, val/validation)."""
-    for s in (split, *aliases.get(split, ())):
-        if os.path.isdir(os.path.join(parent, s)):
-            return s
-    raise UserError(f"{os.path.join(parent, split)}: no such split directory; "
-                    f"expected one of {sorted(d for d in os.listdir(parent) if not d.startswith('.'))}")
-
-_SPLIT_ALIASES = {'train': ('training',), 'training': ('train',), 'val': ('validation',), 'validation': ('val',)}
-
 def ade_files(root, split, num_classes):
     """ADEChallengeData2016 layout: images/<split>/*.jpg, annotations/<split>/*.png (root may be its parent)."""
     if os.path.isdir(os.path.join(root, 'ADEChallengeData2016')):
         root = os.path.join(root, 'ADEChallengeData2016')
     _need_dir(root, "the ADE20K layout ADEChallengeData2016/{images,annotations}/{training,validation}")
-    _need_dir(os.path.join(root, 'images'), "ADEChallengeData2016/images/{training,validation}")
-    s = _split_dir(os.path.join(root, 'images'), split, _SPLIT_ALIASES)
-    return _pair_files(os.path.join(root, 'images', s), os.path.join(root, 'annotations', s),
-                       reduce_zero_lut(num_classes))
+    reduce_zero_label = label_lut({0: IGNORE, **{k + 1: k for k in range(num_classes)}})  # 0 = other, ignored
+    return split_files(root, split, reduce_zero_label, "ADEChallengeData2016/images/{training,validation}")
 
 def cityscapes_files(root, split):
     """leftImg8bit/<split>/<city>/*_leftImg8bit.png with gtFine/.../*_gtFine_labelTrainIds.png, else labelIds."""
     _need_dir(root, "the Cityscapes layout leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/...")
     img_dir, lab_dir = os.path.join(root, 'leftImg8bit', split), os.path.join(root, 'gtFine', split)
     _need_dir(img_dir, f"leftImg8bit/{split}/<city>/*_leftImg8bit.png")
-    train_ids, ids = identity_lut(19), cityscapes_id_lut()
+    train_ids, ids = identity_lut(19), label_lut(CITYSCAPES_ID_TO_TRAINID, IGNORE)  # ids without a trainId: 255
     imgs = sorted(Path(img_dir).glob('*/*_leftImg8bit.png'))
     if not imgs:
         raise UserError(f"{img_dir}: no images in this split; expected <city>/*_leftImg8bit.png files")
@@ -320,8 +323,13 @@ def cityscapes_files(root, split):
             raise UserError(f"{p}: image without its label; expected {base}labelTrainIds.png (or labelIds.png)")
     return files
 
-def folder_classes(root):
-    """Class names of a folder dataset: root/classes.txt, one name per line, in label order."""
+def folder_files(root, split):
+    """The user's layout: root/classes.txt (one class name per line, label 0 first), images/<split>, annotations/<split>
+    with labels 0..K-1 and 255 (ignore) -> (files, class names)."""
+    if root is None:
+        raise UserError("--data-root: required for the folder dataset; expected a directory with "
+                        "images/<split>, annotations/<split> and classes.txt")
+    _need_dir(root, "a directory with images/<split>, annotations/<split> and classes.txt")
     path = os.path.join(root, 'classes.txt')
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file; expected one class name per line (label 0 first)")
@@ -329,7 +337,7 @@ def folder_classes(root):
         names = tuple(line.strip() for line in f if line.strip())
     if not 1 <= len(names) <= 255:
         raise UserError(f"{path}: {len(names)} class names; expected 1 to 255 (255 is the ignore label)")
-    return names
+    return split_files(root, split, identity_lut(len(names)), "images/<split>/ with the image files"), names
 
 def build_dataset(name, split, root=None, train=True):
     """name in DATASET_PRESETS; split 'train'/'val' (also 'training'/'validation'); root overrides the preset's."""
@@ -344,16 +352,9 @@ def build_dataset(name, split, root=None, train=True):
     elif name == 'cityscapes':
         files, expected = cityscapes_files(root, split), "trainIds 0..18 or 255"
     else:
-        if root is None:
-            raise UserError("--data-root: required for the folder dataset; expected a directory with "
-                            "images/<split>, annotations/<split> and classes.txt")
-        _need_dir(root, "a directory with images/<split>, annotations/<split> and classes.txt")
-        p['classes'] = folder_classes(root)
-        p['num_classes'] = K = len(p['classes'])
-        _need_dir(os.path.join(root, 'images'), "images/<split>/ with the image files")
-        s = _split_dir(os.path.join(root, 'images'), split, _SPLIT_ALIASES)
-        files = _pair_files(os.path.join(root, 'images', s), os.path.join(root, 'annotations', s), identity_lut(K))
-        expected = f"0..{K - 1} or 255 (ignore)"
+        files, p['classes'] = folder_files(root, split)
+        p['num_classes'] = len(p['classes'])
+        expected = f"0..{p['num_classes'] - 1} or 255 (ignore)"
     return SegDataset(files, p, train, expected)
 
 # -----------------------------------------------------------------------------
@@ -424,16 +425,10 @@ def _border(mask):
     p = np.pad(mask, 1)
     return mask & ~(p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:])
 
-def synthetic_scene(rng, S=128):
-    """One scene -> (image (S, S, 3) uint8, label (S, S) uint8 with 0 = other/unlabeled, 1..10 classes)."""
-    yy, xx = np.mgrid[:S, :S].astype(np.float32)
-    img = np.zeros((S, S, 3), np.float32)
-    lab = np.zeros((S, S), np.uint8)
-    def put(mask, cls, tex=None):
-        img[mask] = (_texture(rng, cls, yy, xx) if tex is None else tex)[mask]
-        lab[mask] = cls
-
-    # stuff: sky above a tilted wavy horizon, optional skyline of buildings, ground below
+def _stuff(rng, yy, xx, put, lab):
+    """Sky above a tilted wavy horizon, an optional skyline of buildings, ground below, maybe a patch of another
+    ground type, a road and an unlabeled band along the horizon; -> the mean horizon row h0."""
+    S = yy.shape[0]
     h0 = S * rng.uniform(0.25, 0.6)
     horizon = h0 + rng.uniform(-0.15, 0.15) * (xx - S / 2) + 0.03 * S * np.sin(xx / S * 6 + rng.uniform(0, 6))
     sky = yy < horizon
@@ -457,42 +452,47 @@ def synthetic_scene(rng, S=128):
         put(road, ROAD, tex)
     if rng.random() < 0.3:  # unlabeled band along the horizon
         lab[np.abs(yy - horizon) < 1] = 0
+    return h0
 
-    # things standing on the ground, later ones occluding earlier ones
+def _thing(rng, cls, yy, xx, cy, cx):
+    """A ball, crate or sign centred at (cy, cx) -> (mask (S, S) bool, texture (S, S, 3))."""
+    S = yy.shape[0]
+    if cls == BALL:  # shaded sphere with a specular highlight
+        r = rng.uniform(0.1, 0.22) * S
+        d2 = ((yy - cy) ** 2 + (xx - cx) ** 2) / r ** 2
+        spot = np.exp(-((yy - cy + 0.35 * r) ** 2 + (xx - cx + 0.35 * r) ** 2) / (0.06 * r * r))
+        shade = 0.5 * np.sqrt(np.clip(1 - d2, 0, 1)) - 0.25 + 0.6 * spot
+        return d2 < 1, np.clip(_colour(rng, BALL) * (1 + shade[..., None]), 0, 255)
+    if cls == CRATE:  # rotated rectangle with a 4-6 px checker and a dark frame
+        u, v = _rotated(yy, xx, cy, cx, rng.uniform(-0.35, 0.35))
+        hw, hh = rng.uniform(0.1, 0.22, 2) * S
+        mask = (np.abs(u) < hw) & (np.abs(v) < hh)
+        half = rng.integers(2, 4)
+        checker = ((np.floor(u / half) + np.floor(v / half)) % 2) * 2 - 1
+        t = 0.2 * checker - 0.45 * _border(mask)
+        return mask, _colour(rng, CRATE) * (1 + t[..., None])
+    # sign: triangle with a flat face and a 2 px contrasting rim
+    a, r = rng.choice([-np.pi / 2, np.pi / 2]) + rng.uniform(-0.2, 0.2), rng.uniform(0.09, 0.17) * S
+    dist = np.max([(xx - cx) * np.cos(a + k * 2 * np.pi / 3) + (yy - cy) * np.sin(a + k * 2 * np.pi / 3)
+                   for k in range(3)], axis=0)  # (S, S), < r inside the triangle of inradius r
+    return dist < r, np.where((dist > r - 2)[..., None], _colour(rng, SIGN), _colour(rng, SIGN))
+
+def _things(rng, yy, xx, h0, put, lab):
+    """Things standing on the ground below row h0, later ones occluding earlier ones: maybe a fence, 1-3 balls,
+    crates or signs (maybe with unlabeled rims), maybe an "other" object."""
+    S = yy.shape[0]
     if rng.random() < 0.45:  # fence: 2 px bars and rails over a band, the background visible in the gaps
         y0, h = rng.uniform(h0 - 0.1 * S, 0.9 * S), rng.uniform(0.12, 0.3) * S
         x0, x1 = sorted(rng.uniform(-0.2, 1.2, 2) * S)
         period = rng.integers(4, 7)
         band = (yy >= y0 - h) & (yy < y0) & (xx >= x0) & (xx < x1)
         rails = (np.abs(yy - (y0 - 0.25 * h)) <= 1) | (np.abs(yy - (y0 - 0.75 * h)) <= 1)
-        wood = band & (((xx - x0) % period < 2) | rails)
-        img[wood] = _texture(rng, FENCE, yy, xx)[wood]
+        put(band & (((xx - x0) % period < 2) | rails), FENCE)
         lab[band] = FENCE  # annotated as a whole, gaps included (as Cityscapes and ADE20K annotate fences)
     unlabeled_rims = rng.random() < 0.5
     for _ in range(rng.integers(1, 4)):
         cls = rng.choice([BALL, CRATE, SIGN])
-        cy, cx = rng.uniform(h0 - 0.05 * S, S), rng.uniform(0, S)
-        if cls == BALL:  # shaded sphere with a specular highlight
-            r = rng.uniform(0.1, 0.22) * S
-            d2 = ((yy - cy) ** 2 + (xx - cx) ** 2) / r ** 2
-            mask = d2 < 1
-            spot = np.exp(-((yy - cy + 0.35 * r) ** 2 + (xx - cx + 0.35 * r) ** 2) / (0.06 * r * r))
-            shade = 0.5 * np.sqrt(np.clip(1 - d2, 0, 1)) - 0.25 + 0.6 * spot
-            tex = np.clip(_colour(rng, BALL) * (1 + shade[..., None]), 0, 255)
-        elif cls == CRATE:  # rotated rectangle with a 4-6 px checker and a dark frame
-            u, v = _rotated(yy, xx, cy, cx, rng.uniform(-0.35, 0.35))
-            hw, hh = rng.uniform(0.1, 0.22, 2) * S
-            mask = (np.abs(u) < hw) & (np.abs(v) < hh)
-            half = rng.integers(2, 4)
-            checker = ((np.floor(u / half) + np.floor(v / half)) % 2) * 2 - 1
-            t = 0.2 * checker - 0.45 * _border(mask)
-            tex = _colour(rng, CRATE) * (1 + t[..., None])
-        else:  # triangle with a flat face and a 2 px contrasting rim
-            a, r = rng.choice([-np.pi / 2, np.pi / 2]) + rng.uniform(-0.2, 0.2), rng.uniform(0.09, 0.17) * S
-            dist = np.max([(xx - cx) * np.cos(a + k * 2 * np.pi / 3) + (yy - cy) * np.sin(a + k * 2 * np.pi / 3)
-                           for k in range(3)], axis=0)  # (S, S), < r inside the triangle of inradius r
-            mask = dist < r
-            tex = np.where((dist > r - 2)[..., None], _colour(rng, SIGN), _colour(rng, SIGN))
+        mask, tex = _thing(rng, cls, yy, xx, rng.uniform(h0 - 0.05 * S, S), rng.uniform(0, S))
         put(mask, cls, tex)
         if unlabeled_rims:
             lab[_border(mask)] = 0
@@ -500,6 +500,17 @@ def synthetic_scene(rng, S=128):
         u, v = _rotated(yy, xx, rng.uniform(0.2, 0.9) * S, rng.uniform(0, S), rng.uniform(0, np.pi))
         put((u / rng.uniform(0.08, 0.2) / S) ** 2 + (v / rng.uniform(0.08, 0.2) / S) ** 2 < 1, 0)
 
+def synthetic_scene(rng, S=128):
+    """One scene -> (image (S, S, 3) uint8, label (S, S) uint8 with 0 = other/unlabeled, 1..10 classes)."""
+    yy, xx = np.mgrid[:S, :S].astype(np.float32)
+    img = np.zeros((S, S, 3), np.float32)
+    lab = np.zeros((S, S), np.uint8)
+
+    def put(mask, cls, tex=None):  # paint and label a region, over whatever was there
+        img[mask] = (_texture(rng, cls, yy, xx) if tex is None else tex)[mask]
+        lab[mask] = cls
+    h0 = _stuff(rng, yy, xx, put, lab)
+    _things(rng, yy, xx, h0, put, lab)
     img = img * rng.uniform(0.75, 1.2) + rng.normal(0, 2.5, img.shape)  # exposure and sensor noise
     return np.clip(img, 0, 255).astype(np.uint8), lab
 

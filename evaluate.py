@@ -329,7 +329,7 @@ def main(argv=None):
     try:
         run(parse_args(argv))
         return 0
-    except gss.UserError as e:
+    except (gss.UserError, datasets.UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,18 +1,14 @@
 """
-Swin Transformer as a segmentation backbone, written from scratch.
+Swin Transformer as a segmentation backbone, from scratch; imports only torch, so the file can be copied alone.
 
-Liu et al., "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows", ICCV 2021
-(arXiv:2103.14030). Self-attention inside non-overlapping M x M windows (Sec. 3.2), with the windows
-shifted by M/2 in every other block (Fig. 2) and a learned relative position bias (Eq. 4).
-Numerically matches torchvision.models.swin_t once its weights are loaded with load_pretrained.
+Liu et al., "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows", ICCV 2021 (arXiv:2103.14030):
+self-attention inside M x M windows (Sec. 3.2), shifted by M/2 in every other block (Fig. 2), with a learned relative
+position bias (Eq. 4). Numerically matches torchvision.models.swin_t once its weights are loaded with load_pretrained.
 
-Tensors flow channels-last, (B, H, W, C), and any H, W works: maps are zero-padded to window
-multiples, the shifted-window mask is built on the fly for the padded size, odd sizes are padded at
-patch merging. Standalone: imports only torch, so the file can be copied into another project.
-
-Same numbers as the official pad / roll / partition order, less work: qkv and proj act per token, so a
-block runs them on the real tokens only, and pad + cyclic shift + window partition is a single cached
-gather (window_layout). Attention is F.scaled_dot_product_attention off CPU, three plain lines on CPU.
+In order: window helpers (window_partition, window_layout, attention), the modules (WindowAttention, SwinBlock,
+PatchMerging, SwinStage, PatchEmbed, SwinTransformer, build_swin), then load_pretrained for official (Microsoft),
+torchvision and mmsegmentation checkpoints. Tensors flow channels-last, (B, H, W, C), and any H, W works: maps are
+zero-padded to window multiples, as officially, but in one cached gather with the cyclic shift (window_layout).
 
     model = build_swin('swin_t')
     load_pretrained(model, 'swin_tiny_patch4_window7_224.pth')  # official, torchvision or mmseg file
@@ -36,26 +32,13 @@ SWIN_PRESETS = {
 }
 
 # -----------------------------------------------------------------------------
-# windows (segment-anything style: pad to window multiples, crop back)
+# windows
 
 def window_partition(x, ws):
-    """(B, H, W, C) -> windows (B*nW, ws*ws, C) and the padded size (Hp, Wp); pads bottom/right with 0."""
+    """(B, H, W, C) with H, W multiples of ws -> windows (B*nW, ws*ws, C), in row-major order."""
     B, H, W, C = x.shape
-    Hp, Wp = H + (-H) % ws, W + (-W) % ws
-    if (Hp, Wp) != (H, W):
-        x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))  # (B, Hp, Wp, C)
-    x = x.reshape(B, Hp // ws, ws, Wp // ws, ws, C)
-    windows = x.transpose(2, 3).reshape(-1, ws * ws, C)  # (B*nW, ws*ws, C), windows in row-major order
-    return windows, (Hp, Wp)
-
-
-def window_unpartition(windows, ws, pad_hw, hw):
-    """Inverse of window_partition: (B*nW, ws*ws, C) -> (B, H, W, C), cropping the padding."""
-    (Hp, Wp), (H, W) = pad_hw, hw
-    C = windows.shape[-1]
-    x = windows.view(-1, Hp // ws, Wp // ws, ws, ws, C)  # (B, nWh, nWw, ws, ws, C)
-    x = x.transpose(2, 3).reshape(-1, Hp, Wp, C)  # (B, Hp, Wp, C)
-    return x[:, :H, :W]
+    x = x.reshape(B, H // ws, ws, W // ws, ws, C)
+    return x.transpose(2, 3).reshape(-1, ws * ws, C)  # (B*nW, ws*ws, C)
 
 
 @functools.lru_cache(maxsize=16)  # shared by all blocks; a few sizes at a time (training crops, test images)
@@ -71,7 +54,7 @@ def window_layout(H, W, ws, shift, device):
     ids = torch.arange(H * W, device=device).view(1, H, W, 1)
     ids = F.pad(ids, (0, 0, 0, Wp - W, 0, Hp - H), value=H * W)  # (1, Hp, Wp, 1)
     ids = torch.roll(ids, (-sh, -sw), (1, 2))  # cyclic shift towards the top-left (paper Fig. 4)
-    index = window_partition(ids, ws)[0].flatten()  # (nW*N,)
+    index = window_partition(ids, ws).flatten()  # (nW*N,)
     inverse = index.argsort()[:H * W]  # (H*W,): each real id occurs once, the padding id sorts last
     if not (sh or sw):
         return index, inverse, None
@@ -80,7 +63,7 @@ def window_layout(H, W, ws, shift, device):
         r = torch.arange(n, device=device)
         return (r >= n - ws).long() + (r >= n - s).long() if s else torch.zeros_like(r)
     label = regions(Hp, sh)[:, None] * 3 + regions(Wp, sw)[None, :]  # (Hp, Wp)
-    label = window_partition(label[None, :, :, None], ws)[0]  # (nW, N, 1)
+    label = window_partition(label[None, :, :, None], ws)  # (nW, N, 1)
     return index, inverse, (label != label.transpose(1, 2)).float() * -100.0  # (nW, N, N), official -100
 
 
@@ -116,12 +99,13 @@ def init_weights(m):
 # modules
 
 class WindowAttention(nn.Module):
-    """Multi-head self-attention within windows plus a relative position bias (paper Sec. 3.2, Eq. 4)."""
+    """Multi-head self-attention within windows plus a relative position bias (paper Sec. 3.2, Eq. 4); SwinBlock
+    applies qkv and proj per token and attend() within the windows."""
 
-    def __init__(self, dim, window_size, num_heads, qkv_bias=True):
+    def __init__(self, dim, window_size, num_heads):
         super().__init__()
-        self.window_size, self.num_heads = window_size, num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         # one learned scalar per head for each of the (2M-1)^2 relative offsets
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
@@ -132,14 +116,6 @@ class WindowAttention(nn.Module):
         ij = ij.flatten(1)  # (2, N), N = M*M
         rel = ij[:, :, None] - ij[:, None, :] + window_size - 1  # (2, N, N), each in [0, 2M-2]
         self.register_buffer('relative_position_index', rel[0] * (2 * window_size - 1) + rel[1], persistent=False)
-
-    def forward(self, x, mask=None):
-        """x (B*nW, N, C) windows, B-major; mask (nW, N, N) additive (0 / -100) or None -> (B*nW, N, C)."""
-        Bw, N, C = x.shape
-        h, nW = self.num_heads, 1 if mask is None else mask.shape[0]
-        qkv = self.qkv(x).view(Bw // nW, nW, N, 3, h, C // h).permute(3, 0, 4, 1, 2, 5)  # (3, B, h, nW, N, d)
-        x = self.attend(*qkv, mask)  # (B, h, nW, N, d)
-        return self.proj(x.permute(0, 2, 3, 1, 4).reshape(Bw, N, C))
 
     def attend(self, q, k, v, mask=None):
         """q, k, v (B, h, nW, N, d); mask (nW, N, N) or None -> (B, h, nW, N, d)."""
@@ -332,11 +308,8 @@ def load_pretrained(model, checkpoint):
     for wrapper in ('model', 'state_dict'):  # official files: {'model': sd}; mmcv: {'state_dict': sd, 'meta': ...}
         if isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
-    clean = {}
-    for key, t in sd.items():
-        while key.startswith(('module.', 'backbone.', '_orig_mod.')):  # DDP, segmentor, torch.compile
-            key = key.split('.', 1)[1]
-        clean[key] = t
+    prefixes = r'^((module|backbone|_orig_mod)\.)+'  # DDP, segmentor, torch.compile
+    clean = {re.sub(prefixes, '', key): t for key, t in sd.items()}
     layout = next((name for prefix, name in (('layers.', 'official'), ('features.', 'torchvision'),
                                              ('stages.', 'mmseg')) if any(k.startswith(prefix) for k in clean)), None)
     if layout is None:

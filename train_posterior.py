@@ -471,7 +471,7 @@ def main(argv=None):
     """CLI entry: user errors print one line `error: ...` on stderr and exit 2, no traceback."""
     try:
         return run(parse_args(argv))
-    except gss.UserError as e:
+    except (gss.UserError, datasets.UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
