@@ -10,7 +10,6 @@ import re
 import tempfile
 import warnings
 
-import dall_e
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -395,7 +394,7 @@ def maskige_scores(inverse, maskige, size):
 # 5. Tokenizer: the frozen VQ-VAE (DALL-E dVAE architecture, dall_e package) over maskiges
 
 DALLE_URLS = 'https://cdn.openai.com/dall-e/encoder.pkl and https://cdn.openai.com/dall-e/decoder.pkl'
-LOGIT_LAPLACE_EPS = dall_e.utils.logit_laplace_eps  # 0.1: map_pixels x -> 0.8 x + 0.1, unmap clamps back
+LOGIT_LAPLACE_EPS = 0.1  # dall_e.utils.logit_laplace_eps: map_pixels x -> 0.8 x + 0.1, unmap clamps back
 STRIP_ELEMENTS = 2 ** 22  # strips of rows of at most ~16 MB (float32) in and out, for convs run without autograd
 CHANNELS_LAST = torch.channels_last  # the tokenizer's convs run on (B, H, W, C)-ordered tensors: oneDNN's fast path
 # (measured here: encode of 16 synthetic 128x128 maskiges 1.44 s -> 0.93 s on 2 CPU threads, same tokens)
@@ -554,6 +553,7 @@ def _unmap(x):
 def build_tokenizer(n_hid=64, vocab_size=512, n_init=128, n_blk_per_group=2):
     """A fresh tokenizer with dall_e's architecture (DALL-E's own: n_hid=256, vocab_size=8192, n_init=128, 2 blocks;
     the package requires n_hid >= 64 and vocab_size >= 512). Weights are dall_e's random init."""
+    import dall_e  # here, not at the top: everything but the tokenizer works without the package
     return Tokenizer(dall_e.Encoder(n_hid=n_hid, n_blk_per_group=n_blk_per_group, vocab_size=vocab_size),
                      dall_e.Decoder(n_init=n_init, n_hid=n_hid, n_blk_per_group=n_blk_per_group,
                                     vocab_size=vocab_size))
@@ -596,6 +596,7 @@ def convert_dalle(encoder_pkl, decoder_pkl, out):
     """OpenAI's encoder.pkl / decoder.pkl (whole pickled dall_e modules) -> our state-dict file. The only unpickling
     in the project (torch.load weights_only=False runs code from the file: use it on files you trust). Going through
     state dicts also sidesteps the released decoder's nn.Upsample objects that lack recompute_scale_factor."""
+    import dall_e
     for path, name in ((encoder_pkl, 'encoder.pkl'), (decoder_pkl, 'decoder.pkl')):
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such file; expected OpenAI's {name} ({DALLE_URLS})")

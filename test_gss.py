@@ -860,6 +860,7 @@ def test_ft_and_ftw_beat_nearest_colour_on_noisy_maskiges():
 # ---- section 5: tokenizer
 
 def test_convert_dalle_pickles_reload_identically(tmp_path):
+    assert gss.LOGIT_LAPLACE_EPS == dall_e.utils.logit_laplace_eps  # gss spells it out to import without dall_e
     torch.manual_seed(0)
     enc = dall_e.Encoder(n_hid=64, n_blk_per_group=1, vocab_size=512)
     dec = dall_e.Decoder(n_init=32, n_hid=64, n_blk_per_group=1, vocab_size=512)
