@@ -70,7 +70,8 @@ def load_file(path, what):
 # ----------------------------------------------------------------------------------------------------------
 # 2. Palettes: the maskige transform X as a colour table beta (K, 3) on the 0-255 scale
 
-# Official palettes (facts 2.4), hex RRGGBB in class order; the last entry is the colour of ignore/unlabeled pixels.
+# Official palettes (decode_head.palette of configs/gss/<dataset>/*.py), hex RRGGBB in class order; the last entry is
+# the colour of ignore/unlabeled pixels.
 OFFICIAL_PALETTES = {
     'ade20k': (  # 150 classes, posterior_learning.py grid 5x6x5 with noise and hand edits, ignore D7D8C4
         'DEDE91 121E07 08172F 1E0660 010DA4 0C1CBF 193420 1D3034 0F335F 1938A7 192AD2 1B511F 095836 1B5C71 0B6397 '
@@ -217,7 +218,8 @@ def ignore_colour_for(palette):
 
 def paint(labels, palette, ignore_colour):
     """X (Sec. 3.3, x = c beta): labels (B, H, W) long -> maskige (B, 3, H, W) float in [0, 1]. Labels >= K (255 =
-    ignore) get ignore_colour, as the official encode_to_segmap clamps them to index K (facts 2.5)."""
+    ignore) get ignore_colour, as the official encode_to_segmap clamps them to index K
+    (generative_segmentation_head_ff.py)."""
     K = len(palette)
     table = torch.cat([palette.reshape(K, 3), ignore_colour.reshape(1, 3)]).to(labels.device, torch.float32) / 255
     return F.embedding(labels.clamp(0, K), table).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
@@ -225,8 +227,8 @@ def paint(labels, palette, ignore_colour):
 
 def upsample_labels_2x(labels):
     """labels (B, H, W) -> (B, 2H, 2W) by nearest repetition. The official path (one-hot over K+1 with ignore as the
-    extra class, bilinear with align_corners=False, argmax; facts 5) gives exactly this at 2x: each output pixel
-    mixes its source pixel with weight >= 0.75 (tested)."""
+    extra class, bilinear with align_corners=False, argmax; generative_segmentation_head_ff.py) gives exactly this at
+    2x: each output pixel mixes its source pixel with weight >= 0.75 (tested)."""
     B, H, W = labels.shape
     return labels[:, :, None, :, None].expand(B, H, 2, W, 2).reshape(B, 2 * H, 2 * W)
 
@@ -261,8 +263,9 @@ def _candidate_table(palette, cells):
 
 
 class NearestColour(nn.Module):
-    """GSS-FF's inverse as the official code implements it (facts 3): the class of the nearest palette colour in
-    0-255 RGB, as soft scores -||255 x - p_k||^2 / tau. .labels() gives the argmin without any (B, K, H, W) tensor."""
+    """GSS-FF's inverse as the official decode_from_segmap implements it (generative_segmentation_head_ff.py): the class
+    of the nearest palette colour in 0-255 RGB, as soft scores -||255 x - p_k||^2 / tau. .labels() gives the argmin
+    without any (B, K, H, W) tensor."""
 
     cells = 16  # candidate-table resolution per axis (boxes of 16 colour units)
 
@@ -329,8 +332,9 @@ class FTInverse(nn.Module):
 
 
 class FTWInverse(nn.Module):
-    """GSS-FT-W's inverse (facts 4.1): 1x1 conv stem 3->128 (no bias) + BN + ReLU, Swin blocks (4 heads, window 7,
-    FFN 2x), LayerNorm, 1x1 conv to K; per pixel of the maskige, no downsampling. Depth 1 (Cityscapes) or 2 (ADE)."""
+    """GSS-FT-W's inverse (generative_segmentation_head_ftw.py): 1x1 conv stem 3->128 (no bias) + BN + ReLU, Swin blocks
+    (4 heads, window 7, FFN 2x), LayerNorm, 1x1 conv to K; per pixel of the maskige, no downsampling. Depth 1
+    (Cityscapes) or 2 (ADE)."""
 
     def __init__(self, num_classes, depth=2, dim=128, num_heads=4, window_size=7):
         super().__init__()
@@ -380,8 +384,9 @@ def resize_one_hot(labels, num_classes, size):
 
 
 def maskige_scores(inverse, maskige, size):
-    """X^-1 then the official resize to `size` (facts 10): nearest colour is one-hot before the bilinear resize (a
-    smoothed majority vote; resize_one_hot), learned inverses resize their logits. -> (B, K, *size) scores."""
+    """X^-1 then the official resize to `size` (forward_test of the heads): nearest colour is one-hot before the
+    bilinear resize (a smoothed majority vote; resize_one_hot), learned inverses resize their logits. -> (B, K, *size)
+    scores."""
     if isinstance(inverse, NearestColour):
         return resize_one_hot(inverse.labels(maskige), len(inverse.palette), tuple(size))
     scores = inverse(maskige)  # (B, K, H, W)
@@ -628,10 +633,10 @@ def reconstruct(tokenizer, labels, palette, ignore_colour):
 
 @torch.no_grad()
 def recon_scores(tokenizer, inverse, labels, palette, ignore_colour, size=None, upsample=False):
-    """The official maskige-reconstruction oracle (facts 5, dalle_reconstruction_*.py) for label maps (B, H, W) at
-    their original resolution: resized (nearest) to the test resolution `size` (default: as they are), reconstructed
-    without the 2x upsampling (tokens at 1/8), X^-1, scores resized back to (H, W) -> (B, K, H, W) for an argmax.
-    upsample=True takes stage II's 2x path instead (tokens at 1/4 of the test resolution: its ceiling)."""
+    """The official maskige-reconstruction oracle (configs/gss/<dataset>/dalle_reconstruction_*.py) for label maps
+    (B, H, W) at their original resolution: resized (nearest) to the test resolution `size` (default: as they are),
+    reconstructed without the 2x upsampling (tokens at 1/8), X^-1, scores resized back to (H, W) -> (B, K, H, W) for
+    an argmax. upsample=True takes stage II's 2x path instead (tokens at 1/4 of the test resolution: its ceiling)."""
     src = labels
     if size is not None and tuple(size) != tuple(labels.shape[-2:]):  # mmseg resizes the GT with nearest, as here
         src = F.interpolate(labels[:, None].float(), size=tuple(size), mode='nearest')[:, 0].long()  # (B, h, w)
@@ -723,11 +728,12 @@ def check_posterior_match(saved, now, path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. Image encoder I_psi: backbone -> MLA -> Swin blocks -> token logits at 1/4 (paper Sec. 3.4, facts §6)
+# 7. Image encoder I_psi: backbone -> MLA -> Swin blocks -> token logits at 1/4
+#    (paper Sec. 3.4; configs/gss/_base_/models/*.py)
 
 class ResNet(nn.Module):
-    """torchvision ResNet-50/101 dilated like the official ResNet-V1c-D8 (gss-ff_r101.py, facts §6.1): layer3 and
-    layer4 trade their stride for dilation 2 and 4 (first block contracted), so levels 2-4 stay at stride 8.
+    """torchvision ResNet-50/101 dilated like the official ResNet-V1c-D8 (configs/gss/_base_/models/gss-ff_r101.py):
+    layer3 and layer4 trade their stride for dilation 2 and 4 (first block contracted), so levels 2-4 stay at stride 8.
     deep_stem: the V1c stem of three 3x3 convs (mmseg keys stem.0 ... stem.7), to load the official R101 files."""
 
     def __init__(self, depth, deep_stem=False):
@@ -771,7 +777,8 @@ def build_backbone(name, pretrained=None):
         model = ResNet(int(name.removesuffix('_v1c')[len('resnet'):]), deep_stem=name.endswith('_v1c'))
         if pretrained:
             sd = load_file(pretrained, 'ResNet checkpoint')
-            sd = {k.removeprefix('backbone.'): v for k, v in sd.get('state_dict', sd).items() if not k.startswith('fc.')}
+            sd = sd.get('state_dict', sd)
+            sd = {k.removeprefix('backbone.'): v for k, v in sd.items() if not k.startswith('fc.')}
             for old, new in (('conv1.', 'stem.0.'), ('bn1.', 'stem.1.')):  # torchvision names of the 7x7 stem
                 sd = {new + k[len(old):] if k.startswith(old) else k: v for k, v in sd.items()}
             _load_strict(model, sd, pretrained)
@@ -794,8 +801,8 @@ class ConvBNReLU(nn.Module):
 
 
 class MLA(nn.Module):
-    """Multi-Level Aggregation (official feature_aggregation, facts §6.2): per level 1x1 conv + BN + ReLU,
-    bilinear resize to the stride-4 level, concat, 1x1 conv + BN + ReLU. Levels in natural order (the official
+    """Multi-Level Aggregation (feature_aggregation of generative_segmentation_head_ff.py): per level 1x1 conv + BN +
+    ReLU, bilinear resize to the stride-4 level, concat, 1x1 conv + BN + ReLU. Levels in natural order (the official
     in_index=[1, 0, 2, 3] order is undone when its checkpoints are loaded)."""
 
     def __init__(self, in_channels, channels, out_channels):
@@ -812,7 +819,8 @@ class MLA(nn.Module):
 
 class GSSHead(nn.Module):
     """Token head: MLA -> D Swin blocks -> LayerNorm -> 1x1 conv + BN + ReLU -> Dropout2d -> conv_seg to the
-    vocabulary (facts §6.2), and the unlabeled-area auxiliary head p_xi: a separate MLA -> 1x1 conv to K (§7)."""
+    vocabulary (GenerativeSegHeadFF), and the unlabeled-area auxiliary head p_xi (Sec. 3.4): a separate MLA -> 1x1
+    conv to K."""
 
     def __init__(self, in_channels, num_classes, vocab_size=8192, mla_channels=384, fused_channels=512,
                  token_channels=2048, depth=2, num_heads=16, window_size=7, dropout=0.1):
@@ -840,7 +848,8 @@ class GSSHead(nn.Module):
         return self.aux_cls(self.aux_mla(feats))
 
     def token_logits(self, x):
-        """(B, token_channels, h, w) -> (B, V, h, w). Large: training uses token_cross_entropy, inference token_argmax."""
+        """(B, token_channels, h, w) -> (B, V, h, w). Large: training uses token_cross_entropy, inference
+        token_argmax."""
         return self.conv_seg(x)
 
     def forward(self, feats):
@@ -871,7 +880,7 @@ class GSS(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. Targets and losses (paper Eq. 7 as the official code computes it, facts §6.3, §7)
+# 8. Targets and losses (paper Eq. 7 as generative_segmentation_head_ff.py computes it)
 
 def _chunks(x, chunk):
     """Yield (b, rows, x[b, :, rows] as a (C, n) view) over blocks of whole rows, about `chunk` positions each."""
@@ -948,11 +957,11 @@ def token_argmax(feats, conv, chunk=2048):
 
 @torch.no_grad()
 def token_targets(tokenizer, palette, labels2x, aux2x):
-    """The official token targets (facts §6.3, §7): unlabeled (255) pixels of the 2x labels are filled with the
-    auxiliary head's argmax (c~ = M_u c_bar + (1 - M_u) c, paper Sec. 3.4), painted with the palette and
-    tokenized; a token whose whole 8x8 block is unlabeled gets the ignore index tokenizer.vocab_size.
-    labels2x (B, 2H, 2W) long, aux2x (B, K, 2H, 2W) logits, palette (K, 3) 0..255
-    -> (tokens (B, H/4, W/4), composed labels (B, 2H, 2W))."""
+    """The official token targets (forward_train of generative_segmentation_head_ff.py): unlabeled (255) pixels of the
+    2x labels are filled with the auxiliary head's argmax (c~ = M_u c_bar + (1 - M_u) c, paper Sec. 3.4), painted with
+    the palette and tokenized; a token whose whole 8x8 block is unlabeled gets the ignore index tokenizer.vocab_size.
+    labels2x (B, 2H, 2W) long, aux2x (B, K, 2H, 2W) logits, palette (K, 3) 0..255 -> (tokens (B, H/4, W/4), composed
+    labels (B, 2H, 2W))."""
     unlabeled = labels2x == 255  # (B, 2H, 2W)
     composed = torch.where(unlabeled, aux2x.argmax(1), labels2x)  # (B, 2H, 2W), no 255 left
     tokens = tokenizer.encode(paint(composed, palette, palette.new_zeros(3)))  # (B, H/4, W/4); float32, no autocast
@@ -961,10 +970,11 @@ def token_targets(tokenizer, palette, labels2x, aux2x):
 
 
 def compute_loss(model, tokenizer, palette, images, labels):
-    """Stage-II loss: 0.8 x token CE (ignore = vocab_size) + 0.2 x auxiliary pixel CE at 2H x 2W (ignore 255),
-    each a mean over valid elements (facts §6.3). images (B, 3, H, W), labels (B, H, W) with 255 = unlabeled
-    (left unmodified), palette (K, 3) 0..255 -> (loss, logs: floats loss_token and loss_aux (weighted, as the
-    official loss_ce and loss_ce_pixel), acc_token and acc_aux in percent)."""
+    """Stage-II loss: 0.8 x token CE (ignore = vocab_size) + 0.2 x auxiliary pixel CE at 2H x 2W (ignore 255), each a
+    mean over valid elements (the fork's mmseg/models/losses/cross_entropy_loss.py: avg_non_ignore=True).
+    images (B, 3, H, W), labels (B, H, W) with 255 = unlabeled (left unmodified), palette (K, 3) 0..255
+    -> (loss, logs: floats loss_token and loss_aux (weighted, as the official loss_ce and loss_ce_pixel), acc_token and
+    acc_aux in percent)."""
     H, W = images.shape[-2:]
     if H % 4 or W % 4:
         raise UserError(f"training crop {H}x{W}: expected sides that are multiples of 4 (tokens sit at 1/4)")
@@ -984,7 +994,7 @@ def compute_loss(model, tokenizer, palette, images, labels):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 9. Generative inference (paper Sec. 3.5, facts §10) and the official checkpoints
+# 9. Generative inference (paper Sec. 3.5; mmseg/models/segmentors/encoder_decoder.py) and the official checkpoints
 
 def slide_windows(H, W, crop, stride):
     """mmseg's slide_inference windows [(y1, y2, x1, x2)]: a grid at `stride`, the last window snapped to the
@@ -1022,7 +1032,7 @@ def predict(model, tokenizer, inverse, images, mode='whole', crop=None, stride=N
     """Generative inference: image -> tokens (argmax, chunked) -> tokenizer.decode -> maskige at 2H x 2W -> X^-1
     -> class scores bilinearly resized to the input: (B, 3, H, W) -> (B, K, H, W). Put the modules in eval mode.
     inverse: any X^-1 module of gss; as in the official code, NearestColour gives a one-hot before the resize and
-    learned inverses their logits (maskige_scores, facts §3, §10). inverse may also be a dict {name: X^-1}: then
+    learned inverses their logits (maskige_scores). inverse may also be a dict {name: X^-1}: then
     the result is a dict {name: scores} from one generation per window, plus 'aux head' (the auxiliary head's
     per-pixel logits on the same backbone pass) when aux=True, and 'maskige' (the generated maskige, (B, 3, 2H, 2W),
     averaged where windows overlap) when maskige=True."""
@@ -1065,7 +1075,7 @@ def predict_aux(model, images, mode='whole', crop=None, stride=None):
     return predict(model, None, {}, images, mode, crop, stride, aux=True)['aux head']
 
 
-OFFICIAL_NAMES = [  # (official decode_head.* name prefix, ours); facts §6.2, §7, §4.1, §5
+OFFICIAL_NAMES = [  # (official decode_head.* name prefix, ours): the heads' _ff.py / _ftw.py
     ('convs.0.', 'head.mla.convs.1.'), ('convs.1.', 'head.mla.convs.0.'),  # in_index=[1, 0, 2, 3]: levels 1, 0 swap
     ('convs.2.', 'head.mla.convs.2.'), ('convs.3.', 'head.mla.convs.3.'), ('fusion_conv.', 'head.mla.fusion.'),
     ('transformer_block.', 'head.blocks.'), ('swin_ln.', 'head.swin_norm.'),
@@ -1128,7 +1138,7 @@ def _count(sd, prefix):
 
 
 def official_config(sd):
-    """GSS config of an official segmentor state dict, read from its shapes (facts §6.1-6.2)."""
+    """GSS config of an official segmentor state dict, read from its shapes (configs/gss/_base_/models/*.py)."""
     try:
         if 'backbone.patch_embed.projection.weight' in sd:  # mmseg Swin
             stages = range(_count(sd, 'backbone.stages.'))
@@ -1136,8 +1146,9 @@ def official_config(sd):
             shape = (sd['backbone.patch_embed.projection.weight'].shape[0],
                      tuple(_count(sd, f'backbone.stages.{i}.blocks.') for i in stages),
                      tuple(t.shape[1] for t in tables), (math.isqrt(tables[0].shape[0]) + 1) // 2)
-            backbone = next((name for name, p in swin.SWIN_PRESETS.items()
-                             if (p['embed_dim'], tuple(p['depths']), tuple(p['num_heads']), p['window_size']) == shape), None)
+            presets = {(p['embed_dim'], tuple(p['depths']), tuple(p['num_heads']), p['window_size']): name
+                       for name, p in swin.SWIN_PRESETS.items()}
+            backbone = presets.get(shape)
             if backbone is None:
                 raise UserError(f"official checkpoint: Swin backbone (embed, depths, heads, window) = {shape} "
                                 f"matches no preset in swin.SWIN_PRESETS")
@@ -1208,7 +1219,8 @@ def load_official_checkpoint(checkpoint, model=None, variant=None):
     if variant == 'ft-w' and aux and len(aux) == sum('pixel' in key for key in expected):
         warnings.warn(f"{what}: no auxiliary head (an unmerged GSS-FT-W file); predict_aux gives untrained scores")
         missing = [key for key in missing if 'pixel' not in key]
-        loaded['head'].update({k: v for k, v in model.head.state_dict().items() if k.startswith(('aux_mla.', 'aux_cls.'))})
+        own = model.head.state_dict()
+        loaded['head'].update({k: v for k, v in own.items() if k.startswith(('aux_mla.', 'aux_cls.'))})
     if missing or unexpected or mismatched:
         raise UserError(f"{what}: {_key_report(missing, unexpected, mismatched)}; "
                         f"expected a GSS-{variant.upper()} checkpoint")
