@@ -125,12 +125,6 @@ def _grid_sizes(num_classes):
     return min(sizes, key=lambda s: (s[0] * s[1] * s[2], -s[1], -s[0]))
 
 
-def _pairwise_min(colours):
-    """Distance of each colour (N, 3) to its nearest other colour -> (N,) float."""
-    d2 = ((colours[:, None].long() - colours[None].long()) ** 2).sum(-1)  # (N, N) exact integers
-    return d2.fill_diagonal_(2 ** 40).min(1).values.double().sqrt()
-
-
 def _refine(colours, step=17):
     """Appendix B (iv) category-specific refinement, without the per-class IoU feedback of the paper's manual edits:
     keep colours away from grey (the centre of the RGB cube, close to many colours and to the blend of any two) and
@@ -847,11 +841,6 @@ class GSSHead(nn.Module):
         """4 levels -> (B, K, h, w) per-pixel class logits at stride 4."""
         return self.aux_cls(self.aux_mla(feats))
 
-    def token_logits(self, x):
-        """(B, token_channels, h, w) -> (B, V, h, w). Large: training uses token_cross_entropy, inference
-        token_argmax."""
-        return self.conv_seg(x)
-
     def forward(self, feats):
         return self.token_features(feats), self.aux_logits(feats)
 
@@ -1070,11 +1059,6 @@ def generate(model, tokenizer, images):
     return _generate(model, tokenizer, model.backbone(images), *images.shape[-2:])
 
 
-def predict_aux(model, images, mode='whole', crop=None, stride=None):
-    """The auxiliary head's per-pixel logits (a discriminative baseline on the same backbone): (B, K, H, W)."""
-    return predict(model, None, {}, images, mode, crop, stride, aux=True)['aux head']
-
-
 OFFICIAL_NAMES = [  # (official decode_head.* name prefix, ours): the heads' _ff.py / _ftw.py
     ('convs.0.', 'head.mla.convs.1.'), ('convs.1.', 'head.mla.convs.0.'),  # in_index=[1, 0, 2, 3]: levels 1, 0 swap
     ('convs.2.', 'head.mla.convs.2.'), ('convs.3.', 'head.mla.convs.3.'), ('fusion_conv.', 'head.mla.fusion.'),
@@ -1217,7 +1201,7 @@ def load_official_checkpoint(checkpoint, model=None, variant=None):
     missing = [key for key in expected if key not in sd]
     aux = [key for key in missing if 'pixel' in key]
     if variant == 'ft-w' and aux and len(aux) == sum('pixel' in key for key in expected):
-        warnings.warn(f"{what}: no auxiliary head (an unmerged GSS-FT-W file); predict_aux gives untrained scores")
+        warnings.warn(f"{what}: no auxiliary head (an unmerged GSS-FT-W file); its scores (aux=True) are untrained")
         missing = [key for key in missing if 'pixel' not in key]
         own = model.head.state_dict()
         loaded['head'].update({k: v for k, v in own.items() if k.startswith(('aux_mla.', 'aux_cls.'))})

@@ -649,7 +649,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))  # the repository
 
 
 def min_distance(palette):
-    return gss._pairwise_min(palette).min().item()
+    """The smallest distance between two colours of a palette (K, 3)."""
+    d2 = ((palette[:, None].long() - palette[None].long()) ** 2).sum(-1)  # (K, K) exact integers
+    return d2.fill_diagonal_(2 ** 40).min().double().sqrt().item()
 
 
 def blob_labels(B, H, W, K, seed=0):
@@ -1244,9 +1246,9 @@ def test_predict_whole_slide_and_aux():
     # rows < 6 and columns < 14 are covered by the first window only
     first = gss.generate(model, tokenizer, images[:, :, :24, :32])  # (2, 3, 48, 64): the first window's maskige
     assert torch.allclose(four['maskige'][:, :, :12, :28], first[:, :, :12, :28])
-    aux = gss.predict_aux(model, images)
+    aux = gss.predict(model, None, {}, images, aux=True)['aux head']  # the auxiliary head alone
     assert aux.shape == (2, 5, 30, 46)
-    assert torch.equal(gss.predict_aux(model, images, 'slide', 64, 32), aux)
+    assert torch.equal(gss.predict(model, None, {}, images, 'slide', 64, 32, aux=True)['aux head'], aux)
     with pytest.raises(gss.UserError, match='slide'):
         gss.predict(model, tokenizer, inverse, images, 'slide')
 
