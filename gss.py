@@ -1,8 +1,24 @@
-"""Generative Semantic Segmentation (GSS, CVPR 2023): a minimal from-scratch reference implementation.
+"""Generative Semantic Segmentation (GSS, CVPR 2023): the method of the paper, in its order.
 
-Stage I (latent posterior): a frozen VQ tokenizer (DALL-E dVAE) over "maskiges" (label maps painted with a
-palette, X), and an inverse X^-1 from maskige back to class logits. Stage II (latent prior): an image encoder
-predicting the tokenizer's discrete codes.
+Stage I (latent posterior, Sec. 3.3): a label map c is painted into a "maskige" x = X(c) with a palette beta; a frozen
+VQ tokenizer (DALL-E's dVAE) maps maskiges to discrete tokens and back; X^-1 maps a maskige back to class scores.
+Stage II (latent prior, Sec. 3.4): an image encoder I_psi predicts the tokens of the image's maskige. Inference
+(Sec. 3.5): image -> tokens -> decoded maskige -> X^-1.
+
+    1. Palettes X              make_palette (appendix B), official_palette, paint, upsample_labels_2x
+    2. X^-1 variants           NearestColour (GSS-FF), LeastSquares, FTInverse, FTWInverse, build_inverse
+    3. Tokenizer               Tokenizer (encode, decode), build_tokenizer, reconstruct, recon_scores
+    4. Image encoder I_psi     build_backbone, MLA, GSSHead, GSS
+    5. Targets and losses      token_targets, token_cross_entropy, compute_loss (Eq. 7)
+    6. Inference               predict, generate, slide_windows
+    7. Official checkpoints    load_official_checkpoint, official_key, official_config
+    8. Files and validation    UserError, load_file, save_atomic, load_tokenizer, convert_dalle, load_posterior
+
+Usage (an official GSS-FF checkpoint of fudan-zvg/GSS, images normalized as in evaluate.py):
+
+    model, tokenizer, inverse = gss.load_official_checkpoint('gss-ff_swin-l_ade20k.pth')
+    inverse = inverse or gss.NearestColour(gss.official_palette('ade20k')[:-1])  # last row: the ignore colour
+    scores = gss.predict(model.eval(), tokenizer, inverse, images)  # (B, 3, H, W) -> (B, K, H, W)
 """
 import math
 import os
@@ -16,59 +32,16 @@ import torch.nn.functional as F
 
 import swin
 
+# Chunk sizes of the speed and memory paths, in one place: results do not depend on them (tested), peak memory does.
+TOKEN_CHUNK = 2048  # token positions per (n, vocab) block of logits: token_cross_entropy, token_argmax
+COLOUR_CHUNK = 2 ** 16  # pixels per block of NearestColour.labels
+STRIP_ELEMENTS = 2 ** 22  # strips of rows of at most ~16 MB (float32) in and out, for convs run without autograd
+ENCODE_PIXELS = 2 ** 18  # pixels per micro-batch of Tokenizer.encode (one 512x512 image)
+LOGIT_ELEMENTS = 2 ** 21  # Tokenizer.encode's vocab logits per strip of token rows (~8 MB)
+DECODE_TOKENS = 2 ** 12  # tokens per micro-batch of Tokenizer.decode (one 64x64-token image)
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. Errors and file I/O
-
-class UserError(Exception):
-    """A problem the user can fix (bad file, bad flag); CLIs print it as `error: ...` and exit 2."""
-
-    def __init__(self, msg):  # a DataLoader worker's error is re-raised as UserError(its traceback): keep its message
-        super().__init__(msg.rstrip('\n').rpartition('UserError: ')[2])
-
-
-def save_atomic(obj, path):
-    """torch.save to a temp file in the same directory, fsync, then os.replace: the old file stays intact until
-    the new one is complete."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + '.', suffix='.tmp')
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file 0600; give it the permissions open() would
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def load_file(path, what):
-    """torch.load(weights_only=True) on CPU with one-line UserErrors: missing file, not a torch.save file (or
-    truncated), or an object of a type that safe loading refuses (named, with how to convert the file)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such {what}")
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        refused = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))  # pickle.UnpicklingError of weights_only
-        if refused is None:
-            raise UserError(f"{path}: not a readable {what} (truncated, corrupt or not from torch.save?)") from None
-        raise UserError(f"{path}: the {what} holds a {refused[1]}, which safe loading (weights_only=True) refuses; "
-                        f"expected tensors and plain Python types: if you trust the file, torch.load it once with "
-                        f"weights_only=False and torch.save its state dict alone, or allow the type with "
-                        f"torch.serialization.add_safe_globals") from None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 2. Palettes: the maskige transform X as a colour table beta (K, 3) on the 0-255 scale
+# 1. Palettes: the maskige transform X (Sec. 3.3), a colour table beta (K, 3) on the 0-255 scale
 
 # Official palettes (decode_head.palette of configs/gss/<dataset>/*.py), hex RRGGBB in class order; the last entry is
 # the colour of ignore/unlabeled pixels.
@@ -207,9 +180,6 @@ def ignore_colour_for(palette):
     return lattice[dist2.argmax()]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 3. X: label map -> maskige
-
 def paint(labels, palette, ignore_colour):
     """X (Sec. 3.3, x = c beta): labels (B, H, W) long -> maskige (B, 3, H, W) float in [0, 1]. Labels >= K (255 =
     ignore) get ignore_colour, as the official encode_to_segmap clamps them to index K
@@ -226,9 +196,12 @@ def upsample_labels_2x(labels):
     B, H, W = labels.shape
     return labels[:, :, None, :, None].expand(B, H, 2, W, 2).reshape(B, 2 * H, 2 * W)
 
-
 # ----------------------------------------------------------------------------------------------------------
-# 4. X^-1: maskige (B, 3, H, W) in [0, 1] -> class logits (B, K, H, W)
+# 2. X^-1: maskige (B, 3, H, W) in [0, 1] -> class scores (B, K, H, W)
+
+# Speed path: the candidate-table nearest colour (_candidate_table, NearestColour.labels). Its plain
+# one-line equivalent, tested equal (test_nearest_colour_soft_scores_labels_and_ties):
+#     _sq_dist(255 * x[:, None], palette).argmin(1)  # every pixel against all K colours
 
 def _sq_dist(x, p):
     """Squared distances, channels summed in order like the official sum over dim 2: x (..., 3), p (..., 3) -> (...)."""
@@ -276,7 +249,7 @@ class NearestColour(nn.Module):
         return -d / self.tau
 
     @torch.no_grad()
-    def labels(self, maskige, chunk=2 ** 16):
+    def labels(self, maskige, chunk=COLOUR_CHUNK):
         """argmin_k ||255 x - p_k||^2 -> (B, H, W) long, identical to the official broadcast over all K (same float
         formula, first index wins ties) at a fraction of the cost: each pixel is compared only with the M candidate
         colours of its box of the RGB cube (_candidate_table); pixels outside the cube compare with all K."""
@@ -294,6 +267,8 @@ class NearestColour(nn.Module):
             if len(outside):
                 out[i + outside] = _sq_dist(xc[outside, None], self.palette).argmin(1)
         return out.view(B, H, W)
+
+# (end of the speed path)
 
 
 class LeastSquares(nn.Module):
@@ -388,13 +363,14 @@ def maskige_scores(inverse, maskige, size):
         scores = F.interpolate(scores, size=tuple(size), mode='bilinear', align_corners=False)
     return scores
 
-
 # ----------------------------------------------------------------------------------------------------------
-# 5. Tokenizer: the frozen VQ-VAE (DALL-E dVAE architecture, dall_e package) over maskiges
+# 3. Tokenizer: the frozen VQ-VAE of Eq. 5 (DALL-E dVAE architecture, dall_e package) over maskiges
 
-DALLE_URLS = 'https://cdn.openai.com/dall-e/encoder.pkl and https://cdn.openai.com/dall-e/decoder.pkl'
 LOGIT_LAPLACE_EPS = 0.1  # dall_e.utils.logit_laplace_eps: map_pixels x -> 0.8 x + 0.1, unmap clamps back
-STRIP_ELEMENTS = 2 ** 22  # strips of rows of at most ~16 MB (float32) in and out, for convs run without autograd
+
+# Memory path: the lean dVAE executor (_conv, _relu_conv, _residual_stack). Its plain equivalent, tested
+# to 1e-5 (test_convert_dalle_pickles_reload_identically, test_tokenizer_memory_paths_match_plain_autograd_paths):
+#     encoder(map_pixels(x)), decoder(one_hot(tokens))  # the dall_e modules themselves
 CHANNELS_LAST = torch.channels_last  # the tokenizer's convs run on (B, H, W, C)-ordered tensors: oneDNN's fast path
 # (measured here: encode of 16 synthetic 128x128 maskiges 1.44 s -> 0.93 s on 2 CPU threads, same tokens)
 
@@ -466,6 +442,8 @@ def _residual_stack(blocks, x, dtype):
         x = F.interpolate(x, scale_factor=2.0, mode='nearest')
     return x
 
+# (end of the memory path)
+
 
 class Tokenizer(nn.Module):
     """Frozen dVAE of Eq. 5 (DALL-E's architecture): maskige (B, 3, H, W) in [0, 1] <-> tokens (B, H/8, W/8).
@@ -497,7 +475,7 @@ class Tokenizer(nn.Module):
             return _relu_conv(self.encoder.blocks.output.conv, x).float()  # (B, vocab, H/8, W/8)
 
     @torch.no_grad()
-    def encode(self, maskige, dtype=torch.float32, max_pixels=2 ** 18):
+    def encode(self, maskige, dtype=torch.float32, max_pixels=ENCODE_PIXELS):
         """Tokens = argmax of the encoder logits (official get_codebook_indices) -> (B, H/8, W/8) long. Runs over
         micro-batches of at most max_pixels pixels (one image for 512x512 and larger), and the final 1x1 conv to
         vocab logits runs per strip of token rows with the argmax, so the (B, vocab, h, w) logits never exist."""
@@ -509,7 +487,7 @@ class Tokenizer(nn.Module):
                 x = _conv(self.encoder.blocks.input, x).float()  # (b, n_hid, H, W), the float32 residual stream
                 x = _residual_stack(self.encoder.blocks, x, dtype)  # (b, 8 n_hid, h, w)
                 conv, x = self.encoder.blocks.output.conv, x.relu_()
-                rows = max(1, 2 ** 21 // (x.shape[0] * self.vocab_size * x.shape[3]))  # ~8 MB of logits per strip
+                rows = max(1, LOGIT_ELEMENTS // (x.shape[0] * self.vocab_size * x.shape[3]))
                 tokens.append(torch.cat([_conv(conv, s).argmax(1) for s in x.split(rows, dim=2)], dim=1))
             return torch.cat(tokens)  # (B, h, w)
 
@@ -520,7 +498,7 @@ class Tokenizer(nn.Module):
         return _relu_conv(self.decoder.blocks.output.conv, x, channels=3).float()  # (B, 3, 8h, 8w)
 
     @torch.no_grad()
-    def decode(self, tokens, dtype=torch.float32, max_tokens=2 ** 12):
+    def decode(self, tokens, dtype=torch.float32, max_tokens=DECODE_TOKENS):
         """tokens (B, h, w) -> maskige (B, 3, 8h, 8w) in [0, 1] = unmap(sigmoid(colour logits)), over micro-batches
         of at most max_tokens tokens (one 64x64-token image). The one-hot first 1x1 conv is a gather of its columns."""
         conv = self.decoder.blocks.input
@@ -563,62 +541,6 @@ def tokenizer_config(tok):
             'n_blk_per_group': tok.encoder.n_blk_per_group}
 
 
-def save_tokenizer(tok, path, **info):
-    """Our tokenizer file: {'encoder': state_dict, 'decoder': state_dict, 'config': build_tokenizer kwargs, 'info':
-    plain-typed notes such as what it was trained on}; loads with weights_only=True."""
-    save_atomic({'encoder': tok.encoder.state_dict(), 'decoder': tok.decoder.state_dict(),
-                 'config': tokenizer_config(tok), 'info': info}, path)
-
-
-def load_tokenizer(path):
-    """The frozen Tokenizer from our file (save_tokenizer / convert_dalle)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such tokenizer file; expected our converted DALL-E dVAE: download {DALLE_URLS}, "
-                        f"then run `python train_posterior.py --convert-dalle ENCODER.pkl DECODER.pkl --out {path}` "
-                        f"(or train one: `python train_posterior.py --variant tokenizer --out {path}`)")
-    ckpt = load_file(path, 'tokenizer file')
-    if not isinstance(ckpt, dict) or not {'encoder', 'decoder', 'config'} <= set(ckpt):
-        raise UserError(f"{path}: not a tokenizer file; expected a file written by train_posterior.py "
-                        f"--convert-dalle or --variant tokenizer")
-    tok = build_tokenizer(**ckpt['config'])
-    try:
-        tok.encoder.load_state_dict(ckpt['encoder'])
-        tok.decoder.load_state_dict(ckpt['decoder'])
-    except RuntimeError as e:
-        raise UserError(f"{path}: tokenizer weights do not match its config {ckpt['config']}: "
-                        f"{str(e).splitlines()[0]}") from None
-    tok.info = ckpt.get('info', {})  # what it was trained on or converted from (save_tokenizer)
-    return tok
-
-
-def convert_dalle(encoder_pkl, decoder_pkl, out):
-    """OpenAI's encoder.pkl / decoder.pkl (whole pickled dall_e modules) -> our state-dict file. The only unpickling
-    in the project (torch.load weights_only=False runs code from the file: use it on files you trust). Going through
-    state dicts also sidesteps the released decoder's nn.Upsample objects that lack recompute_scale_factor."""
-    import dall_e
-    for path, name in ((encoder_pkl, 'encoder.pkl'), (decoder_pkl, 'decoder.pkl')):
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: no such file; expected OpenAI's {name} ({DALLE_URLS})")
-    warnings.warn(f"unpickling {encoder_pkl} and {decoder_pkl}: this runs code from the files; only convert files "
-                  f"you trust (OpenAI's {DALLE_URLS})")
-    modules = []
-    for path, cls in ((encoder_pkl, dall_e.Encoder), (decoder_pkl, dall_e.Decoder)):
-        try:
-            m = torch.load(path, map_location='cpu', weights_only=False)
-        except Exception as e:
-            raise UserError(f"{path}: not a readable pickle (truncated or corrupt?): {type(e).__name__}") from None
-        if not isinstance(m, cls):
-            raise UserError(f"{path}: holds a {type(m).__name__}; expected a pickled dall_e.{cls.__name__}")
-        modules.append(m)
-    enc, dec = modules
-    tok = build_tokenizer(n_hid=enc.n_hid, vocab_size=enc.vocab_size, n_init=dec.n_init,
-                          n_blk_per_group=enc.n_blk_per_group)
-    tok.encoder.load_state_dict(enc.state_dict())
-    tok.decoder.load_state_dict(dec.state_dict())
-    save_tokenizer(tok, out, source=f"converted from {os.path.basename(encoder_pkl)}, {os.path.basename(decoder_pkl)}")
-    return tok
-
-
 def reconstruct(tokenizer, labels, palette, ignore_colour):
     """X then the VQ round trip: labels (B, H, W), 255 painted with the ignore colour -> tokens at 1/8 -> decoded
     maskige (B, 3, 8(H//8), 8(W//8))."""
@@ -638,91 +560,8 @@ def recon_scores(tokenizer, inverse, labels, palette, ignore_colour, size=None, 
         src = upsample_labels_2x(src)
     return maskige_scores(inverse, reconstruct(tokenizer, src, palette, ignore_colour), labels.shape[-2:])
 
-
 # ----------------------------------------------------------------------------------------------------------
-# 6. The stage-I artifact ("posterior"): X (palette), X^-1 and the tokenizer they go with, as plain types
-
-POSTERIOR_VARIANTS = ('ff', 'ff-r', 'lstsq', 'ft', 'ft-w', 'tf', 'tt')
-
-
-def make_posterior(path, variant, palette, ignore_colour, tokenizer_path, vocab_size, inverse=None,
-                   inverse_config=None, dataset='', settings=None):
-    """Write the stage-I artifact that train_prior.py and evaluate.py read (load_posterior) to `path`. The tokenizer
-    path is stored relative to the artifact's directory, so the two files can move together."""
-    post = {'variant': variant, 'num_classes': len(palette), 'palette': [[int(c) for c in rgb] for rgb in palette],
-            'ignore_colour': [int(c) for c in ignore_colour],
-            'tokenizer': os.path.relpath(os.path.abspath(tokenizer_path), os.path.dirname(os.path.abspath(path))),
-            'vocab_size': int(vocab_size), 'inverse': None if inverse is None else inverse.state_dict(),
-            'inverse_config': dict(inverse_config or {}), 'dataset': dataset, 'settings': dict(settings or {})}
-    save_atomic(post, path)
-    return post
-
-
-def load_posterior(path):
-    """The stage-I artifact as a dict (make_posterior), validated; 'tokenizer' comes back as an absolute path."""
-    post = load_file(path, 'stage-I artifact')
-    keys = {'variant', 'num_classes', 'palette', 'ignore_colour', 'tokenizer', 'vocab_size', 'inverse',
-            'inverse_config', 'dataset', 'settings'}
-    if not isinstance(post, dict) or not keys <= set(post):
-        raise UserError(f"{path}: not a stage-I artifact; expected a file written by train_posterior.py")
-    if post['variant'] not in POSTERIOR_VARIANTS:
-        raise UserError(f"{path}: unknown variant {post['variant']!r}; expected one of {', '.join(POSTERIOR_VARIANTS)}")
-    palette = post['palette']
-    if len(palette) != post['num_classes'] or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in palette):
-        raise UserError(f"{path}: palette has {len(palette)} entries for {post['num_classes']} classes; expected one "
-                        f"RGB colour in 0..255 per class")
-    if len(set(map(tuple, palette))) != len(palette):
-        dup = next(c for i, c in enumerate(palette) if c in palette[:i])
-        raise UserError(f"{path}: palette colour {dup} is used by two classes; expected K distinct colours")
-    if post['variant'] in ('ft', 'ft-w', 'tt') and post['inverse'] is None:
-        raise UserError(f"{path}: variant {post['variant']} without inverse weights; expected a trained X^-1")
-    post['tokenizer'] = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), post['tokenizer']))
-    return post
-
-
-def posterior_summary(posterior, path, ckpt_dir):
-    """What a stage-II checkpoint in the folder `ckpt_dir` records of the stage-I artifact `posterior` (at `path`) it
-    was trained with, plain types: all of it but the tokenizer, whose file it records relative to ckpt_dir and
-    absolute, so that a moved runs folder still evaluates (checkpoint_posterior)."""
-    tokenizer = os.path.abspath(posterior['tokenizer'])
-    return {**posterior, 'path': os.path.abspath(path), 'tokenizer_abs': tokenizer,
-            'tokenizer': os.path.relpath(tokenizer, os.path.abspath(ckpt_dir))}
-
-
-def checkpoint_posterior(ckpt, path, tokenizer=None):
-    """The stage-I artifact that the stage-II checkpoint `ckpt` (loaded from `path`) carries, as load_posterior returns
-    it. Its tokenizer: the file `tokenizer` when given, else the one relative to the checkpoint's folder, else the one
-    at the absolute path of training time."""
-    saved = ckpt['posterior']
-    if 'tokenizer_abs' not in saved:  # written before checkpoints carried their artifact
-        raise UserError(f"{path}: records only the path of its stage-I artifact, {saved.get('path')}; expected "
-                        f"--posterior FILE")
-    near = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), saved['tokenizer']))
-    tokenizer = tokenizer or next((p for p in (near, saved['tokenizer_abs']) if os.path.isfile(p)), None)
-    if tokenizer is None:
-        raise UserError(f"{path}: its tokenizer file is neither at {near} nor at {saved['tokenizer_abs']}; expected "
-                        f"--tokenizer FILE, the tokenizer of the stage-I artifact it was trained with")
-    return {**saved, 'tokenizer': tokenizer}
-
-
-def check_posterior_match(saved, now, path):
-    """UserError naming each of class count / palette / vocabulary size that differs between a checkpoint's record
-    `saved` (posterior_summary) and the stage-I artifact `now`."""
-    diffs = []
-    if saved['num_classes'] != now['num_classes']:
-        diffs.append(f"class count {saved['num_classes']} vs {now['num_classes']}")
-    elif saved['palette'] != now['palette']:
-        k = next(i for i, (a, b) in enumerate(zip(saved['palette'], now['palette'])) if a != b)
-        diffs.append(f"palette (first at class {k}: {saved['palette'][k]} vs {now['palette'][k]})")
-    if saved['vocab_size'] != now['vocab_size']:
-        diffs.append(f"vocabulary size {saved['vocab_size']} vs {now['vocab_size']}")
-    if diffs:
-        raise UserError(f"{path}: does not match the stage-I artifact: " + "; ".join(diffs) +
-                            f" (checkpoint vs artifact); expected the artifact it was trained with, {saved['path']}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 7. Image encoder I_psi: backbone -> MLA -> Swin blocks -> token logits at 1/4
+# 4. Image encoder I_psi: backbone -> MLA -> Swin blocks -> token logits at 1/4
 #    (paper Sec. 3.4; configs/gss/_base_/models/*.py)
 
 class ResNet(nn.Module):
@@ -867,9 +706,12 @@ class GSS(nn.Module):
         """(B, 3, H, W) -> (token features (B, token_channels, H/4, W/4), aux logits (B, K, H/4, W/4))."""
         return self.head(self.backbone(images))
 
-
 # ----------------------------------------------------------------------------------------------------------
-# 8. Targets and losses (paper Eq. 7 as generative_segmentation_head_ff.py computes it)
+# 5. Targets and losses (paper Eq. 7 as generative_segmentation_head_ff.py computes it)
+
+# Memory path: chunked token cross-entropy (_chunks, TokenCrossEntropy, token_argmax). Its plain
+# equivalents, tested (test_token_cross_entropy_equals_naive):
+#     F.cross_entropy(conv(feats), target, ignore_index=ignore_index), conv(feats).argmax(1)
 
 def _chunks(x, chunk):
     """Yield (b, rows, x[b, :, rows] as a (C, n) view) over blocks of whole rows, about `chunk` positions each."""
@@ -927,7 +769,7 @@ class TokenCrossEntropy(torch.autograd.Function):
         return gx.mul_(scale), gw.mul_(scale), gb.mul_(scale), None, None, None, None
 
 
-def token_cross_entropy(feats, conv, target, ignore_index, chunk=2048):
+def token_cross_entropy(feats, conv, target, ignore_index, chunk=TOKEN_CHUNK):
     """F.cross_entropy(conv(feats), target, ignore_index) (mean over valid positions) computed in chunks of
     positions, and the number of correct argmax tokens there. feats (B, C, h, w), target (B, h, w) long."""
     with_grad = torch.is_grad_enabled() and (feats.requires_grad or conv.weight.requires_grad)
@@ -935,13 +777,15 @@ def token_cross_entropy(feats, conv, target, ignore_index, chunk=2048):
 
 
 @torch.no_grad()
-def token_argmax(feats, conv, chunk=2048):
+def token_argmax(feats, conv, chunk=TOKEN_CHUNK):
     """argmax over the vocabulary of conv(feats), chunk by chunk: (B, C, h, w) -> tokens (B, h, w)."""
     W = conv.weight.flatten(1)  # (V, C)
     tokens = torch.empty(feats.shape[0], *feats.shape[2:], dtype=torch.long, device=feats.device)
     for b, rows, xc in _chunks(feats, chunk):
         tokens[b, rows] = torch.addmm(conv.bias, xc.t(), W.t()).argmax(1).view(-1, feats.shape[3])
     return tokens
+
+# (end of the memory path)
 
 
 @torch.no_grad()
@@ -981,9 +825,8 @@ def compute_loss(model, tokenizer, palette, images, labels):
                 acc_aux=100.0 * ((aux.argmax(1) == labels2x) & valid).sum().item() / max(1, valid.sum().item()))
     return loss, logs
 
-
 # ----------------------------------------------------------------------------------------------------------
-# 9. Generative inference (paper Sec. 3.5; mmseg/models/segmentors/encoder_decoder.py) and the official checkpoints
+# 6. Generative inference (paper Sec. 3.5; mmseg/models/segmentors/encoder_decoder.py)
 
 def slide_windows(H, W, crop, stride):
     """mmseg's slide_inference windows [(y1, y2, x1, x2)]: a grid at `stride`, the last window snapped to the
@@ -1058,6 +901,8 @@ def generate(model, tokenizer, images):
     model = getattr(model, 'module', model)  # through a DDP wrapper
     return _generate(model, tokenizer, model.backbone(images), *images.shape[-2:])
 
+# ----------------------------------------------------------------------------------------------------------
+# 7. The official checkpoints (fudan-zvg/GSS, mmseg 0.26) into these modules
 
 OFFICIAL_NAMES = [  # (official decode_head.* name prefix, ours): the heads' _ff.py / _ftw.py
     ('convs.0.', 'head.mla.convs.1.'), ('convs.1.', 'head.mla.convs.0.'),  # in_index=[1, 0, 2, 3]: levels 1, 0 swap
@@ -1220,3 +1065,192 @@ def load_official_checkpoint(checkpoint, model=None, variant=None):
     elif backbone or model.backbone.state_dict():
         _load_strict(model.backbone, backbone, f"{what}: backbone")
     return model, tokenizer, inverse
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. Files and validation: errors, safe loading, tokenizer files, the stage-I artifact
+
+DALLE_URLS = 'https://cdn.openai.com/dall-e/encoder.pkl and https://cdn.openai.com/dall-e/decoder.pkl'
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad file, bad flag); CLIs print it as `error: ...` and exit 2."""
+
+    def __init__(self, msg):  # a DataLoader worker's error is re-raised as UserError(its traceback): keep its message
+        super().__init__(msg.rstrip('\n').rpartition('UserError: ')[2])
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file in the same directory, fsync, then os.replace: the old file stays intact until
+    the new one is complete."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + '.', suffix='.tmp')
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file 0600; give it the permissions open() would
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_file(path, what):
+    """torch.load(weights_only=True) on CPU with one-line UserErrors: missing file, not a torch.save file (or
+    truncated), or an object of a type that safe loading refuses (named, with how to convert the file)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such {what}")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        refused = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))  # pickle.UnpicklingError of weights_only
+        if refused is None:
+            raise UserError(f"{path}: not a readable {what} (truncated, corrupt or not from torch.save?)") from None
+        raise UserError(f"{path}: the {what} holds a {refused[1]}, which safe loading (weights_only=True) refuses; "
+                        f"expected tensors and plain Python types: if you trust the file, torch.load it once with "
+                        f"weights_only=False and torch.save its state dict alone, or allow the type with "
+                        f"torch.serialization.add_safe_globals") from None
+
+
+def save_tokenizer(tok, path, **info):
+    """Our tokenizer file: {'encoder': state_dict, 'decoder': state_dict, 'config': build_tokenizer kwargs, 'info':
+    plain-typed notes such as what it was trained on}; loads with weights_only=True."""
+    save_atomic({'encoder': tok.encoder.state_dict(), 'decoder': tok.decoder.state_dict(),
+                 'config': tokenizer_config(tok), 'info': info}, path)
+
+
+def load_tokenizer(path):
+    """The frozen Tokenizer from our file (save_tokenizer / convert_dalle)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such tokenizer file; expected our converted DALL-E dVAE: download {DALLE_URLS}, "
+                        f"then run `python train_posterior.py --convert-dalle ENCODER.pkl DECODER.pkl --out {path}` "
+                        f"(or train one: `python train_posterior.py --variant tokenizer --out {path}`)")
+    ckpt = load_file(path, 'tokenizer file')
+    if not isinstance(ckpt, dict) or not {'encoder', 'decoder', 'config'} <= set(ckpt):
+        raise UserError(f"{path}: not a tokenizer file; expected a file written by train_posterior.py "
+                        f"--convert-dalle or --variant tokenizer")
+    tok = build_tokenizer(**ckpt['config'])
+    try:
+        tok.encoder.load_state_dict(ckpt['encoder'])
+        tok.decoder.load_state_dict(ckpt['decoder'])
+    except RuntimeError as e:
+        raise UserError(f"{path}: tokenizer weights do not match its config {ckpt['config']}: "
+                        f"{str(e).splitlines()[0]}") from None
+    tok.info = ckpt.get('info', {})  # what it was trained on or converted from (save_tokenizer)
+    return tok
+
+
+def convert_dalle(encoder_pkl, decoder_pkl, out):
+    """OpenAI's encoder.pkl / decoder.pkl (whole pickled dall_e modules) -> our state-dict file. The only unpickling
+    in the project (torch.load weights_only=False runs code from the file: use it on files you trust). Going through
+    state dicts also sidesteps the released decoder's nn.Upsample objects that lack recompute_scale_factor."""
+    import dall_e
+    for path, name in ((encoder_pkl, 'encoder.pkl'), (decoder_pkl, 'decoder.pkl')):
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such file; expected OpenAI's {name} ({DALLE_URLS})")
+    warnings.warn(f"unpickling {encoder_pkl} and {decoder_pkl}: this runs code from the files; only convert files "
+                  f"you trust (OpenAI's {DALLE_URLS})")
+    modules = []
+    for path, cls in ((encoder_pkl, dall_e.Encoder), (decoder_pkl, dall_e.Decoder)):
+        try:
+            m = torch.load(path, map_location='cpu', weights_only=False)
+        except Exception as e:
+            raise UserError(f"{path}: not a readable pickle (truncated or corrupt?): {type(e).__name__}") from None
+        if not isinstance(m, cls):
+            raise UserError(f"{path}: holds a {type(m).__name__}; expected a pickled dall_e.{cls.__name__}")
+        modules.append(m)
+    enc, dec = modules
+    tok = build_tokenizer(n_hid=enc.n_hid, vocab_size=enc.vocab_size, n_init=dec.n_init,
+                          n_blk_per_group=enc.n_blk_per_group)
+    tok.encoder.load_state_dict(enc.state_dict())
+    tok.decoder.load_state_dict(dec.state_dict())
+    save_tokenizer(tok, out, source=f"converted from {os.path.basename(encoder_pkl)}, {os.path.basename(decoder_pkl)}")
+    return tok
+
+
+# The stage-I artifact ("posterior"): X (palette), X^-1 and the tokenizer they go with, as plain types
+
+POSTERIOR_VARIANTS = ('ff', 'ff-r', 'lstsq', 'ft', 'ft-w', 'tf', 'tt')
+
+
+def make_posterior(path, variant, palette, ignore_colour, tokenizer_path, vocab_size, inverse=None,
+                   inverse_config=None, dataset='', settings=None):
+    """Write the stage-I artifact that train_prior.py and evaluate.py read (load_posterior) to `path`. The tokenizer
+    path is stored relative to the artifact's directory, so the two files can move together."""
+    post = {'variant': variant, 'num_classes': len(palette), 'palette': [[int(c) for c in rgb] for rgb in palette],
+            'ignore_colour': [int(c) for c in ignore_colour],
+            'tokenizer': os.path.relpath(os.path.abspath(tokenizer_path), os.path.dirname(os.path.abspath(path))),
+            'vocab_size': int(vocab_size), 'inverse': None if inverse is None else inverse.state_dict(),
+            'inverse_config': dict(inverse_config or {}), 'dataset': dataset, 'settings': dict(settings or {})}
+    save_atomic(post, path)
+    return post
+
+
+def load_posterior(path):
+    """The stage-I artifact as a dict (make_posterior), validated; 'tokenizer' comes back as an absolute path."""
+    post = load_file(path, 'stage-I artifact')
+    keys = {'variant', 'num_classes', 'palette', 'ignore_colour', 'tokenizer', 'vocab_size', 'inverse',
+            'inverse_config', 'dataset', 'settings'}
+    if not isinstance(post, dict) or not keys <= set(post):
+        raise UserError(f"{path}: not a stage-I artifact; expected a file written by train_posterior.py")
+    if post['variant'] not in POSTERIOR_VARIANTS:
+        raise UserError(f"{path}: unknown variant {post['variant']!r}; expected one of {', '.join(POSTERIOR_VARIANTS)}")
+    palette = post['palette']
+    if len(palette) != post['num_classes'] or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in palette):
+        raise UserError(f"{path}: palette has {len(palette)} entries for {post['num_classes']} classes; expected one "
+                        f"RGB colour in 0..255 per class")
+    if len(set(map(tuple, palette))) != len(palette):
+        dup = next(c for i, c in enumerate(palette) if c in palette[:i])
+        raise UserError(f"{path}: palette colour {dup} is used by two classes; expected K distinct colours")
+    if post['variant'] in ('ft', 'ft-w', 'tt') and post['inverse'] is None:
+        raise UserError(f"{path}: variant {post['variant']} without inverse weights; expected a trained X^-1")
+    post['tokenizer'] = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), post['tokenizer']))
+    return post
+
+
+def posterior_summary(posterior, path, ckpt_dir):
+    """What a stage-II checkpoint in the folder `ckpt_dir` records of the stage-I artifact `posterior` (at `path`) it
+    was trained with, plain types: all of it but the tokenizer, whose file it records relative to ckpt_dir and
+    absolute, so that a moved runs folder still evaluates (checkpoint_posterior)."""
+    tokenizer = os.path.abspath(posterior['tokenizer'])
+    return {**posterior, 'path': os.path.abspath(path), 'tokenizer_abs': tokenizer,
+            'tokenizer': os.path.relpath(tokenizer, os.path.abspath(ckpt_dir))}
+
+
+def checkpoint_posterior(ckpt, path, tokenizer=None):
+    """The stage-I artifact that the stage-II checkpoint `ckpt` (loaded from `path`) carries, as load_posterior returns
+    it. Its tokenizer: the file `tokenizer` when given, else the one relative to the checkpoint's folder, else the one
+    at the absolute path of training time."""
+    saved = ckpt['posterior']
+    if 'tokenizer_abs' not in saved:  # written before checkpoints carried their artifact
+        raise UserError(f"{path}: records only the path of its stage-I artifact, {saved.get('path')}; expected "
+                        f"--posterior FILE")
+    near = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), saved['tokenizer']))
+    tokenizer = tokenizer or next((p for p in (near, saved['tokenizer_abs']) if os.path.isfile(p)), None)
+    if tokenizer is None:
+        raise UserError(f"{path}: its tokenizer file is neither at {near} nor at {saved['tokenizer_abs']}; expected "
+                        f"--tokenizer FILE, the tokenizer of the stage-I artifact it was trained with")
+    return {**saved, 'tokenizer': tokenizer}
+
+
+def check_posterior_match(saved, now, path):
+    """UserError naming each of class count / palette / vocabulary size that differs between a checkpoint's record
+    `saved` (posterior_summary) and the stage-I artifact `now`."""
+    diffs = []
+    if saved['num_classes'] != now['num_classes']:
+        diffs.append(f"class count {saved['num_classes']} vs {now['num_classes']}")
+    elif saved['palette'] != now['palette']:
+        k = next(i for i, (a, b) in enumerate(zip(saved['palette'], now['palette'])) if a != b)
+        diffs.append(f"palette (first at class {k}: {saved['palette'][k]} vs {now['palette'][k]})")
+    if saved['vocab_size'] != now['vocab_size']:
+        diffs.append(f"vocabulary size {saved['vocab_size']} vs {now['vocab_size']}")
+    if diffs:
+        raise UserError(f"{path}: does not match the stage-I artifact: " + "; ".join(diffs) +
+                            f" (checkpoint vs artifact); expected the artifact it was trained with, {saved['path']}")
