@@ -961,6 +961,11 @@ def _load_swin(model, sd, what):
         raise UserError(f"{what}: {str(e).strip().splitlines()[-1].strip()}") from None
 
 
+def _window(table):
+    """Window size of a Swin relative-position bias table ((2 ws - 1)^2, heads)."""
+    return (math.isqrt(table.shape[0]) + 1) // 2
+
+
 def _count(sd, prefix):
     """Number of numbered blocks under prefix ('x.blocks.' -> distinct i of 'x.blocks.i.*')."""
     return len({k[len(prefix):].split('.')[0] for k in sd if k.startswith(prefix)})
@@ -974,7 +979,7 @@ def official_config(sd):
             tables = [sd[f'backbone.stages.{i}.blocks.0.attn.w_msa.relative_position_bias_table'] for i in stages]
             shape = (sd['backbone.patch_embed.projection.weight'].shape[0],
                      tuple(_count(sd, f'backbone.stages.{i}.blocks.') for i in stages),
-                     tuple(t.shape[1] for t in tables), (math.isqrt(tables[0].shape[0]) + 1) // 2)
+                     tuple(t.shape[1] for t in tables), _window(tables[0]))
             presets = {(p['embed_dim'], tuple(p['depths']), tuple(p['num_heads']), p['window_size']): name
                        for name, p in swin.SWIN_PRESETS.items()}
             backbone = presets.get(shape)
@@ -992,7 +997,7 @@ def official_config(sd):
                     fused_channels=sd['decode_head.fusion_conv.conv.weight'].shape[0],
                     token_channels=sd['decode_head.conv_before_seg.conv.weight'].shape[0],
                     depth=_count(sd, 'decode_head.transformer_block.blocks.'), num_heads=table.shape[1],
-                    window_size=(math.isqrt(table.shape[0]) + 1) // 2, dropout=0.1)
+                    window_size=_window(table), dropout=0.1)
     except (KeyError, AttributeError) as e:
         raise UserError(f"official checkpoint: not a GSS segmentor state dict (no {e})") from None
 
@@ -1021,17 +1026,30 @@ def load_official_checkpoint(checkpoint, model=None, variant=None):
             table = sd['decode_head.post_transformer_block.blocks.0.attn.w_msa.relative_position_bias_table']
             inverse = FTWInverse(model.config['num_classes'], dim=sd['decode_head.projection.conv.weight'].shape[0],
                                  depth=_count(sd, 'decode_head.post_transformer_block.blocks.'),
-                                 num_heads=table.shape[1], window_size=(math.isqrt(table.shape[0]) + 1) // 2)
+                                 num_heads=table.shape[1], window_size=_window(table))
     except KeyError as e:
         raise UserError(f"{what}: no {e}; expected an official GSS-{variant.upper()} checkpoint") from None
-    # the head, tokenizer and inverse by official key name
-    parts = {'head': model.head, 'tokenizer': tokenizer, 'inverse': inverse}
-    expected = {official_key(f'{p}.{k}'): (p, k, v.shape) for p, m in parts.items() if m is not None
-                for k, v in m.state_dict().items()}
+    _load_decode_head(sd, model, {'head': model.head, 'tokenizer': tokenizer, 'inverse': inverse}, variant, what)
+    # the backbone: mmseg Swin via swin.py, mmseg ResNet-V1c as is
+    backbone = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')}
+    if isinstance(model.backbone, swin.SwinTransformer):
+        missing, unexpected = _load_swin(model.backbone, backbone, f"{what}: backbone")
+        if missing or unexpected:
+            raise UserError(f"{what}: backbone: {_key_report(missing, unexpected)}")
+    elif backbone or model.backbone.state_dict():
+        _load_strict(model.backbone, backbone, f"{what}: backbone")
+    return model, tokenizer, inverse
+
+
+def _load_decode_head(sd, model, parts, variant, what):
+    """The official decode_head.* weights into our parts {'head', 'tokenizer', 'inverse' (or None)} by official_key,
+    strictly: a UserError names every missing, unexpected or mis-shaped key."""
+    parts = {p: m for p, m in parts.items() if m is not None}
+    expected = {official_key(f'{p}.{k}'): (p, k, v.shape) for p, m in parts.items() for k, v in m.state_dict().items()}
     loaded = {p: {} for p in parts}
     unexpected, mismatched = [], []
     for key, v in sd.items():
-        if key.startswith('backbone.') or key.endswith('relative_position_index'):  # below; recomputed buffers
+        if key.startswith('backbone.') or key.endswith('relative_position_index'):  # loaded apart; recomputed buffers
             continue
         if key.startswith('decode_head.norm.'):  # stale LayerNorm of released files (GSS issue #12)
             continue
@@ -1054,17 +1072,7 @@ def load_official_checkpoint(checkpoint, model=None, variant=None):
         raise UserError(f"{what}: {_key_report(missing, unexpected, mismatched)}; "
                         f"expected a GSS-{variant.upper()} checkpoint")
     for p, m in parts.items():
-        if m is not None:
-            m.load_state_dict(loaded[p])
-    # the backbone: mmseg Swin via swin.py, mmseg ResNet-V1c as is
-    backbone = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')}
-    if isinstance(model.backbone, swin.SwinTransformer):
-        missing, unexpected = _load_swin(model.backbone, backbone, f"{what}: backbone")
-        if missing or unexpected:
-            raise UserError(f"{what}: backbone: {_key_report(missing, unexpected)}")
-    elif backbone or model.backbone.state_dict():
-        _load_strict(model.backbone, backbone, f"{what}: backbone")
-    return model, tokenizer, inverse
+        m.load_state_dict(loaded[p])
 
 # ----------------------------------------------------------------------------------------------------------
 # 8. Files and validation: errors, safe loading, tokenizer files, the stage-I artifact
