@@ -40,6 +40,7 @@ ENCODE_PIXELS = 2 ** 18  # pixels per micro-batch of Tokenizer.encode (one 512x5
 LOGIT_ELEMENTS = 2 ** 21  # Tokenizer.encode's vocab logits per strip of token rows (~8 MB)
 DECODE_TOKENS = 2 ** 12  # tokens per micro-batch of Tokenizer.decode (one 64x64-token image)
 
+
 # ----------------------------------------------------------------------------------------------------------
 # 1. Palettes: the maskige transform X (Sec. 3.3), a colour table beta (K, 3) on the 0-255 scale
 
@@ -98,6 +99,12 @@ def _grid_sizes(num_classes):
     return min(sizes, key=lambda s: (s[0] * s[1] * s[2], -s[1], -s[0]))
 
 
+def _lattice(step):
+    """The colours whose channels are multiples of step (17: 0, 17, ..., 255) -> (C, 3)."""
+    axis = torch.arange(0, 256, step)
+    return torch.cartesian_prod(axis, axis, axis)
+
+
 def _refine(colours, step=17):
     """Appendix B (iv) category-specific refinement, without the per-class IoU feedback of the paper's manual edits:
     keep colours away from grey (the centre of the RGB cube, close to many colours and to the blend of any two) and
@@ -106,8 +113,7 @@ def _refine(colours, step=17):
     rest, while that improves it. E.g. a mid grey (128, 128, 128) goes to a saturated colour such as (0, 136, 255).
     Integer arithmetic on doubled coordinates (grey = 255), so the result is the same on every machine."""
     colours = colours.clone().long()
-    axis = torch.arange(0, 256, step)
-    lattice = torch.cartesian_prod(axis, axis, axis)  # (C, 3)
+    lattice = _lattice(step)  # (C, 3)
     sq = lambda a, b: ((2 * a[:, None] - 2 * b[None]) ** 2).sum(-1)  # (len a, len b) squared distances x 4
     grey = lambda a: ((2 * a - 255) ** 2).sum(-1)  # (len a,) squared distance to mid grey x 4
     big = 2 ** 40
@@ -174,8 +180,7 @@ def random_palette(num_classes, seed=0):
 
 def ignore_colour_for(palette):
     """A colour for ignore/unlabeled pixels (3,): the lattice colour (step 17) farthest from every class colour."""
-    axis = torch.arange(0, 256, 17)
-    lattice = torch.cartesian_prod(axis, axis, axis)  # (C, 3)
+    lattice = _lattice(17)  # (C, 3)
     dist2 = ((lattice[:, None] - palette.long()[None]) ** 2).sum(-1).min(1).values  # (C,) exact integers
     return lattice[dist2.argmax()]
 
@@ -195,6 +200,7 @@ def upsample_labels_2x(labels):
     2x: each output pixel mixes its source pixel with weight >= 0.75 (tested)."""
     B, H, W = labels.shape
     return labels[:, :, None, :, None].expand(B, H, 2, W, 2).reshape(B, 2 * H, 2 * W)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # 2. X^-1: maskige (B, 3, H, W) in [0, 1] -> class scores (B, K, H, W)
@@ -320,8 +326,8 @@ class FTWInverse(nn.Module):
 
 
 def build_inverse(posterior):
-    """The X^-1 module of a stage-I artifact (section 6). GSS-TF keeps GSS-FF's inverse (nearest colour, which is what
-    the official code runs for the paper's 'least squares') on its learned beta; lstsq is Eq. 15 literally."""
+    """The X^-1 module of a stage-I artifact (load_posterior). GSS-TF keeps GSS-FF's inverse (nearest colour, which
+    is what the official code runs for the paper's 'least squares') on its learned beta; lstsq is Eq. 15 literally."""
     palette = torch.tensor(posterior['palette'])
     variant, cfg = posterior['variant'], posterior['inverse_config']
     if variant in ('ff', 'ff-r', 'tf'):
@@ -362,6 +368,7 @@ def maskige_scores(inverse, maskige, size):
     if tuple(scores.shape[-2:]) != tuple(size):
         scores = F.interpolate(scores, size=tuple(size), mode='bilinear', align_corners=False)
     return scores
+
 
 # ----------------------------------------------------------------------------------------------------------
 # 3. Tokenizer: the frozen VQ-VAE of Eq. 5 (DALL-E dVAE architecture, dall_e package) over maskiges
@@ -447,12 +454,9 @@ def _residual_stack(blocks, x, dtype):
 
 class Tokenizer(nn.Module):
     """Frozen dVAE of Eq. 5 (DALL-E's architecture): maskige (B, 3, H, W) in [0, 1] <-> tokens (B, H/8, W/8).
-    Always eval, no gradients to its weights, float32 with autocast off (encode/decode dtype=torch.bfloat16 opts
-    into bf16 residual branches around a float32 residual stream: half the memory, but fast only where bf16
-    convolutions have hardware support (CUDA; CPUs with AVX512-BF16 or AMX). On an AVX2-only CPU (`python bench.py
-    tokenizer` here) they run 6.8x slower than float32.)
-    Decoding gathers the first 1x1 conv's weight columns instead of feeding a (B, vocab, h, w) one-hot (the same
-    numbers), and all convs run by hand (_residual_stack): same outputs as the dall_e modules, less memory."""
+    Always eval, no gradients to its weights, float32 with autocast off. encode/decode dtype=torch.bfloat16 opts into
+    bf16 residual branches: half the memory, fast only with bf16 convolution hardware (CUDA, AVX512-BF16, AMX).
+    Decoding gathers the first 1x1 conv's weight columns instead of feeding a (B, vocab, h, w) one-hot."""
 
     def __init__(self, encoder, decoder):
         super().__init__()
@@ -469,10 +473,14 @@ class Tokenizer(nn.Module):
     def encoder_logits(self, maskige):
         """Encoder logits (B, vocab, H/8, W/8), differentiable w.r.t. the maskige (GSS-TF/TT, tokenizer training)."""
         with torch.autocast(maskige.device.type, enabled=False):
-            x = (1 - 2 * LOGIT_LAPLACE_EPS) * maskige.float() + LOGIT_LAPLACE_EPS  # map_pixels
-            x = _conv(self.encoder.blocks.input, x.contiguous(memory_format=CHANNELS_LAST))
-            x = _residual_stack(self.encoder.blocks, x, torch.float32)  # (B, 8 n_hid, H/8, W/8)
+            x = self._encoder_trunk(maskige)  # (B, 8 n_hid, H/8, W/8)
             return _relu_conv(self.encoder.blocks.output.conv, x).float()  # (B, vocab, H/8, W/8)
+
+    def _encoder_trunk(self, maskige, dtype=torch.float32):
+        """map_pixels, the encoder's first conv and groups: (B, 3, H, W) -> (B, 8 n_hid, H/8, W/8) float32."""
+        x = (1 - 2 * LOGIT_LAPLACE_EPS) * maskige.to(dtype) + LOGIT_LAPLACE_EPS  # dall_e's map_pixels
+        x = _conv(self.encoder.blocks.input, x.contiguous(memory_format=CHANNELS_LAST)).float()  # (B, n_hid, H, W)
+        return _residual_stack(self.encoder.blocks, x, dtype)  # the residual stream stays float32
 
     @torch.no_grad()
     def encode(self, maskige, dtype=torch.float32, max_pixels=ENCODE_PIXELS):
@@ -482,10 +490,7 @@ class Tokenizer(nn.Module):
         with torch.autocast(maskige.device.type, enabled=False):
             tokens = []
             for x in maskige.split(max(1, max_pixels // (maskige.shape[2] * maskige.shape[3]))):
-                x = (1 - 2 * LOGIT_LAPLACE_EPS) * x.to(dtype) + LOGIT_LAPLACE_EPS  # map_pixels
-                x = x.contiguous(memory_format=CHANNELS_LAST)  # (b, 3, H, W)
-                x = _conv(self.encoder.blocks.input, x).float()  # (b, n_hid, H, W), the float32 residual stream
-                x = _residual_stack(self.encoder.blocks, x, dtype)  # (b, 8 n_hid, h, w)
+                x = self._encoder_trunk(x, dtype)  # (b, 8 n_hid, h, w)
                 conv, x = self.encoder.blocks.output.conv, x.relu_()
                 rows = max(1, LOGIT_ELEMENTS // (x.shape[0] * self.vocab_size * x.shape[3]))
                 tokens.append(torch.cat([_conv(conv, s).argmax(1) for s in x.split(rows, dim=2)], dim=1))
@@ -559,6 +564,7 @@ def recon_scores(tokenizer, inverse, labels, palette, ignore_colour, size=None, 
     if upsample:
         src = upsample_labels_2x(src)
     return maskige_scores(inverse, reconstruct(tokenizer, src, palette, ignore_colour), labels.shape[-2:])
+
 
 # ----------------------------------------------------------------------------------------------------------
 # 4. Image encoder I_psi: backbone -> MLA -> Swin blocks -> token logits at 1/4
@@ -706,6 +712,7 @@ class GSS(nn.Module):
         """(B, 3, H, W) -> (token features (B, token_channels, H/4, W/4), aux logits (B, K, H/4, W/4))."""
         return self.head(self.backbone(images))
 
+
 # ----------------------------------------------------------------------------------------------------------
 # 5. Targets and losses (paper Eq. 7 as generative_segmentation_head_ff.py computes it)
 
@@ -825,6 +832,7 @@ def compute_loss(model, tokenizer, palette, images, labels):
                 acc_aux=100.0 * ((aux.argmax(1) == labels2x) & valid).sum().item() / max(1, valid.sum().item()))
     return loss, logs
 
+
 # ----------------------------------------------------------------------------------------------------------
 # 6. Generative inference (paper Sec. 3.5; mmseg/models/segmentors/encoder_decoder.py)
 
@@ -900,6 +908,7 @@ def generate(model, tokenizer, images):
     """The generated maskige: image (B, 3, H, W) -> token logits -> argmax -> tokenizer.decode -> (B, 3, 2H, 2W)."""
     model = getattr(model, 'module', model)  # through a DDP wrapper
     return _generate(model, tokenizer, model.backbone(images), *images.shape[-2:])
+
 
 # ----------------------------------------------------------------------------------------------------------
 # 7. The official checkpoints (fudan-zvg/GSS, mmseg 0.26) into these modules
@@ -1073,6 +1082,7 @@ def _load_decode_head(sd, model, parts, variant, what):
                         f"expected a GSS-{variant.upper()} checkpoint")
     for p, m in parts.items():
         m.load_state_dict(loaded[p])
+
 
 # ----------------------------------------------------------------------------------------------------------
 # 8. Files and validation: errors, safe loading, tokenizer files, the stage-I artifact
