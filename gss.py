@@ -701,8 +701,7 @@ class GSS(nn.Module):
                            fused_channels=fused_channels, token_channels=token_channels, depth=depth,
                            num_heads=num_heads, window_size=window_size, dropout=dropout)
         self.backbone, channels = build_backbone(backbone, pretrained)
-        self.head = GSSHead(channels, num_classes, vocab_size, mla_channels, fused_channels, token_channels, depth,
-                            num_heads, window_size, dropout)
+        self.head = GSSHead(channels, **{k: v for k, v in self.config.items() if k != 'backbone'})
 
     @classmethod
     def from_config(cls, config):
@@ -1271,4 +1270,4 @@ def check_posterior_match(saved, now, path):
         diffs.append(f"vocabulary size {saved['vocab_size']} vs {now['vocab_size']}")
     if diffs:
         raise UserError(f"{path}: does not match the stage-I artifact: " + "; ".join(diffs) +
-                            f" (checkpoint vs artifact); expected the artifact it was trained with, {saved['path']}")
+                        f" (checkpoint vs artifact); expected the artifact it was trained with, {saved['path']}")
