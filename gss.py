@@ -186,18 +186,16 @@ def ignore_colour_for(palette):
 
 
 def paint(labels, palette, ignore_colour):
-    """X (Sec. 3.3, x = c beta): labels (B, H, W) long -> maskige (B, 3, H, W) float in [0, 1]. Labels >= K (255 =
-    ignore) get ignore_colour, as the official encode_to_segmap clamps them to index K
-    (generative_segmentation_head_ff.py)."""
+    """X (Sec. 3.3, x = c beta): labels (B, H, W) -> maskige (B, 3, H, W) in [0, 1]. Labels >= K (255 = ignore) get
+    ignore_colour: the official encode_to_segmap clamps them to index K (generative_segmentation_head_ff.py)."""
     K = len(palette)
     table = torch.cat([palette.reshape(K, 3), ignore_colour.reshape(1, 3)]).to(labels.device, torch.float32) / 255
     return F.embedding(labels.clamp(0, K), table).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
 
 
 def upsample_labels_2x(labels):
-    """labels (B, H, W) -> (B, 2H, 2W) by nearest repetition. The official path (one-hot over K+1 with ignore as the
-    extra class, bilinear with align_corners=False, argmax; generative_segmentation_head_ff.py) gives exactly this at
-    2x: each output pixel mixes its source pixel with weight >= 0.75 (tested)."""
+    """labels (B, H, W) -> (B, 2H, 2W) by nearest repetition: exactly the official one-hot over K+1, bilinear
+    (align_corners=False), argmax (generative_segmentation_head_ff.py), whose source pixel weighs >= 0.75 at 2x."""
     B, H, W = labels.shape
     return labels[:, :, None, :, None].expand(B, H, 2, W, 2).reshape(B, 2 * H, 2 * W)
 
@@ -236,9 +234,8 @@ def _candidate_table(palette, cells):
 
 
 class NearestColour(nn.Module):
-    """GSS-FF's inverse as the official decode_from_segmap implements it (generative_segmentation_head_ff.py): the class
-    of the nearest palette colour in 0-255 RGB, as soft scores -||255 x - p_k||^2 / tau. .labels() gives the argmin
-    without any (B, K, H, W) tensor."""
+    """GSS-FF's inverse, the official decode_from_segmap (generative_segmentation_head_ff.py): the class of the nearest
+    palette colour in 0-255 RGB; soft scores -||255 x - p_k||^2 / tau, or .labels(), the argmin (speed path above)."""
 
     cells = 16  # candidate-table resolution per axis (boxes of 16 colour units)
 
@@ -307,9 +304,8 @@ class FTInverse(nn.Module):
 
 
 class FTWInverse(nn.Module):
-    """GSS-FT-W's inverse (generative_segmentation_head_ftw.py): 1x1 conv stem 3->128 (no bias) + BN + ReLU, Swin blocks
-    (4 heads, window 7, FFN 2x), LayerNorm, 1x1 conv to K; per pixel of the maskige, no downsampling. Depth 1
-    (Cityscapes) or 2 (ADE)."""
+    """GSS-FT-W's inverse (generative_segmentation_head_ftw.py): 1x1 conv 3->128 (no bias) + BN + ReLU, Swin blocks
+    (4 heads, window 7, FFN 2x; depth 1 Cityscapes, 2 ADE), LayerNorm, 1x1 conv to K, at the maskige's resolution."""
 
     def __init__(self, num_classes, depth=2, dim=128, num_heads=4, window_size=7):
         super().__init__()
@@ -359,9 +355,8 @@ def resize_one_hot(labels, num_classes, size):
 
 
 def maskige_scores(inverse, maskige, size):
-    """X^-1 then the official resize to `size` (forward_test of the heads): nearest colour is one-hot before the
-    bilinear resize (a smoothed majority vote; resize_one_hot), learned inverses resize their logits. -> (B, K, *size)
-    scores."""
+    """X^-1 then the official bilinear resize to `size` (forward_test of the heads) -> (B, K, *size): nearest colour
+    resizes its one-hot (a smoothed majority vote; resize_one_hot), learned inverses their logits."""
     if isinstance(inverse, NearestColour):
         return resize_one_hot(inverse.labels(maskige), len(inverse.palette), tuple(size))
     scores = inverse(maskige)  # (B, K, H, W)
@@ -554,10 +549,9 @@ def reconstruct(tokenizer, labels, palette, ignore_colour):
 
 @torch.no_grad()
 def recon_scores(tokenizer, inverse, labels, palette, ignore_colour, size=None, upsample=False):
-    """The official maskige-reconstruction oracle (configs/gss/<dataset>/dalle_reconstruction_*.py) for label maps
-    (B, H, W) at their original resolution: resized (nearest) to the test resolution `size` (default: as they are),
-    reconstructed without the 2x upsampling (tokens at 1/8), X^-1, scores resized back to (H, W) -> (B, K, H, W) for
-    an argmax. upsample=True takes stage II's 2x path instead (tokens at 1/4 of the test resolution: its ceiling)."""
+    """The official maskige-reconstruction oracle (configs/gss/<dataset>/dalle_reconstruction_*.py): label maps
+    (B, H, W) resized (nearest) to the test resolution `size`, reconstructed (tokens at 1/8), X^-1, scores resized
+    back -> (B, K, H, W). upsample=True takes stage II's 2x path instead (tokens at 1/4 of the test resolution)."""
     src = labels
     if size is not None and tuple(size) != tuple(labels.shape[-2:]):  # mmseg resizes the GT with nearest, as here
         src = F.interpolate(labels[:, None].float(), size=tuple(size), mode='nearest')[:, 0].long()  # (B, h, w)
@@ -730,11 +724,10 @@ def _chunks(x, chunk):
 
 
 class TokenCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of a 1x1 conv's logits over the non-ignored positions, without ever holding the
-    (B, V, h, w) logits or their gradient: both exist one chunk of positions at a time (issue 7 item 3).
-    The loss ends the graph, so the gradient arriving in backward is a scalar: the gradients for x, weight and
-    bias are computed in forward while each chunk's logits are at hand, and backward only scales them.
-    (Recomputing the logits in backward instead costs a fourth matmul: 4/3 of the naive time.)"""
+    """Mean cross-entropy of a 1x1 conv's logits over the non-ignored positions, the (B, V, h, w) logits and their
+    gradient existing one chunk of positions at a time. The loss ends the graph, so backward receives a scalar: the
+    gradients are computed in forward while each chunk's logits are at hand (recomputing them in backward would cost
+    a fourth matmul), and backward only scales them."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, ignore_index, chunk, with_grad):
@@ -797,10 +790,9 @@ def token_argmax(feats, conv, chunk=TOKEN_CHUNK):
 @torch.no_grad()
 def token_targets(tokenizer, palette, labels2x, aux2x):
     """The official token targets (forward_train of generative_segmentation_head_ff.py): unlabeled (255) pixels of the
-    2x labels are filled with the auxiliary head's argmax (c~ = M_u c_bar + (1 - M_u) c, paper Sec. 3.4), painted with
-    the palette and tokenized; a token whose whole 8x8 block is unlabeled gets the ignore index tokenizer.vocab_size.
-    labels2x (B, 2H, 2W) long, aux2x (B, K, 2H, 2W) logits, palette (K, 3) 0..255 -> (tokens (B, H/4, W/4), composed
-    labels (B, 2H, 2W))."""
+    2x labels take the auxiliary head's argmax (c~ = M_u c_bar + (1 - M_u) c, Sec. 3.4), then paint and tokenize; a
+    token whose whole 8x8 block is unlabeled gets the ignore index tokenizer.vocab_size.
+    labels2x (B, 2H, 2W), aux2x (B, K, 2H, 2W), palette (K, 3) -> (tokens (B, H/4, W/4), composed (B, 2H, 2W))."""
     unlabeled = labels2x == 255  # (B, 2H, 2W)
     composed = torch.where(unlabeled, aux2x.argmax(1), labels2x)  # (B, 2H, 2W), no 255 left
     tokens = tokenizer.encode(paint(composed, palette, palette.new_zeros(3)))  # (B, H/4, W/4); float32, no autocast
@@ -811,9 +803,8 @@ def token_targets(tokenizer, palette, labels2x, aux2x):
 def compute_loss(model, tokenizer, palette, images, labels):
     """Stage-II loss: 0.8 x token CE (ignore = vocab_size) + 0.2 x auxiliary pixel CE at 2H x 2W (ignore 255), each a
     mean over valid elements (the fork's mmseg/models/losses/cross_entropy_loss.py: avg_non_ignore=True).
-    images (B, 3, H, W), labels (B, H, W) with 255 = unlabeled (left unmodified), palette (K, 3) 0..255
-    -> (loss, logs: floats loss_token and loss_aux (weighted, as the official loss_ce and loss_ce_pixel), acc_token and
-    acc_aux in percent)."""
+    images (B, 3, H, W), labels (B, H, W), palette (K, 3) -> (loss, logs: loss_token and loss_aux weighted as the
+    official loss_ce and loss_ce_pixel, acc_token and acc_aux in percent)."""
     H, W = images.shape[-2:]
     if H % 4 or W % 4:
         raise UserError(f"training crop {H}x{W}: expected sides that are multiples of 4 (tokens sit at 1/4)")
@@ -868,13 +859,11 @@ def _infer(window_scores, images, mode, crop, stride):
 
 @torch.no_grad()
 def predict(model, tokenizer, inverse, images, mode='whole', crop=None, stride=None, aux=False, maskige=False):
-    """Generative inference: image -> tokens (argmax, chunked) -> tokenizer.decode -> maskige at 2H x 2W -> X^-1
-    -> class scores bilinearly resized to the input: (B, 3, H, W) -> (B, K, H, W). Put the modules in eval mode.
-    inverse: any X^-1 module of gss; as in the official code, NearestColour gives a one-hot before the resize and
-    learned inverses their logits (maskige_scores). inverse may also be a dict {name: X^-1}: then
-    the result is a dict {name: scores} from one generation per window, plus 'aux head' (the auxiliary head's
-    per-pixel logits on the same backbone pass) when aux=True, and 'maskige' (the generated maskige, (B, 3, 2H, 2W),
-    averaged where windows overlap) when maskige=True."""
+    """Generative inference: image -> tokens (argmax) -> tokenizer.decode -> maskige at 2H x 2W -> X^-1 -> class
+    scores resized to the input (maskige_scores): (B, 3, H, W) -> (B, K, H, W). Put the modules in eval mode.
+    inverse may also be a dict {name: X^-1}: then the result is a dict {name: scores} from one generation per window,
+    plus 'aux head' (the auxiliary head's logits on the same backbone pass) when aux=True, and 'maskige' (the
+    generated maskige (B, 3, 2H, 2W), averaged where windows overlap) when maskige=True."""
     model = getattr(model, 'module', model)  # through a DDP wrapper
     inverses = inverse if isinstance(inverse, dict) else {'': inverse}
 
@@ -1011,11 +1000,10 @@ def official_config(sd):
 
 
 def load_official_checkpoint(checkpoint, model=None, variant=None):
-    """An official GSS checkpoint (fudan-zvg/GSS, mmseg 0.26: path or state dict; a bare decode_head state dict
-    is accepted too) -> (model, tokenizer, inverse). The DALL-E weights inside (decode_head.d_vae.*) become the
-    tokenizer; inverse is an FTWInverse for GSS-FT-W files, else None (GSS-FF: use NearestColour of the official
-    palette). model: load into this GSS (default: one built from the shapes).
-    variant: 'ff' or 'ft-w' (default: from the keys). Strict: every key is used or explained, shapes checked."""
+    """An official GSS checkpoint (path or state dict, or a bare decode_head state dict) -> (model, tokenizer,
+    inverse). The DALL-E weights inside (decode_head.d_vae.*) become the tokenizer; inverse is an FTWInverse for
+    GSS-FT-W files, else None (GSS-FF: NearestColour of the official palette). model: load into this GSS (default:
+    built from the shapes). variant: 'ff' or 'ft-w' (default: from the keys). Strict: every key used or explained."""
     is_path = isinstance(checkpoint, (str, os.PathLike))
     what = os.fspath(checkpoint) if is_path else 'official checkpoint'
     sd = load_file(checkpoint, 'official GSS checkpoint') if is_path else checkpoint
