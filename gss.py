@@ -16,7 +16,8 @@ Stage II (latent prior, Sec. 3.4): an image encoder I_psi predicts the tokens of
 
 Usage (an official GSS-FF checkpoint of fudan-zvg/GSS, images normalized as in evaluate.py):
 
-    model, tokenizer, inverse = gss.load_official_checkpoint('gss-ff_swin-l_ade20k.pth')
+    import gss
+    model, tokenizer, inverse = gss.load_official_checkpoint('gss-ff_swin-l_512x512_160k_ade20k.pth')
     inverse = inverse or gss.NearestColour(gss.official_palette('ade20k')[:-1])  # last row: the ignore colour
     scores = gss.predict(model.eval(), tokenizer, inverse, images)  # (B, 3, H, W) -> (B, K, H, W)
 """
@@ -932,32 +933,6 @@ def _swap_levels01(w):
     return torch.cat([w[:, c:2 * c], w[:, :c], w[:, 2 * c:]], 1)
 
 
-def _key_report(missing, unexpected, mismatched=()):
-    def few(keys):
-        keys = sorted(keys)
-        return ', '.join(keys[:6]) + (f' (+{len(keys) - 6} more)' if len(keys) > 6 else '')
-    parts = [('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatch', mismatched)]
-    return '; '.join(f"{name} {few(keys)}" for name, keys in parts if keys)
-
-
-def _load_strict(module, sd, what):
-    """load_state_dict(strict=True) with shapes checked first and a one-line UserError naming the keys."""
-    own = module.state_dict()
-    mismatched = [f"{k} {tuple(v.shape)} vs ours {tuple(own[k].shape)}"
-                  for k, v in sd.items() if k in own and v.shape != own[k].shape]
-    missing, unexpected = own.keys() - sd.keys(), sd.keys() - own.keys()
-    if missing or unexpected or mismatched:
-        raise UserError(f"{what}: {_key_report(missing, unexpected, mismatched)}")
-    module.load_state_dict(sd)
-
-
-def _load_swin(model, sd, what):
-    try:
-        return swin.load_pretrained(model, sd)
-    except (ValueError, RuntimeError) as e:  # unknown layout; size mismatch
-        raise UserError(f"{what}: {str(e).strip().splitlines()[-1].strip()}") from None
-
-
 def _window(table):
     """Window size of a Swin relative-position bias table ((2 ws - 1)^2, heads)."""
     return (math.isqrt(table.shape[0]) + 1) // 2
@@ -1072,7 +1047,7 @@ def _load_decode_head(sd, model, parts, variant, what):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. Files and validation: errors, safe loading, tokenizer files, the stage-I artifact
+# 8. Files and validation: errors, safe loading, strict state dicts, tokenizer files, the stage-I artifact
 
 DALLE_URLS = 'https://cdn.openai.com/dall-e/encoder.pkl and https://cdn.openai.com/dall-e/decoder.pkl'
 
@@ -1122,6 +1097,34 @@ def load_file(path, what):
                         f"expected tensors and plain Python types: if you trust the file, torch.load it once with "
                         f"weights_only=False and torch.save its state dict alone, or allow the type with "
                         f"torch.serialization.add_safe_globals") from None
+
+
+def _key_report(missing, unexpected, mismatched=()):
+    """One line naming the missing, unexpected and mis-shaped keys of a state dict, six of each at most."""
+    def few(keys):
+        keys = sorted(keys)
+        return ', '.join(keys[:6]) + (f' (+{len(keys) - 6} more)' if len(keys) > 6 else '')
+    parts = [('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatch', mismatched)]
+    return '; '.join(f"{name} {few(keys)}" for name, keys in parts if keys)
+
+
+def _load_strict(module, sd, what):
+    """load_state_dict(strict=True) with shapes checked first and a one-line UserError naming the keys."""
+    own = module.state_dict()
+    mismatched = [f"{k} {tuple(v.shape)} vs ours {tuple(own[k].shape)}"
+                  for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    missing, unexpected = own.keys() - sd.keys(), sd.keys() - own.keys()
+    if missing or unexpected or mismatched:
+        raise UserError(f"{what}: {_key_report(missing, unexpected, mismatched)}")
+    module.load_state_dict(sd)
+
+
+def _load_swin(model, sd, what):
+    """swin.load_pretrained (official or mmseg layout) with its errors as one-line UserErrors."""
+    try:
+        return swin.load_pretrained(model, sd)
+    except (ValueError, RuntimeError) as e:  # unknown layout; size mismatch
+        raise UserError(f"{what}: {str(e).strip().splitlines()[-1].strip()}") from None
 
 
 def save_tokenizer(tok, path, **info):
