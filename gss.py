@@ -42,6 +42,17 @@ LOGIT_ELEMENTS = 2 ** 21  # Tokenizer.encode's vocab logits per strip of token r
 DECODE_TOKENS = 2 ** 12  # tokens per micro-batch of Tokenizer.decode (one 64x64-token image)
 
 
+def _chunks(x, chunk):
+    """The chunking of the speed paths: x (B, C, h, w) -> (b, rows, x[b, :, rows] as (C, n)) over blocks of whole
+    rows of one image, about `chunk` positions each (at least one row)."""
+    B, C, h, w = x.shape
+    step = max(1, chunk // w)
+    for b in range(B):
+        for r in range(0, h, step):
+            rows = slice(r, min(r + step, h))
+            yield b, rows, x[b, :, rows].flatten(1)  # (C, n), n = rows * w
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 1. Palettes: the maskige transform X (Sec. 3.3), a colour table beta (K, 3) on the 0-255 scale
 
@@ -258,19 +269,19 @@ class NearestColour(nn.Module):
         formula, first index wins ties) at a fraction of the cost: each pixel is compared only with the M candidate
         colours of its box of the RGB cube (_candidate_table); pixels outside the cube compare with all K."""
         B, _, H, W = maskige.shape
-        x = maskige.float().permute(0, 2, 3, 1).reshape(-1, 3) * 255  # (N, 3), N = B*H*W
-        out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+        out = torch.empty(B, H, W, dtype=torch.long, device=maskige.device)
         n = self.cells
-        for i in range(0, x.shape[0], chunk):
-            xc = x[i:i + chunk]  # (c, 3)
+        for b, rows, xc in _chunks(maskige, chunk):
+            xc = xc.t().float() * 255  # (c, 3)
             box = (xc * (n / 255)).long().clamp(0, n - 1)  # (c, 3)
             cand = self.candidates[(box[:, 0] * n + box[:, 1]) * n + box[:, 2]]  # (c, M)
             d = _sq_dist(xc[:, None], self.palette[cand])  # (c, M)
-            out[i:i + chunk] = cand.gather(1, d.argmin(1, keepdim=True))[:, 0]
-            outside = ((xc < 0) | (xc > 255)).any(1).nonzero()[:, 0]  # (o,)
-            if len(outside):
-                out[i + outside] = _sq_dist(xc[outside, None], self.palette).argmin(1)
-        return out.view(B, H, W)
+            best = cand.gather(1, d.argmin(1, keepdim=True))[:, 0]  # (c,)
+            outside = ((xc < 0) | (xc > 255)).any(1)  # (c,)
+            if outside.any():
+                best[outside] = _sq_dist(xc[outside, None], self.palette).argmin(1)
+            out[b, rows] = best.view(-1, W)
+        return out
 
 # (end of the speed path)
 
@@ -710,19 +721,9 @@ class GSS(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # 5. Targets and losses (paper Eq. 7 as generative_segmentation_head_ff.py computes it)
 
-# Memory path: chunked token cross-entropy (_chunks, TokenCrossEntropy, token_argmax). Its plain
+# Memory path: chunked token cross-entropy (TokenCrossEntropy, token_argmax, over _chunks). Its plain
 # equivalents, tested (test_token_cross_entropy_equals_naive):
 #     F.cross_entropy(conv(feats), target, ignore_index=ignore_index), conv(feats).argmax(1)
-
-def _chunks(x, chunk):
-    """Yield (b, rows, x[b, :, rows] as a (C, n) view) over blocks of whole rows, about `chunk` positions each."""
-    B, C, h, w = x.shape
-    step = max(1, chunk // w)
-    for b in range(B):
-        for r in range(0, h, step):
-            rows = slice(r, min(r + step, h))
-            yield b, rows, x[b, :, rows].flatten(1)  # (C, n), n = rows * w
-
 
 class TokenCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of a 1x1 conv's logits over the non-ignored positions, the (B, V, h, w) logits and their
