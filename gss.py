@@ -53,6 +53,11 @@ def _chunks(x, chunk):
             yield b, rows, x[b, :, rows].flatten(1)  # (C, n), n = rows * w
 
 
+def _micro_batches(x, budget):
+    """x (B, ..., h, w) split along B into micro-batches of at most `budget` positions (at least one image)."""
+    return x.split(max(1, budget // (x.shape[-2] * x.shape[-1])))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 1. Palettes: the maskige transform X (Sec. 3.3), a colour table beta (K, 3) on the 0-255 scale
 
@@ -496,7 +501,7 @@ class Tokenizer(nn.Module):
         vocab logits runs per strip of token rows with the argmax, so the (B, vocab, h, w) logits never exist."""
         with torch.autocast(maskige.device.type, enabled=False):
             tokens = []
-            for x in maskige.split(max(1, max_pixels // (maskige.shape[2] * maskige.shape[3]))):
+            for x in _micro_batches(maskige, max_pixels):  # (b, 3, H, W)
                 x = self._encoder_trunk(x, dtype)  # (b, 8 n_hid, h, w)
                 conv, x = self.encoder.blocks.output.conv, x.relu_()
                 rows = max(1, LOGIT_ELEMENTS // (x.shape[0] * self.vocab_size * x.shape[3]))
@@ -517,7 +522,7 @@ class Tokenizer(nn.Module):
         table = conv.w[:, :, 0, 0].t()  # (vocab, n_init)
         with torch.autocast(tokens.device.type, enabled=False):
             out = []
-            for t in tokens.split(max(1, max_tokens // (tokens.shape[1] * tokens.shape[2]))):
+            for t in _micro_batches(tokens, max_tokens):  # (b, h, w)
                 x = (F.embedding(t, table) + conv.b).permute(0, 3, 1, 2)  # (b, n_init, h, w), channels-last
                 out.append(_unmap(torch.sigmoid(self._decoder_trunk(x, dtype))))
             return torch.cat(out)  # (B, 3, 8h, 8w)
