@@ -1,8 +1,25 @@
-"""Generative Semantic Segmentation (GSS, CVPR 2023): a minimal from-scratch reference implementation.
+"""Generative Semantic Segmentation (GSS, CVPR 2023): the method of the paper, in its order.
 
-Stage I (latent posterior): a frozen VQ tokenizer (DALL-E dVAE) over "maskiges" (label maps painted with a
-palette, X), and an inverse X^-1 from maskige back to class logits. Stage II (latent prior): an image encoder
-predicting the tokenizer's discrete codes.
+Stage I (latent posterior, Sec. 3.3): a label map c is painted into a "maskige" x = X(c) with a palette beta; a frozen
+VQ tokenizer (DALL-E's dVAE) maps maskiges to discrete tokens and back; X^-1 maps a maskige back to class scores.
+Stage II (latent prior, Sec. 3.4): an image encoder I_psi predicts the tokens of the image's maskige. Inference
+(Sec. 3.5): image -> tokens -> decoded maskige -> X^-1.
+
+    1. Palettes X              make_palette (appendix B), official_palette, paint, upsample_labels_2x
+    2. X^-1 variants           NearestColour (GSS-FF), LeastSquares, FTInverse, FTWInverse, build_inverse
+    3. Tokenizer               Tokenizer (encode, decode), build_tokenizer, reconstruct, recon_scores
+    4. Image encoder I_psi     build_backbone, MLA, GSSHead, GSS
+    5. Targets and losses      token_targets, token_cross_entropy, compute_loss (Eq. 7)
+    6. Inference               predict, generate, slide_windows
+    7. Official checkpoints    load_official_checkpoint, official_key, official_config
+    8. Files and validation    UserError, load_file, save_atomic, load_tokenizer, convert_dalle, load_posterior
+
+Usage (an official GSS-FF checkpoint of fudan-zvg/GSS, images normalized as in evaluate.py):
+
+    import gss
+    model, tokenizer, inverse = gss.load_official_checkpoint('gss-ff_swin-l_512x512_160k_ade20k.pth')
+    inverse = inverse or gss.NearestColour(gss.official_palette('ade20k')[:-1])  # last row: the ignore colour
+    scores = gss.predict(model.eval(), tokenizer, inverse, images)  # (B, 3, H, W) -> (B, K, H, W)
 """
 import math
 import os
@@ -10,68 +27,42 @@ import re
 import tempfile
 import warnings
 
-import dall_e
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import swin
 
-
-# ----------------------------------------------------------------------------------------------------------
-# 1. Errors and file I/O
-
-class UserError(Exception):
-    """A problem the user can fix (bad file, bad flag); CLIs print it as `error: ...` and exit 2."""
-
-    def __init__(self, msg):  # a DataLoader worker's error is re-raised as UserError(its traceback): keep its message
-        super().__init__(msg.rstrip('\n').rpartition('UserError: ')[2])
+# Chunk sizes of the speed and memory paths, in one place: results do not depend on them (tested), peak memory does.
+TOKEN_CHUNK = 2048  # token positions per (n, vocab) block of logits: token_cross_entropy, token_argmax
+COLOUR_CHUNK = 2 ** 16  # pixels per block of NearestColour.labels
+STRIP_ELEMENTS = 2 ** 22  # strips of rows of at most ~16 MB (float32) in and out, for convs run without autograd
+ENCODE_PIXELS = 2 ** 18  # pixels per micro-batch of Tokenizer.encode (one 512x512 image)
+LOGIT_ELEMENTS = 2 ** 21  # Tokenizer.encode's vocab logits per strip of token rows (~8 MB)
+DECODE_TOKENS = 2 ** 12  # tokens per micro-batch of Tokenizer.decode (one 64x64-token image)
 
 
-def save_atomic(obj, path):
-    """torch.save to a temp file in the same directory, fsync, then os.replace: the old file stays intact until
-    the new one is complete."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + '.', suffix='.tmp')
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file 0600; give it the permissions open() would
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _chunks(x, chunk):
+    """The chunking of the speed paths: x (B, C, h, w) -> (b, rows, x[b, :, rows] as (C, n)) over blocks of whole
+    rows of one image, about `chunk` positions each (at least one row)."""
+    B, C, h, w = x.shape
+    step = max(1, chunk // w)
+    for b in range(B):
+        for r in range(0, h, step):
+            rows = slice(r, min(r + step, h))
+            yield b, rows, x[b, :, rows].flatten(1)  # (C, n), n = rows * w
 
 
-def load_file(path, what):
-    """torch.load(weights_only=True) on CPU with one-line UserErrors: missing file, not a torch.save file (or
-    truncated), or an object of a type that safe loading refuses (named, with how to convert the file)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such {what}")
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        refused = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))  # pickle.UnpicklingError of weights_only
-        if refused is None:
-            raise UserError(f"{path}: not a readable {what} (truncated, corrupt or not from torch.save?)") from None
-        raise UserError(f"{path}: the {what} holds a {refused[1]}, which safe loading (weights_only=True) refuses; "
-                        f"expected tensors and plain Python types: if you trust the file, torch.load it once with "
-                        f"weights_only=False and torch.save its state dict alone, or allow the type with "
-                        f"torch.serialization.add_safe_globals") from None
+def _micro_batches(x, budget):
+    """x (B, ..., h, w) split along B into micro-batches of at most `budget` positions (at least one image)."""
+    return x.split(max(1, budget // (x.shape[-2] * x.shape[-1])))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. Palettes: the maskige transform X as a colour table beta (K, 3) on the 0-255 scale
+# 1. Palettes: the maskige transform X (Sec. 3.3), a colour table beta (K, 3) on the 0-255 scale
 
-# Official palettes (facts 2.4), hex RRGGBB in class order; the last entry is the colour of ignore/unlabeled pixels.
+# Official palettes (decode_head.palette of configs/gss/<dataset>/*.py), hex RRGGBB in class order; the last entry is
+# the colour of ignore/unlabeled pixels.
 OFFICIAL_PALETTES = {
     'ade20k': (  # 150 classes, posterior_learning.py grid 5x6x5 with noise and hand edits, ignore D7D8C4
         'DEDE91 121E07 08172F 1E0660 010DA4 0C1CBF 193420 1D3034 0F335F 1938A7 192AD2 1B511F 095836 1B5C71 0B6397 '
@@ -125,10 +116,10 @@ def _grid_sizes(num_classes):
     return min(sizes, key=lambda s: (s[0] * s[1] * s[2], -s[1], -s[0]))
 
 
-def _pairwise_min(colours):
-    """Distance of each colour (N, 3) to its nearest other colour -> (N,) float."""
-    d2 = ((colours[:, None].long() - colours[None].long()) ** 2).sum(-1)  # (N, N) exact integers
-    return d2.fill_diagonal_(2 ** 40).min(1).values.double().sqrt()
+def _lattice(step):
+    """The colours whose channels are multiples of step (17: 0, 17, ..., 255) -> (C, 3)."""
+    axis = torch.arange(0, 256, step)
+    return torch.cartesian_prod(axis, axis, axis)
 
 
 def _refine(colours, step=17):
@@ -139,8 +130,7 @@ def _refine(colours, step=17):
     rest, while that improves it. E.g. a mid grey (128, 128, 128) goes to a saturated colour such as (0, 136, 255).
     Integer arithmetic on doubled coordinates (grey = 255), so the result is the same on every machine."""
     colours = colours.clone().long()
-    axis = torch.arange(0, 256, step)
-    lattice = torch.cartesian_prod(axis, axis, axis)  # (C, 3)
+    lattice = _lattice(step)  # (C, 3)
     sq = lambda a, b: ((2 * a[:, None] - 2 * b[None]) ** 2).sum(-1)  # (len a, len b) squared distances x 4
     grey = lambda a: ((2 * a - 255) ** 2).sum(-1)  # (len a,) squared distance to mid grey x 4
     big = 2 ** 40
@@ -207,33 +197,32 @@ def random_palette(num_classes, seed=0):
 
 def ignore_colour_for(palette):
     """A colour for ignore/unlabeled pixels (3,): the lattice colour (step 17) farthest from every class colour."""
-    axis = torch.arange(0, 256, 17)
-    lattice = torch.cartesian_prod(axis, axis, axis)  # (C, 3)
+    lattice = _lattice(17)  # (C, 3)
     dist2 = ((lattice[:, None] - palette.long()[None]) ** 2).sum(-1).min(1).values  # (C,) exact integers
     return lattice[dist2.argmax()]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 3. X: label map -> maskige
-
 def paint(labels, palette, ignore_colour):
-    """X (Sec. 3.3, x = c beta): labels (B, H, W) long -> maskige (B, 3, H, W) float in [0, 1]. Labels >= K (255 =
-    ignore) get ignore_colour, as the official encode_to_segmap clamps them to index K (facts 2.5)."""
+    """X (Sec. 3.3, x = c beta): labels (B, H, W) -> maskige (B, 3, H, W) in [0, 1]. Labels >= K (255 = ignore) get
+    ignore_colour: the official encode_to_segmap clamps them to index K (generative_segmentation_head_ff.py)."""
     K = len(palette)
     table = torch.cat([palette.reshape(K, 3), ignore_colour.reshape(1, 3)]).to(labels.device, torch.float32) / 255
     return F.embedding(labels.clamp(0, K), table).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
 
 
 def upsample_labels_2x(labels):
-    """labels (B, H, W) -> (B, 2H, 2W) by nearest repetition. The official path (one-hot over K+1 with ignore as the
-    extra class, bilinear with align_corners=False, argmax; facts 5) gives exactly this at 2x: each output pixel
-    mixes its source pixel with weight >= 0.75 (tested)."""
+    """labels (B, H, W) -> (B, 2H, 2W) by nearest repetition: exactly the official one-hot over K+1, bilinear
+    (align_corners=False), argmax (generative_segmentation_head_ff.py), whose source pixel weighs >= 0.75 at 2x."""
     B, H, W = labels.shape
     return labels[:, :, None, :, None].expand(B, H, 2, W, 2).reshape(B, 2 * H, 2 * W)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. X^-1: maskige (B, 3, H, W) in [0, 1] -> class logits (B, K, H, W)
+# 2. X^-1: maskige (B, 3, H, W) in [0, 1] -> class scores (B, K, H, W)
+
+# Speed path: the candidate-table nearest colour (_candidate_table, NearestColour.labels). Its plain
+# one-line equivalent, tested equal (test_nearest_colour_soft_scores_labels_and_ties):
+#     _sq_dist(255 * x[:, None], palette).argmin(1)  # every pixel against all K colours
 
 def _sq_dist(x, p):
     """Squared distances, channels summed in order like the official sum over dim 2: x (..., 3), p (..., 3) -> (...)."""
@@ -262,8 +251,8 @@ def _candidate_table(palette, cells):
 
 
 class NearestColour(nn.Module):
-    """GSS-FF's inverse as the official code implements it (facts 3): the class of the nearest palette colour in
-    0-255 RGB, as soft scores -||255 x - p_k||^2 / tau. .labels() gives the argmin without any (B, K, H, W) tensor."""
+    """GSS-FF's inverse, the official decode_from_segmap (generative_segmentation_head_ff.py): the class of the nearest
+    palette colour in 0-255 RGB; soft scores -||255 x - p_k||^2 / tau, or .labels(), the argmin (speed path above)."""
 
     cells = 16  # candidate-table resolution per axis (boxes of 16 colour units)
 
@@ -280,24 +269,26 @@ class NearestColour(nn.Module):
         return -d / self.tau
 
     @torch.no_grad()
-    def labels(self, maskige, chunk=2 ** 16):
+    def labels(self, maskige, chunk=COLOUR_CHUNK):
         """argmin_k ||255 x - p_k||^2 -> (B, H, W) long, identical to the official broadcast over all K (same float
         formula, first index wins ties) at a fraction of the cost: each pixel is compared only with the M candidate
         colours of its box of the RGB cube (_candidate_table); pixels outside the cube compare with all K."""
         B, _, H, W = maskige.shape
-        x = maskige.float().permute(0, 2, 3, 1).reshape(-1, 3) * 255  # (N, 3), N = B*H*W
-        out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+        out = torch.empty(B, H, W, dtype=torch.long, device=maskige.device)
         n = self.cells
-        for i in range(0, x.shape[0], chunk):
-            xc = x[i:i + chunk]  # (c, 3)
+        for b, rows, xc in _chunks(maskige, chunk):
+            xc = xc.t().float() * 255  # (c, 3)
             box = (xc * (n / 255)).long().clamp(0, n - 1)  # (c, 3)
             cand = self.candidates[(box[:, 0] * n + box[:, 1]) * n + box[:, 2]]  # (c, M)
             d = _sq_dist(xc[:, None], self.palette[cand])  # (c, M)
-            out[i:i + chunk] = cand.gather(1, d.argmin(1, keepdim=True))[:, 0]
-            outside = ((xc < 0) | (xc > 255)).any(1).nonzero()[:, 0]  # (o,)
-            if len(outside):
-                out[i + outside] = _sq_dist(xc[outside, None], self.palette).argmin(1)
-        return out.view(B, H, W)
+            best = cand.gather(1, d.argmin(1, keepdim=True))[:, 0]  # (c,)
+            outside = ((xc < 0) | (xc > 255)).any(1)  # (c,)
+            if outside.any():
+                best[outside] = _sq_dist(xc[outside, None], self.palette).argmin(1)
+            out[b, rows] = best.view(-1, W)
+        return out
+
+# (end of the speed path)
 
 
 class LeastSquares(nn.Module):
@@ -330,8 +321,8 @@ class FTInverse(nn.Module):
 
 
 class FTWInverse(nn.Module):
-    """GSS-FT-W's inverse (facts 4.1): 1x1 conv stem 3->128 (no bias) + BN + ReLU, Swin blocks (4 heads, window 7,
-    FFN 2x), LayerNorm, 1x1 conv to K; per pixel of the maskige, no downsampling. Depth 1 (Cityscapes) or 2 (ADE)."""
+    """GSS-FT-W's inverse (generative_segmentation_head_ftw.py): 1x1 conv 3->128 (no bias) + BN + ReLU, Swin blocks
+    (4 heads, window 7, FFN 2x; depth 1 Cityscapes, 2 ADE), LayerNorm, 1x1 conv to K, at the maskige's resolution."""
 
     def __init__(self, num_classes, depth=2, dim=128, num_heads=4, window_size=7):
         super().__init__()
@@ -348,8 +339,8 @@ class FTWInverse(nn.Module):
 
 
 def build_inverse(posterior):
-    """The X^-1 module of a stage-I artifact (section 6). GSS-TF keeps GSS-FF's inverse (nearest colour, which is what
-    the official code runs for the paper's 'least squares') on its learned beta; lstsq is Eq. 15 literally."""
+    """The X^-1 module of a stage-I artifact (load_posterior). GSS-TF keeps GSS-FF's inverse (nearest colour, which
+    is what the official code runs for the paper's 'least squares') on its learned beta; lstsq is Eq. 15 literally."""
     palette = torch.tensor(posterior['palette'])
     variant, cfg = posterior['variant'], posterior['inverse_config']
     if variant in ('ff', 'ff-r', 'tf'):
@@ -381,8 +372,8 @@ def resize_one_hot(labels, num_classes, size):
 
 
 def maskige_scores(inverse, maskige, size):
-    """X^-1 then the official resize to `size` (facts 10): nearest colour is one-hot before the bilinear resize (a
-    smoothed majority vote; resize_one_hot), learned inverses resize their logits. -> (B, K, *size) scores."""
+    """X^-1 then the official bilinear resize to `size` (forward_test of the heads) -> (B, K, *size): nearest colour
+    resizes its one-hot (a smoothed majority vote; resize_one_hot), learned inverses their logits."""
     if isinstance(inverse, NearestColour):
         return resize_one_hot(inverse.labels(maskige), len(inverse.palette), tuple(size))
     scores = inverse(maskige)  # (B, K, H, W)
@@ -392,11 +383,13 @@ def maskige_scores(inverse, maskige, size):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Tokenizer: the frozen VQ-VAE (DALL-E dVAE architecture, dall_e package) over maskiges
+# 3. Tokenizer: the frozen VQ-VAE of Eq. 5 (DALL-E dVAE architecture, dall_e package) over maskiges
 
-DALLE_URLS = 'https://cdn.openai.com/dall-e/encoder.pkl and https://cdn.openai.com/dall-e/decoder.pkl'
-LOGIT_LAPLACE_EPS = dall_e.utils.logit_laplace_eps  # 0.1: map_pixels x -> 0.8 x + 0.1, unmap clamps back
-STRIP_ELEMENTS = 2 ** 22  # strips of rows of at most ~16 MB (float32) in and out, for convs run without autograd
+LOGIT_LAPLACE_EPS = 0.1  # dall_e.utils.logit_laplace_eps: map_pixels x -> 0.8 x + 0.1, unmap clamps back
+
+# Memory path: the lean dVAE executor (_conv, _relu_conv, _residual_stack). Its plain equivalent, tested
+# to 1e-5 (test_convert_dalle_pickles_reload_identically, test_tokenizer_memory_paths_match_plain_autograd_paths):
+#     encoder(map_pixels(x)), decoder(one_hot(tokens))  # the dall_e modules themselves
 CHANNELS_LAST = torch.channels_last  # the tokenizer's convs run on (B, H, W, C)-ordered tensors: oneDNN's fast path
 # (measured here: encode of 16 synthetic 128x128 maskiges 1.44 s -> 0.93 s on 2 CPU threads, same tokens)
 
@@ -468,15 +461,14 @@ def _residual_stack(blocks, x, dtype):
         x = F.interpolate(x, scale_factor=2.0, mode='nearest')
     return x
 
+# (end of the memory path)
+
 
 class Tokenizer(nn.Module):
     """Frozen dVAE of Eq. 5 (DALL-E's architecture): maskige (B, 3, H, W) in [0, 1] <-> tokens (B, H/8, W/8).
-    Always eval, no gradients to its weights, float32 with autocast off (encode/decode dtype=torch.bfloat16 opts
-    into bf16 residual branches around a float32 residual stream: half the memory, but fast only where bf16
-    convolutions have hardware support (CUDA; CPUs with AVX512-BF16 or AMX). On an AVX2-only CPU (`python bench.py
-    tokenizer` here) they run 6.8x slower than float32.)
-    Decoding gathers the first 1x1 conv's weight columns instead of feeding a (B, vocab, h, w) one-hot (the same
-    numbers), and all convs run by hand (_residual_stack): same outputs as the dall_e modules, less memory."""
+    Always eval, no gradients to its weights, float32 with autocast off. encode/decode dtype=torch.bfloat16 opts into
+    bf16 residual branches: half the memory, fast only with bf16 convolution hardware (CUDA, AVX512-BF16, AMX).
+    Decoding gathers the first 1x1 conv's weight columns instead of feeding a (B, vocab, h, w) one-hot."""
 
     def __init__(self, encoder, decoder):
         super().__init__()
@@ -493,25 +485,26 @@ class Tokenizer(nn.Module):
     def encoder_logits(self, maskige):
         """Encoder logits (B, vocab, H/8, W/8), differentiable w.r.t. the maskige (GSS-TF/TT, tokenizer training)."""
         with torch.autocast(maskige.device.type, enabled=False):
-            x = (1 - 2 * LOGIT_LAPLACE_EPS) * maskige.float() + LOGIT_LAPLACE_EPS  # map_pixels
-            x = _conv(self.encoder.blocks.input, x.contiguous(memory_format=CHANNELS_LAST))
-            x = _residual_stack(self.encoder.blocks, x, torch.float32)  # (B, 8 n_hid, H/8, W/8)
+            x = self._encoder_trunk(maskige)  # (B, 8 n_hid, H/8, W/8)
             return _relu_conv(self.encoder.blocks.output.conv, x).float()  # (B, vocab, H/8, W/8)
 
+    def _encoder_trunk(self, maskige, dtype=torch.float32):
+        """map_pixels, the encoder's first conv and groups: (B, 3, H, W) -> (B, 8 n_hid, H/8, W/8) float32."""
+        x = (1 - 2 * LOGIT_LAPLACE_EPS) * maskige.to(dtype) + LOGIT_LAPLACE_EPS  # dall_e's map_pixels
+        x = _conv(self.encoder.blocks.input, x.contiguous(memory_format=CHANNELS_LAST)).float()  # (B, n_hid, H, W)
+        return _residual_stack(self.encoder.blocks, x, dtype)  # the residual stream stays float32
+
     @torch.no_grad()
-    def encode(self, maskige, dtype=torch.float32, max_pixels=2 ** 18):
+    def encode(self, maskige, dtype=torch.float32, max_pixels=ENCODE_PIXELS):
         """Tokens = argmax of the encoder logits (official get_codebook_indices) -> (B, H/8, W/8) long. Runs over
         micro-batches of at most max_pixels pixels (one image for 512x512 and larger), and the final 1x1 conv to
         vocab logits runs per strip of token rows with the argmax, so the (B, vocab, h, w) logits never exist."""
         with torch.autocast(maskige.device.type, enabled=False):
             tokens = []
-            for x in maskige.split(max(1, max_pixels // (maskige.shape[2] * maskige.shape[3]))):
-                x = (1 - 2 * LOGIT_LAPLACE_EPS) * x.to(dtype) + LOGIT_LAPLACE_EPS  # map_pixels
-                x = x.contiguous(memory_format=CHANNELS_LAST)  # (b, 3, H, W)
-                x = _conv(self.encoder.blocks.input, x).float()  # (b, n_hid, H, W), the float32 residual stream
-                x = _residual_stack(self.encoder.blocks, x, dtype)  # (b, 8 n_hid, h, w)
+            for x in _micro_batches(maskige, max_pixels):  # (b, 3, H, W)
+                x = self._encoder_trunk(x, dtype)  # (b, 8 n_hid, h, w)
                 conv, x = self.encoder.blocks.output.conv, x.relu_()
-                rows = max(1, 2 ** 21 // (x.shape[0] * self.vocab_size * x.shape[3]))  # ~8 MB of logits per strip
+                rows = max(1, LOGIT_ELEMENTS // (x.shape[0] * self.vocab_size * x.shape[3]))
                 tokens.append(torch.cat([_conv(conv, s).argmax(1) for s in x.split(rows, dim=2)], dim=1))
             return torch.cat(tokens)  # (B, h, w)
 
@@ -522,14 +515,14 @@ class Tokenizer(nn.Module):
         return _relu_conv(self.decoder.blocks.output.conv, x, channels=3).float()  # (B, 3, 8h, 8w)
 
     @torch.no_grad()
-    def decode(self, tokens, dtype=torch.float32, max_tokens=2 ** 12):
+    def decode(self, tokens, dtype=torch.float32, max_tokens=DECODE_TOKENS):
         """tokens (B, h, w) -> maskige (B, 3, 8h, 8w) in [0, 1] = unmap(sigmoid(colour logits)), over micro-batches
         of at most max_tokens tokens (one 64x64-token image). The one-hot first 1x1 conv is a gather of its columns."""
         conv = self.decoder.blocks.input
         table = conv.w[:, :, 0, 0].t()  # (vocab, n_init)
         with torch.autocast(tokens.device.type, enabled=False):
             out = []
-            for t in tokens.split(max(1, max_tokens // (tokens.shape[1] * tokens.shape[2]))):
+            for t in _micro_batches(tokens, max_tokens):  # (b, h, w)
                 x = (F.embedding(t, table) + conv.b).permute(0, 3, 1, 2)  # (b, n_init, h, w), channels-last
                 out.append(_unmap(torch.sigmoid(self._decoder_trunk(x, dtype))))
             return torch.cat(out)  # (B, 3, 8h, 8w)
@@ -554,6 +547,7 @@ def _unmap(x):
 def build_tokenizer(n_hid=64, vocab_size=512, n_init=128, n_blk_per_group=2):
     """A fresh tokenizer with dall_e's architecture (DALL-E's own: n_hid=256, vocab_size=8192, n_init=128, 2 blocks;
     the package requires n_hid >= 64 and vocab_size >= 512). Weights are dall_e's random init."""
+    import dall_e  # here, not at the top: everything but the tokenizer works without the package
     return Tokenizer(dall_e.Encoder(n_hid=n_hid, n_blk_per_group=n_blk_per_group, vocab_size=vocab_size),
                      dall_e.Decoder(n_init=n_init, n_hid=n_hid, n_blk_per_group=n_blk_per_group,
                                     vocab_size=vocab_size))
@@ -562,6 +556,581 @@ def build_tokenizer(n_hid=64, vocab_size=512, n_init=128, n_blk_per_group=2):
 def tokenizer_config(tok):
     return {'n_hid': tok.encoder.n_hid, 'vocab_size': tok.vocab_size, 'n_init': tok.decoder.n_init,
             'n_blk_per_group': tok.encoder.n_blk_per_group}
+
+
+def reconstruct(tokenizer, labels, palette, ignore_colour):
+    """X then the VQ round trip: labels (B, H, W), 255 painted with the ignore colour -> tokens at 1/8 -> decoded
+    maskige (B, 3, 8(H//8), 8(W//8))."""
+    return tokenizer.decode(tokenizer.encode(paint(labels, palette, ignore_colour)))
+
+
+@torch.no_grad()
+def recon_scores(tokenizer, inverse, labels, palette, ignore_colour, size=None, upsample=False):
+    """The official maskige-reconstruction oracle (configs/gss/<dataset>/dalle_reconstruction_*.py): label maps
+    (B, H, W) resized (nearest) to the test resolution `size`, reconstructed (tokens at 1/8), X^-1, scores resized
+    back -> (B, K, H, W). upsample=True takes stage II's 2x path instead (tokens at 1/4 of the test resolution)."""
+    src = labels
+    if size is not None and tuple(size) != tuple(labels.shape[-2:]):  # mmseg resizes the GT with nearest, as here
+        src = F.interpolate(labels[:, None].float(), size=tuple(size), mode='nearest')[:, 0].long()  # (B, h, w)
+    if upsample:
+        src = upsample_labels_2x(src)
+    return maskige_scores(inverse, reconstruct(tokenizer, src, palette, ignore_colour), labels.shape[-2:])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Image encoder I_psi: backbone -> MLA -> Swin blocks -> token logits at 1/4
+#    (paper Sec. 3.4; configs/gss/_base_/models/*.py)
+
+class ResNet(nn.Module):
+    """torchvision ResNet-50/101 dilated like the official ResNet-V1c-D8 (configs/gss/_base_/models/gss-ff_r101.py):
+    layer3 and layer4 trade their stride for dilation 2 and 4 (first block contracted), so levels 2-4 stay at stride 8.
+    deep_stem: the V1c stem of three 3x3 convs (mmseg keys stem.0 ... stem.7), to load the official R101 files."""
+
+    def __init__(self, depth, deep_stem=False):
+        super().__init__()
+        import torchvision  # here, not at the top: only the ResNet backbones need it
+        net = getattr(torchvision.models, f'resnet{depth}')(replace_stride_with_dilation=[False, True, True])
+        if deep_stem:
+            self.stem = nn.Sequential(*[m for cin, cout, stride in ((3, 32, 2), (32, 32, 1), (32, 64, 1)) for m in (
+                nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))])
+        else:
+            self.stem = nn.Sequential(net.conv1, net.bn1, net.relu)
+        self.maxpool = net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.channels = [256, 512, 1024, 2048]
+
+    def forward(self, x):
+        """(B, 3, H, W) -> 4 levels (B, C_i, ceil(H/s), ceil(W/s)) at strides s = 4, 8, 8, 8."""
+        x = self.maxpool(self.stem(x))  # (B, 64, H/4, W/4)
+        outs = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            outs.append(x)
+        return outs
+
+
+BACKBONES = [*swin.SWIN_PRESETS, 'resnet50', 'resnet101', 'resnet50_v1c', 'resnet101_v1c']
+
+
+def build_backbone(name, pretrained=None):
+    """-> (module mapping images (B, 3, H, W) to 4 feature levels, their channels). Swin presets of swin.py
+    (the paper's main backbone: swin_l) or dilated ResNets; pretrained: a local ImageNet file (official,
+    torchvision or mmseg layout)."""
+    if name in swin.SWIN_PRESETS:
+        model = swin.build_swin(name, drop_path_rate=0.3)  # official gss-ff_swin-l.py
+        if pretrained:
+            missing, unexpected = _load_swin(model, load_file(pretrained, 'Swin checkpoint'), pretrained)
+            missing = [k for k in missing if not k.startswith(('norm0.', 'norm1.', 'norm2.', 'norm3.'))]  # new norms
+            if missing or unexpected:
+                raise UserError(f"{pretrained}: {_key_report(missing, unexpected)}; expected a {name} checkpoint")
+    elif name in BACKBONES:
+        model = ResNet(int(name.removesuffix('_v1c')[len('resnet'):]), deep_stem=name.endswith('_v1c'))
+        if pretrained:
+            sd = load_file(pretrained, 'ResNet checkpoint')
+            sd = sd.get('state_dict', sd)
+            sd = {k.removeprefix('backbone.'): v for k, v in sd.items() if not k.startswith('fc.')}
+            for old, new in (('conv1.', 'stem.0.'), ('bn1.', 'stem.1.')):  # torchvision names of the 7x7 stem
+                sd = {new + k[len(old):] if k.startswith(old) else k: v for k, v in sd.items()}
+            _load_strict(model, sd, pretrained)
+    else:
+        raise UserError(f"--backbone: unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
+    return model, model.channels
+
+
+class ConvBNReLU(nn.Module):
+    """1x1 conv (no bias) + BatchNorm + ReLU: mmcv's ConvModule as the official head uses it."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        nn.init.kaiming_normal_(self.conv.weight, mode='fan_out', nonlinearity='relu')  # mmcv ConvModule init
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class MLA(nn.Module):
+    """Multi-Level Aggregation (feature_aggregation of generative_segmentation_head_ff.py): per level 1x1 conv + BN +
+    ReLU, bilinear resize to the stride-4 level, concat, 1x1 conv + BN + ReLU. Levels in natural order (the official
+    in_index=[1, 0, 2, 3] order is undone when its checkpoints are loaded)."""
+
+    def __init__(self, in_channels, channels, out_channels):
+        super().__init__()
+        self.convs = nn.ModuleList([ConvBNReLU(c, channels) for c in in_channels])
+        self.fusion = ConvBNReLU(len(in_channels) * channels, out_channels)
+
+    def forward(self, feats):
+        """4 levels (B, C_i, h_i, w_i) -> (B, out_channels, h_0, w_0)."""
+        size = feats[0].shape[-2:]
+        x = [F.interpolate(conv(f), size, mode='bilinear', align_corners=False) for conv, f in zip(self.convs, feats)]
+        return self.fusion(torch.cat(x, 1))  # (B, 4 * channels, h, w) -> (B, out_channels, h, w)
+
+
+class GSSHead(nn.Module):
+    """Token head: MLA -> D Swin blocks -> LayerNorm -> 1x1 conv + BN + ReLU -> Dropout2d -> conv_seg to the
+    vocabulary (GenerativeSegHeadFF), and the unlabeled-area auxiliary head p_xi (Sec. 3.4): a separate MLA -> 1x1
+    conv to K."""
+
+    def __init__(self, in_channels, num_classes, vocab_size=8192, mla_channels=384, fused_channels=512,
+                 token_channels=2048, depth=2, num_heads=16, window_size=7, dropout=0.1):
+        super().__init__()
+        self.mla = MLA(in_channels, mla_channels, fused_channels)
+        self.blocks = swin.SwinStage(fused_channels, depth, num_heads, window_size, mlp_ratio=2.0)  # FFN 2x
+        self.swin_norm = nn.LayerNorm(fused_channels)
+        self.conv_before_seg = ConvBNReLU(fused_channels, token_channels)
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(token_channels, vocab_size, 1)
+        self.aux_mla = MLA(in_channels, mla_channels, mla_channels)
+        self.aux_cls = nn.Conv2d(mla_channels, num_classes, 1)
+        for conv in (self.conv_seg, self.aux_cls):  # mmseg BaseDecodeHead.init_weights
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def token_features(self, feats):
+        """4 levels -> (B, token_channels, h, w) at stride 4, after dropout: conv_seg's input."""
+        x = self.mla(feats).permute(0, 2, 3, 1)  # (B, h, w, fused)
+        x = self.swin_norm(self.blocks(x)[0])  # (B, h, w, fused)
+        return self.dropout(self.conv_before_seg(x.permute(0, 3, 1, 2).contiguous()))  # (B, token_channels, h, w)
+
+    def aux_logits(self, feats):
+        """4 levels -> (B, K, h, w) per-pixel class logits at stride 4."""
+        return self.aux_cls(self.aux_mla(feats))
+
+    def forward(self, feats):
+        return self.token_features(feats), self.aux_logits(feats)
+
+
+class GSS(nn.Module):
+    """The image encoder I_psi: backbone + GSSHead. `config` (plain types) rebuilds it: GSS.from_config(config)."""
+
+    def __init__(self, backbone='swin_l', num_classes=150, vocab_size=8192, mla_channels=384, fused_channels=512,
+                 token_channels=2048, depth=None, num_heads=16, window_size=7, dropout=0.1, pretrained=None):
+        super().__init__()
+        depth = depth if depth is not None else (6 if backbone.startswith('resnet') else 2)  # paper: D=2 Swin, 6 R101
+        self.config = dict(backbone=backbone, num_classes=num_classes, vocab_size=vocab_size, mla_channels=mla_channels,
+                           fused_channels=fused_channels, token_channels=token_channels, depth=depth,
+                           num_heads=num_heads, window_size=window_size, dropout=dropout)
+        self.backbone, channels = build_backbone(backbone, pretrained)
+        self.head = GSSHead(channels, **{k: v for k, v in self.config.items() if k != 'backbone'})
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def forward(self, images):
+        """(B, 3, H, W) -> (token features (B, token_channels, H/4, W/4), aux logits (B, K, H/4, W/4))."""
+        return self.head(self.backbone(images))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Targets and losses (paper Eq. 7 as generative_segmentation_head_ff.py computes it)
+
+# Memory path: chunked token cross-entropy (TokenCrossEntropy, token_argmax, over _chunks). Its plain
+# equivalents, tested (test_token_cross_entropy_equals_naive):
+#     F.cross_entropy(conv(feats), target, ignore_index=ignore_index), conv(feats).argmax(1)
+
+class TokenCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of a 1x1 conv's logits over the non-ignored positions, the (B, V, h, w) logits and their
+    gradient existing one chunk of positions at a time. The loss ends the graph, so backward receives a scalar: the
+    gradients are computed in forward while each chunk's logits are at hand (recomputing them in backward would cost
+    a fourth matmul), and backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, ignore_index, chunk, with_grad):
+        W = weight.flatten(1)  # (V, C)
+        valid = target != ignore_index  # (B, h, w)
+        loss = torch.zeros((), device=x.device)
+        correct = torch.zeros((), dtype=torch.long, device=x.device)
+        if with_grad:  # gradients of the summed loss; backward divides by the count (fp16-safe magnitudes)
+            gx = torch.empty_like(x)
+            gw, gb = W.new_zeros(W.shape, dtype=torch.float32), W.new_zeros(W.shape[0], dtype=torch.float32)
+        for b, rows, xc in _chunks(x, chunk):
+            t, m = target[b, rows].flatten(), valid[b, rows].flatten()  # (n,)
+            logits = torch.addmm(bias, xc.t(), W.t()).float()  # (n, V); the matmul follows autocast
+            tc = t.clamp(max=W.shape[0] - 1)[:, None]  # (n, 1); ignored rows are masked below
+            target_logit, top = logits.gather(1, tc)[:, 0], logits.argmax(1)  # (n,)
+            peak = logits.amax(1, keepdim=True)  # (n, 1)
+            e = logits.sub_(peak).exp_()  # (n, V) exp(logits - peak), in place
+            total = e.sum(1)  # (n,)
+            loss += ((peak[:, 0] + total.log() - target_logit) * m).sum()  # logsumexp - target logit
+            correct += ((top == t) & m).sum()
+            if with_grad:  # d loss_sum / d logits = softmax - onehot(t) on valid rows, 0 elsewhere
+                g = e.mul_((m / total)[:, None]).scatter_add_(1, tc, -m[:, None].float()).to(x.dtype)  # (n, V)
+                gx[b, :, rows] = (W.t() @ g.t()).view(x.shape[1], -1, x.shape[3])  # (C, rows, w)
+                gw += g.t() @ xc.t()  # (V, C)
+                gb += g.sum(0)  # (V,)
+        ctx.count = valid.sum().clamp(min=1)  # a mean over valid positions (official avg_non_ignore=True)
+        ctx.grads = (gx, gw.view_as(weight), gb) if with_grad else None
+        ctx.mark_non_differentiable(correct)
+        return loss / ctx.count, correct
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_correct):
+        if ctx.grads is None:
+            raise RuntimeError("token_cross_entropy: backward without gradients (called under no_grad, or twice)")
+        (gx, gw, gb), ctx.grads = ctx.grads, None  # freed after use: a second backward is an error, not a silent one
+        scale = grad_loss / ctx.count
+        return gx.mul_(scale), gw.mul_(scale), gb.mul_(scale), None, None, None, None
+
+
+def token_cross_entropy(feats, conv, target, ignore_index, chunk=TOKEN_CHUNK):
+    """F.cross_entropy(conv(feats), target, ignore_index) (mean over valid positions) computed in chunks of
+    positions, and the number of correct argmax tokens there. feats (B, C, h, w), target (B, h, w) long."""
+    with_grad = torch.is_grad_enabled() and (feats.requires_grad or conv.weight.requires_grad)
+    return TokenCrossEntropy.apply(feats, conv.weight, conv.bias, target, ignore_index, chunk, with_grad)
+
+
+@torch.no_grad()
+def token_argmax(feats, conv, chunk=TOKEN_CHUNK):
+    """argmax over the vocabulary of conv(feats), chunk by chunk: (B, C, h, w) -> tokens (B, h, w)."""
+    W = conv.weight.flatten(1)  # (V, C)
+    tokens = torch.empty(feats.shape[0], *feats.shape[2:], dtype=torch.long, device=feats.device)
+    for b, rows, xc in _chunks(feats, chunk):
+        tokens[b, rows] = torch.addmm(conv.bias, xc.t(), W.t()).argmax(1).view(-1, feats.shape[3])
+    return tokens
+
+# (end of the memory path)
+
+
+@torch.no_grad()
+def token_targets(tokenizer, palette, labels2x, aux2x):
+    """The official token targets (forward_train of generative_segmentation_head_ff.py): unlabeled (255) pixels of the
+    2x labels take the auxiliary head's argmax (c~ = M_u c_bar + (1 - M_u) c, Sec. 3.4), then paint and tokenize; a
+    token whose whole 8x8 block is unlabeled gets the ignore index tokenizer.vocab_size.
+    labels2x (B, 2H, 2W), aux2x (B, K, 2H, 2W), palette (K, 3) -> (tokens (B, H/4, W/4), composed (B, 2H, 2W))."""
+    unlabeled = labels2x == 255  # (B, 2H, 2W)
+    composed = torch.where(unlabeled, aux2x.argmax(1), labels2x)  # (B, 2H, 2W), no 255 left
+    tokens = tokenizer.encode(paint(composed, palette, palette.new_zeros(3)))  # (B, H/4, W/4); float32, no autocast
+    labeled = F.max_pool2d((~unlabeled)[:, None].float(), 8)[:, 0] > 0  # (B, H/4, W/4): any labeled pixel
+    return tokens.masked_fill(~labeled, tokenizer.vocab_size), composed
+
+
+def compute_loss(model, tokenizer, palette, images, labels):
+    """Stage-II loss: 0.8 x token CE (ignore = vocab_size) + 0.2 x auxiliary pixel CE at 2H x 2W (ignore 255), each a
+    mean over valid elements (the fork's mmseg/models/losses/cross_entropy_loss.py: avg_non_ignore=True).
+    images (B, 3, H, W), labels (B, H, W), palette (K, 3) -> (loss, logs: loss_token and loss_aux weighted as the
+    official loss_ce and loss_ce_pixel, acc_token and acc_aux in percent)."""
+    H, W = images.shape[-2:]
+    if H % 4 or W % 4:
+        raise UserError(f"training crop {H}x{W}: expected sides that are multiples of 4 (tokens sit at 1/4)")
+    feats, aux = model(images)  # (B, C, H/4, W/4), (B, K, H/4, W/4)
+    aux = F.interpolate(aux, (2 * H, 2 * W), mode='bilinear', align_corners=False)  # (B, K, 2H, 2W)
+    labels2x = upsample_labels_2x(labels)  # (B, 2H, 2W)
+    targets, _ = token_targets(tokenizer, palette, labels2x, aux)  # (B, H/4, W/4)
+    conv_seg = getattr(model, 'module', model).head.conv_seg  # through a DDP wrapper
+    loss_token, correct = token_cross_entropy(feats, conv_seg, targets, tokenizer.vocab_size)
+    valid = labels2x != 255  # (B, 2H, 2W)
+    loss_aux = F.cross_entropy(aux, labels2x, ignore_index=255, reduction='sum') / valid.sum().clamp(min=1)
+    loss = 0.8 * loss_token + 0.2 * loss_aux
+    logs = dict(loss_token=0.8 * loss_token.item(), loss_aux=0.2 * loss_aux.item(),
+                acc_token=100.0 * correct.item() / max(1, (targets != tokenizer.vocab_size).sum().item()),
+                acc_aux=100.0 * ((aux.argmax(1) == labels2x) & valid).sum().item() / max(1, valid.sum().item()))
+    return loss, logs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Generative inference (paper Sec. 3.5; mmseg/models/segmentors/encoder_decoder.py)
+
+def slide_windows(H, W, crop, stride):
+    """mmseg's slide_inference windows [(y1, y2, x1, x2)]: a grid at `stride`, the last window snapped to the
+    border, windows clipped to images smaller than the crop. crop, stride: int or (h, w)."""
+    (ch, cw), (sh, sw) = [(v, v) if isinstance(v, int) else tuple(v) for v in (crop, stride)]
+    boxes = []
+    for i in range(max(H - ch + sh - 1, 0) // sh + 1):
+        for j in range(max(W - cw + sw - 1, 0) // sw + 1):
+            y2, x2 = min(i * sh + ch, H), min(j * sw + cw, W)
+            boxes.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
+    return boxes
+
+
+def _infer(window_scores, images, mode, crop, stride):
+    """Whole image, or mmseg's sliding windows: each of the window's maps ({name: (B, C, f h, f w)}, f = 1 for
+    class scores, 2 for the maskige) summed into its canvas (B, C, f H, f W), divided by the overlap count."""
+    if mode == 'whole':
+        return window_scores(images)
+    if mode != 'slide' or crop is None or stride is None:
+        raise UserError(f"--mode {mode}: expected 'whole', or 'slide' with a crop and a stride")
+    B, _, H, W = images.shape
+    out, count = {}, images.new_zeros(1, 1, H, W)
+    for y1, y2, x1, x2 in slide_windows(H, W, crop, stride):
+        for name, s in window_scores(images[:, :, y1:y2, x1:x2]).items():  # (B, C, f (y2-y1), f (x2-x1))
+            f = s.shape[2] // (y2 - y1)
+            if name not in out:
+                out[name] = torch.zeros(B, s.shape[1], f * H, f * W, device=s.device)  # float32 sums
+            out[name][:, :, f * y1:f * y2, f * x1:f * x2] += s
+        count[:, :, y1:y2, x1:x2] += 1
+    return {name: o / F.interpolate(count, o.shape[2:], mode='nearest') for name, o in out.items()}
+
+
+@torch.no_grad()
+def predict(model, tokenizer, inverse, images, mode='whole', crop=None, stride=None, aux=False, maskige=False):
+    """Generative inference: image -> tokens (argmax) -> tokenizer.decode -> maskige at 2H x 2W -> X^-1 -> class
+    scores resized to the input (maskige_scores): (B, 3, H, W) -> (B, K, H, W). Put the modules in eval mode.
+    inverse may also be a dict {name: X^-1}: then the result is a dict {name: scores} from one generation per window,
+    plus 'aux head' (the auxiliary head's logits on the same backbone pass) when aux=True, and 'maskige' (the
+    generated maskige (B, 3, 2H, 2W), averaged where windows overlap) when maskige=True."""
+    model = getattr(model, 'module', model)  # through a DDP wrapper
+    inverses = inverse if isinstance(inverse, dict) else {'': inverse}
+
+    def window_scores(x):
+        H, W = x.shape[-2:]
+        feats = model.backbone(x)
+        out = {}
+        if inverses:
+            m = _generate(model, tokenizer, feats, H, W)  # (B, 3, 2H, 2W)
+            out = {name: maskige_scores(inv, m, (H, W)) for name, inv in inverses.items()}  # (B, K, H, W)
+            if maskige:
+                out['maskige'] = m
+        if aux:
+            a = model.head.aux_logits(feats)  # (B, K, h, w), h = ceil(H/4)
+            a = F.interpolate(a, (4 * a.shape[2], 4 * a.shape[3]), mode='bilinear', align_corners=False)
+            out['aux head'] = a[:, :, :H, :W]  # (B, K, H, W)
+        return out
+    scores = _infer(window_scores, images, mode, crop, stride)
+    return scores if isinstance(inverse, dict) else scores['']
+
+
+def _generate(model, tokenizer, feats, H, W):
+    """Backbone features of an (H, W) image -> token argmax -> tokenizer.decode -> maskige (B, 3, 2H, 2W)."""
+    tokens = token_argmax(model.head.token_features(feats), model.head.conv_seg)  # (B, ceil(H/4), ceil(W/4))
+    return tokenizer.decode(tokens)[:, :, :2 * H, :2 * W]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, images):
+    """The generated maskige: image (B, 3, H, W) -> token logits -> argmax -> tokenizer.decode -> (B, 3, 2H, 2W)."""
+    model = getattr(model, 'module', model)  # through a DDP wrapper
+    return _generate(model, tokenizer, model.backbone(images), *images.shape[-2:])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. The official checkpoints (fudan-zvg/GSS, mmseg 0.26) into these modules
+
+OFFICIAL_NAMES = [  # (official decode_head.* name prefix, ours): the heads' _ff.py / _ftw.py
+    ('convs.0.', 'head.mla.convs.1.'), ('convs.1.', 'head.mla.convs.0.'),  # in_index=[1, 0, 2, 3]: levels 1, 0 swap
+    ('convs.2.', 'head.mla.convs.2.'), ('convs.3.', 'head.mla.convs.3.'), ('fusion_conv.', 'head.mla.fusion.'),
+    ('transformer_block.', 'head.blocks.'), ('swin_ln.', 'head.swin_norm.'),
+    ('conv_before_seg.', 'head.conv_before_seg.'), ('conv_seg.', 'head.conv_seg.'),
+    ('convs_pixel.0.', 'head.aux_mla.convs.1.'), ('convs_pixel.1.', 'head.aux_mla.convs.0.'),
+    ('convs_pixel.2.', 'head.aux_mla.convs.2.'), ('convs_pixel.3.', 'head.aux_mla.convs.3.'),
+    ('fusion_conv_pixel.', 'head.aux_mla.fusion.'), ('conv_seg_pixel.', 'head.aux_cls.'),
+    ('d_vae.', 'tokenizer.'),
+    ('projection.conv.', 'inverse.projection.'), ('projection.bn.', 'inverse.projection_bn.'),  # FT-W's X^-1
+    ('post_transformer_block.', 'inverse.blocks.'), ('post_swin_ln.', 'inverse.norm.'),
+    ('cls_segmap.conv.', 'inverse.cls.'),
+]
+_SWIN_NAMES = [('.attn.', '.attn.w_msa.'), ('.mlp.fc1.', '.ffn.layers.0.0.'), ('.mlp.fc2.', '.ffn.layers.1.')]  # mmseg
+
+
+def official_key(key):
+    """Our 'head.*' / 'tokenizer.*' / 'inverse.*' state-dict key -> the official 'decode_head.*' key."""
+    ours = next(p for p in OFFICIAL_NAMES if key.startswith(p[1]))
+    key = ours[0] + key[len(ours[1]):]
+    for a, b in _SWIN_NAMES:
+        key = key.replace(a, b)
+    return 'decode_head.' + key
+
+
+def _swap_levels01(w):
+    """Fusion conv weight (out, 4C, 1, 1): swap the column blocks of levels 0 and 1 (in_index=[1, 0, 2, 3])."""
+    c = w.shape[1] // 4
+    return torch.cat([w[:, c:2 * c], w[:, :c], w[:, 2 * c:]], 1)
+
+
+def _window(table):
+    """Window size of a Swin relative-position bias table ((2 ws - 1)^2, heads)."""
+    return (math.isqrt(table.shape[0]) + 1) // 2
+
+
+def _count(sd, prefix):
+    """Number of numbered blocks under prefix ('x.blocks.' -> distinct i of 'x.blocks.i.*')."""
+    return len({k[len(prefix):].split('.')[0] for k in sd if k.startswith(prefix)})
+
+
+def official_config(sd):
+    """GSS config of an official segmentor state dict, read from its shapes (configs/gss/_base_/models/*.py)."""
+    try:
+        if 'backbone.patch_embed.projection.weight' in sd:  # mmseg Swin
+            stages = range(_count(sd, 'backbone.stages.'))
+            tables = [sd[f'backbone.stages.{i}.blocks.0.attn.w_msa.relative_position_bias_table'] for i in stages]
+            shape = (sd['backbone.patch_embed.projection.weight'].shape[0],
+                     tuple(_count(sd, f'backbone.stages.{i}.blocks.') for i in stages),
+                     tuple(t.shape[1] for t in tables), _window(tables[0]))
+            presets = {(p['embed_dim'], tuple(p['depths']), tuple(p['num_heads']), p['window_size']): name
+                       for name, p in swin.SWIN_PRESETS.items()}
+            backbone = presets.get(shape)
+            if backbone is None:
+                raise UserError(f"official checkpoint: Swin backbone (embed, depths, heads, window) = {shape} "
+                                f"matches no preset in swin.SWIN_PRESETS")
+        elif 'backbone.stem.0.weight' in sd:  # mmseg ResNet-V1c
+            backbone = 'resnet101_v1c' if _count(sd, 'backbone.layer3.') == 23 else 'resnet50_v1c'  # 23 or 6 blocks
+        else:
+            raise UserError("official checkpoint: no backbone.* keys of an mmseg Swin or ResNet-V1c; pass model=")
+        table = sd['decode_head.transformer_block.blocks.0.attn.w_msa.relative_position_bias_table']
+        K = sd.get('decode_head.conv_seg_pixel.weight', sd.get('decode_head.cls_segmap.conv.weight'))
+        return dict(backbone=backbone, num_classes=K.shape[0], vocab_size=sd['decode_head.conv_seg.weight'].shape[0],
+                    mla_channels=sd['decode_head.convs.0.conv.weight'].shape[0],
+                    fused_channels=sd['decode_head.fusion_conv.conv.weight'].shape[0],
+                    token_channels=sd['decode_head.conv_before_seg.conv.weight'].shape[0],
+                    depth=_count(sd, 'decode_head.transformer_block.blocks.'), num_heads=table.shape[1],
+                    window_size=_window(table), dropout=0.1)
+    except (KeyError, AttributeError) as e:
+        raise UserError(f"official checkpoint: not a GSS segmentor state dict (no {e})") from None
+
+
+def load_official_checkpoint(checkpoint, model=None, variant=None):
+    """An official GSS checkpoint (path or state dict, or a bare decode_head state dict) -> (model, tokenizer,
+    inverse). The DALL-E weights inside (decode_head.d_vae.*) become the tokenizer; inverse is an FTWInverse for
+    GSS-FT-W files, else None (GSS-FF: NearestColour of the official palette). model: load into this GSS (default:
+    built from the shapes). variant: 'ff' or 'ft-w' (default: from the keys). Strict: every key used or explained."""
+    is_path = isinstance(checkpoint, (str, os.PathLike))
+    what = os.fspath(checkpoint) if is_path else 'official checkpoint'
+    sd = load_file(checkpoint, 'official GSS checkpoint') if is_path else checkpoint
+    sd = sd.get('state_dict', sd)
+    if not any(k.startswith(('decode_head.', 'backbone.')) for k in sd):  # the head's own state dict
+        sd = {'decode_head.' + k: v for k, v in sd.items()}
+    variant = variant or ('ft-w' if 'decode_head.cls_segmap.conv.weight' in sd else 'ff')
+    if model is None:
+        model = GSS.from_config(official_config(sd))
+    try:
+        tokenizer = build_tokenizer(n_hid=sd['decode_head.d_vae.encoder.blocks.input.w'].shape[0],
+                                    vocab_size=sd['decode_head.d_vae.encoder.blocks.output.conv.w'].shape[0],
+                                    n_init=sd['decode_head.d_vae.decoder.blocks.input.w'].shape[0])
+        inverse = None
+        if variant == 'ft-w':
+            table = sd['decode_head.post_transformer_block.blocks.0.attn.w_msa.relative_position_bias_table']
+            inverse = FTWInverse(model.config['num_classes'], dim=sd['decode_head.projection.conv.weight'].shape[0],
+                                 depth=_count(sd, 'decode_head.post_transformer_block.blocks.'),
+                                 num_heads=table.shape[1], window_size=_window(table))
+    except KeyError as e:
+        raise UserError(f"{what}: no {e}; expected an official GSS-{variant.upper()} checkpoint") from None
+    _load_decode_head(sd, model, {'head': model.head, 'tokenizer': tokenizer, 'inverse': inverse}, variant, what)
+    # the backbone: mmseg Swin via swin.py, mmseg ResNet-V1c as is
+    backbone = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')}
+    if isinstance(model.backbone, swin.SwinTransformer):
+        missing, unexpected = _load_swin(model.backbone, backbone, f"{what}: backbone")
+        if missing or unexpected:
+            raise UserError(f"{what}: backbone: {_key_report(missing, unexpected)}")
+    elif backbone or model.backbone.state_dict():
+        _load_strict(model.backbone, backbone, f"{what}: backbone")
+    return model, tokenizer, inverse
+
+
+def _load_decode_head(sd, model, parts, variant, what):
+    """The official decode_head.* weights into our parts {'head', 'tokenizer', 'inverse' (or None)} by official_key,
+    strictly: a UserError names every missing, unexpected or mis-shaped key."""
+    parts = {p: m for p, m in parts.items() if m is not None}
+    expected = {official_key(f'{p}.{k}'): (p, k, v.shape) for p, m in parts.items() for k, v in m.state_dict().items()}
+    loaded = {p: {} for p in parts}
+    unexpected, mismatched = [], []
+    for key, v in sd.items():
+        if key.startswith('backbone.') or key.endswith('relative_position_index'):  # loaded apart; recomputed buffers
+            continue
+        if key.startswith('decode_head.norm.'):  # stale LayerNorm of released files (GSS issue #12)
+            continue
+        if key not in expected:
+            unexpected.append(key)
+            continue
+        p, k, shape = expected[key]
+        if v.shape != shape:
+            mismatched.append(f"{key} {tuple(v.shape)} vs ours {tuple(shape)}")
+        else:
+            loaded[p][k] = _swap_levels01(v) if k.endswith('fusion.conv.weight') else v
+    missing = [key for key in expected if key not in sd]
+    aux = [key for key in missing if 'pixel' in key]
+    if variant == 'ft-w' and aux and len(aux) == sum('pixel' in key for key in expected):
+        warnings.warn(f"{what}: no auxiliary head (an unmerged GSS-FT-W file); its scores (aux=True) are untrained")
+        missing = [key for key in missing if 'pixel' not in key]
+        own = model.head.state_dict()
+        loaded['head'].update({k: v for k, v in own.items() if k.startswith(('aux_mla.', 'aux_cls.'))})
+    if missing or unexpected or mismatched:
+        raise UserError(f"{what}: {_key_report(missing, unexpected, mismatched)}; "
+                        f"expected a GSS-{variant.upper()} checkpoint")
+    for p, m in parts.items():
+        m.load_state_dict(loaded[p])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. Files and validation: errors, safe loading, strict state dicts, tokenizer files, the stage-I artifact
+
+DALLE_URLS = 'https://cdn.openai.com/dall-e/encoder.pkl and https://cdn.openai.com/dall-e/decoder.pkl'
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad file, bad flag); CLIs print it as `error: ...` and exit 2."""
+
+    def __init__(self, msg):  # a DataLoader worker's error is re-raised as UserError(its traceback): keep its message
+        super().__init__(msg.rstrip('\n').rpartition('UserError: ')[2])
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file in the same directory, fsync, then os.replace: the old file stays intact until
+    the new one is complete."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + '.', suffix='.tmp')
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file 0600; give it the permissions open() would
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_file(path, what):
+    """torch.load(weights_only=True) on CPU with one-line UserErrors: missing file, not a torch.save file (or
+    truncated), or an object of a type that safe loading refuses (named, with how to convert the file)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such {what}")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        refused = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))  # pickle.UnpicklingError of weights_only
+        if refused is None:
+            raise UserError(f"{path}: not a readable {what} (truncated, corrupt or not from torch.save?)") from None
+        raise UserError(f"{path}: the {what} holds a {refused[1]}, which safe loading (weights_only=True) refuses; "
+                        f"expected tensors and plain Python types: if you trust the file, torch.load it once with "
+                        f"weights_only=False and torch.save its state dict alone, or allow the type with "
+                        f"torch.serialization.add_safe_globals") from None
+
+
+def _key_report(missing, unexpected, mismatched=()):
+    """One line naming the missing, unexpected and mis-shaped keys of a state dict, six of each at most."""
+    def few(keys):
+        keys = sorted(keys)
+        return ', '.join(keys[:6]) + (f' (+{len(keys) - 6} more)' if len(keys) > 6 else '')
+    parts = [('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatch', mismatched)]
+    return '; '.join(f"{name} {few(keys)}" for name, keys in parts if keys)
+
+
+def _load_strict(module, sd, what):
+    """load_state_dict(strict=True) with shapes checked first and a one-line UserError naming the keys."""
+    own = module.state_dict()
+    mismatched = [f"{k} {tuple(v.shape)} vs ours {tuple(own[k].shape)}"
+                  for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    missing, unexpected = own.keys() - sd.keys(), sd.keys() - own.keys()
+    if missing or unexpected or mismatched:
+        raise UserError(f"{what}: {_key_report(missing, unexpected, mismatched)}")
+    module.load_state_dict(sd)
+
+
+def _load_swin(model, sd, what):
+    """swin.load_pretrained (official or mmseg layout) with its errors as one-line UserErrors."""
+    try:
+        return swin.load_pretrained(model, sd)
+    except (ValueError, RuntimeError) as e:  # unknown layout; size mismatch
+        raise UserError(f"{what}: {str(e).strip().splitlines()[-1].strip()}") from None
 
 
 def save_tokenizer(tok, path, **info):
@@ -596,6 +1165,7 @@ def convert_dalle(encoder_pkl, decoder_pkl, out):
     """OpenAI's encoder.pkl / decoder.pkl (whole pickled dall_e modules) -> our state-dict file. The only unpickling
     in the project (torch.load weights_only=False runs code from the file: use it on files you trust). Going through
     state dicts also sidesteps the released decoder's nn.Upsample objects that lack recompute_scale_factor."""
+    import dall_e
     for path, name in ((encoder_pkl, 'encoder.pkl'), (decoder_pkl, 'decoder.pkl')):
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such file; expected OpenAI's {name} ({DALLE_URLS})")
@@ -619,28 +1189,7 @@ def convert_dalle(encoder_pkl, decoder_pkl, out):
     return tok
 
 
-def reconstruct(tokenizer, labels, palette, ignore_colour):
-    """X then the VQ round trip: labels (B, H, W), 255 painted with the ignore colour -> tokens at 1/8 -> decoded
-    maskige (B, 3, 8(H//8), 8(W//8))."""
-    return tokenizer.decode(tokenizer.encode(paint(labels, palette, ignore_colour)))
-
-
-@torch.no_grad()
-def recon_scores(tokenizer, inverse, labels, palette, ignore_colour, size=None, upsample=False):
-    """The official maskige-reconstruction oracle (facts 5, dalle_reconstruction_*.py) for label maps (B, H, W) at
-    their original resolution: resized (nearest) to the test resolution `size` (default: as they are), reconstructed
-    without the 2x upsampling (tokens at 1/8), X^-1, scores resized back to (H, W) -> (B, K, H, W) for an argmax.
-    upsample=True takes stage II's 2x path instead (tokens at 1/4 of the test resolution: its ceiling)."""
-    src = labels
-    if size is not None and tuple(size) != tuple(labels.shape[-2:]):  # mmseg resizes the GT with nearest, as here
-        src = F.interpolate(labels[:, None].float(), size=tuple(size), mode='nearest')[:, 0].long()  # (B, h, w)
-    if upsample:
-        src = upsample_labels_2x(src)
-    return maskige_scores(inverse, reconstruct(tokenizer, src, palette, ignore_colour), labels.shape[-2:])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 6. The stage-I artifact ("posterior"): X (palette), X^-1 and the tokenizer they go with, as plain types
+# The stage-I artifact ("posterior"): X (palette), X^-1 and the tokenizer they go with, as plain types
 
 POSTERIOR_VARIANTS = ('ff', 'ff-r', 'lstsq', 'ft', 'ft-w', 'tf', 'tt')
 
@@ -718,508 +1267,4 @@ def check_posterior_match(saved, now, path):
         diffs.append(f"vocabulary size {saved['vocab_size']} vs {now['vocab_size']}")
     if diffs:
         raise UserError(f"{path}: does not match the stage-I artifact: " + "; ".join(diffs) +
-                            f" (checkpoint vs artifact); expected the artifact it was trained with, {saved['path']}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 7. Image encoder I_psi: backbone -> MLA -> Swin blocks -> token logits at 1/4 (paper Sec. 3.4, facts §6)
-
-class ResNet(nn.Module):
-    """torchvision ResNet-50/101 dilated like the official ResNet-V1c-D8 (gss-ff_r101.py, facts §6.1): layer3 and
-    layer4 trade their stride for dilation 2 and 4 (first block contracted), so levels 2-4 stay at stride 8.
-    deep_stem: the V1c stem of three 3x3 convs (mmseg keys stem.0 ... stem.7), to load the official R101 files."""
-
-    def __init__(self, depth, deep_stem=False):
-        super().__init__()
-        import torchvision  # here, not at the top: only the ResNet backbones need it
-        net = getattr(torchvision.models, f'resnet{depth}')(replace_stride_with_dilation=[False, True, True])
-        if deep_stem:
-            self.stem = nn.Sequential(*[m for cin, cout, stride in ((3, 32, 2), (32, 32, 1), (32, 64, 1)) for m in (
-                nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))])
-        else:
-            self.stem = nn.Sequential(net.conv1, net.bn1, net.relu)
-        self.maxpool = net.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        self.channels = [256, 512, 1024, 2048]
-
-    def forward(self, x):
-        """(B, 3, H, W) -> 4 levels (B, C_i, ceil(H/s), ceil(W/s)) at strides s = 4, 8, 8, 8."""
-        x = self.maxpool(self.stem(x))  # (B, 64, H/4, W/4)
-        outs = []
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
-            outs.append(x)
-        return outs
-
-
-BACKBONES = [*swin.SWIN_PRESETS, 'resnet50', 'resnet101', 'resnet50_v1c', 'resnet101_v1c']
-
-
-def build_backbone(name, pretrained=None):
-    """-> (module mapping images (B, 3, H, W) to 4 feature levels, their channels). Swin presets of swin.py
-    (the paper's main backbone: swin_l) or dilated ResNets; pretrained: a local ImageNet file (official,
-    torchvision or mmseg layout)."""
-    if name in swin.SWIN_PRESETS:
-        model = swin.build_swin(name, drop_path_rate=0.3)  # official gss-ff_swin-l.py
-        if pretrained:
-            missing, unexpected = _load_swin(model, load_file(pretrained, 'Swin checkpoint'), pretrained)
-            missing = [k for k in missing if not k.startswith(('norm0.', 'norm1.', 'norm2.', 'norm3.'))]  # new norms
-            if missing or unexpected:
-                raise UserError(f"{pretrained}: {_key_report(missing, unexpected)}; expected a {name} checkpoint")
-    elif name in BACKBONES:
-        model = ResNet(int(name.removesuffix('_v1c')[len('resnet'):]), deep_stem=name.endswith('_v1c'))
-        if pretrained:
-            sd = load_file(pretrained, 'ResNet checkpoint')
-            sd = {k.removeprefix('backbone.'): v for k, v in sd.get('state_dict', sd).items() if not k.startswith('fc.')}
-            for old, new in (('conv1.', 'stem.0.'), ('bn1.', 'stem.1.')):  # torchvision names of the 7x7 stem
-                sd = {new + k[len(old):] if k.startswith(old) else k: v for k, v in sd.items()}
-            _load_strict(model, sd, pretrained)
-    else:
-        raise UserError(f"--backbone: unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
-    return model, model.channels
-
-
-class ConvBNReLU(nn.Module):
-    """1x1 conv (no bias) + BatchNorm + ReLU: mmcv's ConvModule as the official head uses it."""
-
-    def __init__(self, cin, cout):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 1, bias=False)
-        self.bn = nn.BatchNorm2d(cout)
-        nn.init.kaiming_normal_(self.conv.weight, mode='fan_out', nonlinearity='relu')  # mmcv ConvModule init
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
-class MLA(nn.Module):
-    """Multi-Level Aggregation (official feature_aggregation, facts §6.2): per level 1x1 conv + BN + ReLU,
-    bilinear resize to the stride-4 level, concat, 1x1 conv + BN + ReLU. Levels in natural order (the official
-    in_index=[1, 0, 2, 3] order is undone when its checkpoints are loaded)."""
-
-    def __init__(self, in_channels, channels, out_channels):
-        super().__init__()
-        self.convs = nn.ModuleList([ConvBNReLU(c, channels) for c in in_channels])
-        self.fusion = ConvBNReLU(len(in_channels) * channels, out_channels)
-
-    def forward(self, feats):
-        """4 levels (B, C_i, h_i, w_i) -> (B, out_channels, h_0, w_0)."""
-        size = feats[0].shape[-2:]
-        x = [F.interpolate(conv(f), size, mode='bilinear', align_corners=False) for conv, f in zip(self.convs, feats)]
-        return self.fusion(torch.cat(x, 1))  # (B, 4 * channels, h, w) -> (B, out_channels, h, w)
-
-
-class GSSHead(nn.Module):
-    """Token head: MLA -> D Swin blocks -> LayerNorm -> 1x1 conv + BN + ReLU -> Dropout2d -> conv_seg to the
-    vocabulary (facts §6.2), and the unlabeled-area auxiliary head p_xi: a separate MLA -> 1x1 conv to K (§7)."""
-
-    def __init__(self, in_channels, num_classes, vocab_size=8192, mla_channels=384, fused_channels=512,
-                 token_channels=2048, depth=2, num_heads=16, window_size=7, dropout=0.1):
-        super().__init__()
-        self.mla = MLA(in_channels, mla_channels, fused_channels)
-        self.blocks = swin.SwinStage(fused_channels, depth, num_heads, window_size, mlp_ratio=2.0)  # FFN 2x
-        self.swin_norm = nn.LayerNorm(fused_channels)
-        self.conv_before_seg = ConvBNReLU(fused_channels, token_channels)
-        self.dropout = nn.Dropout2d(dropout)
-        self.conv_seg = nn.Conv2d(token_channels, vocab_size, 1)
-        self.aux_mla = MLA(in_channels, mla_channels, mla_channels)
-        self.aux_cls = nn.Conv2d(mla_channels, num_classes, 1)
-        for conv in (self.conv_seg, self.aux_cls):  # mmseg BaseDecodeHead.init_weights
-            nn.init.normal_(conv.weight, std=0.01)
-            nn.init.zeros_(conv.bias)
-
-    def token_features(self, feats):
-        """4 levels -> (B, token_channels, h, w) at stride 4, after dropout: conv_seg's input."""
-        x = self.mla(feats).permute(0, 2, 3, 1)  # (B, h, w, fused)
-        x = self.swin_norm(self.blocks(x)[0])  # (B, h, w, fused)
-        return self.dropout(self.conv_before_seg(x.permute(0, 3, 1, 2).contiguous()))  # (B, token_channels, h, w)
-
-    def aux_logits(self, feats):
-        """4 levels -> (B, K, h, w) per-pixel class logits at stride 4."""
-        return self.aux_cls(self.aux_mla(feats))
-
-    def token_logits(self, x):
-        """(B, token_channels, h, w) -> (B, V, h, w). Large: training uses token_cross_entropy, inference token_argmax."""
-        return self.conv_seg(x)
-
-    def forward(self, feats):
-        return self.token_features(feats), self.aux_logits(feats)
-
-
-class GSS(nn.Module):
-    """The image encoder I_psi: backbone + GSSHead. `config` (plain types) rebuilds it: GSS.from_config(config)."""
-
-    def __init__(self, backbone='swin_l', num_classes=150, vocab_size=8192, mla_channels=384, fused_channels=512,
-                 token_channels=2048, depth=None, num_heads=16, window_size=7, dropout=0.1, pretrained=None):
-        super().__init__()
-        depth = depth if depth is not None else (6 if backbone.startswith('resnet') else 2)  # paper: D=2 Swin, 6 R101
-        self.config = dict(backbone=backbone, num_classes=num_classes, vocab_size=vocab_size, mla_channels=mla_channels,
-                           fused_channels=fused_channels, token_channels=token_channels, depth=depth,
-                           num_heads=num_heads, window_size=window_size, dropout=dropout)
-        self.backbone, channels = build_backbone(backbone, pretrained)
-        self.head = GSSHead(channels, num_classes, vocab_size, mla_channels, fused_channels, token_channels, depth,
-                            num_heads, window_size, dropout)
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def forward(self, images):
-        """(B, 3, H, W) -> (token features (B, token_channels, H/4, W/4), aux logits (B, K, H/4, W/4))."""
-        return self.head(self.backbone(images))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 8. Targets and losses (paper Eq. 7 as the official code computes it, facts §6.3, §7)
-
-def _chunks(x, chunk):
-    """Yield (b, rows, x[b, :, rows] as a (C, n) view) over blocks of whole rows, about `chunk` positions each."""
-    B, C, h, w = x.shape
-    step = max(1, chunk // w)
-    for b in range(B):
-        for r in range(0, h, step):
-            rows = slice(r, min(r + step, h))
-            yield b, rows, x[b, :, rows].flatten(1)  # (C, n), n = rows * w
-
-
-class TokenCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of a 1x1 conv's logits over the non-ignored positions, without ever holding the
-    (B, V, h, w) logits or their gradient: both exist one chunk of positions at a time (issue 7 item 3).
-    The loss ends the graph, so the gradient arriving in backward is a scalar: the gradients for x, weight and
-    bias are computed in forward while each chunk's logits are at hand, and backward only scales them.
-    (Recomputing the logits in backward instead costs a fourth matmul: 4/3 of the naive time.)"""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, target, ignore_index, chunk, with_grad):
-        W = weight.flatten(1)  # (V, C)
-        valid = target != ignore_index  # (B, h, w)
-        loss = torch.zeros((), device=x.device)
-        correct = torch.zeros((), dtype=torch.long, device=x.device)
-        if with_grad:  # gradients of the summed loss; backward divides by the count (fp16-safe magnitudes)
-            gx = torch.empty_like(x)
-            gw, gb = W.new_zeros(W.shape, dtype=torch.float32), W.new_zeros(W.shape[0], dtype=torch.float32)
-        for b, rows, xc in _chunks(x, chunk):
-            t, m = target[b, rows].flatten(), valid[b, rows].flatten()  # (n,)
-            logits = torch.addmm(bias, xc.t(), W.t()).float()  # (n, V); the matmul follows autocast
-            tc = t.clamp(max=W.shape[0] - 1)[:, None]  # (n, 1); ignored rows are masked below
-            target_logit, top = logits.gather(1, tc)[:, 0], logits.argmax(1)  # (n,)
-            peak = logits.amax(1, keepdim=True)  # (n, 1)
-            e = logits.sub_(peak).exp_()  # (n, V) exp(logits - peak), in place
-            total = e.sum(1)  # (n,)
-            loss += ((peak[:, 0] + total.log() - target_logit) * m).sum()  # logsumexp - target logit
-            correct += ((top == t) & m).sum()
-            if with_grad:  # d loss_sum / d logits = softmax - onehot(t) on valid rows, 0 elsewhere
-                g = e.mul_((m / total)[:, None]).scatter_add_(1, tc, -m[:, None].float()).to(x.dtype)  # (n, V)
-                gx[b, :, rows] = (W.t() @ g.t()).view(x.shape[1], -1, x.shape[3])  # (C, rows, w)
-                gw += g.t() @ xc.t()  # (V, C)
-                gb += g.sum(0)  # (V,)
-        ctx.count = valid.sum().clamp(min=1)  # a mean over valid positions (official avg_non_ignore=True)
-        ctx.grads = (gx, gw.view_as(weight), gb) if with_grad else None
-        ctx.mark_non_differentiable(correct)
-        return loss / ctx.count, correct
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, grad_correct):
-        if ctx.grads is None:
-            raise RuntimeError("token_cross_entropy: backward without gradients (called under no_grad, or twice)")
-        (gx, gw, gb), ctx.grads = ctx.grads, None  # freed after use: a second backward is an error, not a silent one
-        scale = grad_loss / ctx.count
-        return gx.mul_(scale), gw.mul_(scale), gb.mul_(scale), None, None, None, None
-
-
-def token_cross_entropy(feats, conv, target, ignore_index, chunk=2048):
-    """F.cross_entropy(conv(feats), target, ignore_index) (mean over valid positions) computed in chunks of
-    positions, and the number of correct argmax tokens there. feats (B, C, h, w), target (B, h, w) long."""
-    with_grad = torch.is_grad_enabled() and (feats.requires_grad or conv.weight.requires_grad)
-    return TokenCrossEntropy.apply(feats, conv.weight, conv.bias, target, ignore_index, chunk, with_grad)
-
-
-@torch.no_grad()
-def token_argmax(feats, conv, chunk=2048):
-    """argmax over the vocabulary of conv(feats), chunk by chunk: (B, C, h, w) -> tokens (B, h, w)."""
-    W = conv.weight.flatten(1)  # (V, C)
-    tokens = torch.empty(feats.shape[0], *feats.shape[2:], dtype=torch.long, device=feats.device)
-    for b, rows, xc in _chunks(feats, chunk):
-        tokens[b, rows] = torch.addmm(conv.bias, xc.t(), W.t()).argmax(1).view(-1, feats.shape[3])
-    return tokens
-
-
-@torch.no_grad()
-def token_targets(tokenizer, palette, labels2x, aux2x):
-    """The official token targets (facts §6.3, §7): unlabeled (255) pixels of the 2x labels are filled with the
-    auxiliary head's argmax (c~ = M_u c_bar + (1 - M_u) c, paper Sec. 3.4), painted with the palette and
-    tokenized; a token whose whole 8x8 block is unlabeled gets the ignore index tokenizer.vocab_size.
-    labels2x (B, 2H, 2W) long, aux2x (B, K, 2H, 2W) logits, palette (K, 3) 0..255
-    -> (tokens (B, H/4, W/4), composed labels (B, 2H, 2W))."""
-    unlabeled = labels2x == 255  # (B, 2H, 2W)
-    composed = torch.where(unlabeled, aux2x.argmax(1), labels2x)  # (B, 2H, 2W), no 255 left
-    tokens = tokenizer.encode(paint(composed, palette, palette.new_zeros(3)))  # (B, H/4, W/4); float32, no autocast
-    labeled = F.max_pool2d((~unlabeled)[:, None].float(), 8)[:, 0] > 0  # (B, H/4, W/4): any labeled pixel
-    return tokens.masked_fill(~labeled, tokenizer.vocab_size), composed
-
-
-def compute_loss(model, tokenizer, palette, images, labels):
-    """Stage-II loss: 0.8 x token CE (ignore = vocab_size) + 0.2 x auxiliary pixel CE at 2H x 2W (ignore 255),
-    each a mean over valid elements (facts §6.3). images (B, 3, H, W), labels (B, H, W) with 255 = unlabeled
-    (left unmodified), palette (K, 3) 0..255 -> (loss, logs: floats loss_token and loss_aux (weighted, as the
-    official loss_ce and loss_ce_pixel), acc_token and acc_aux in percent)."""
-    H, W = images.shape[-2:]
-    if H % 4 or W % 4:
-        raise UserError(f"training crop {H}x{W}: expected sides that are multiples of 4 (tokens sit at 1/4)")
-    feats, aux = model(images)  # (B, C, H/4, W/4), (B, K, H/4, W/4)
-    aux = F.interpolate(aux, (2 * H, 2 * W), mode='bilinear', align_corners=False)  # (B, K, 2H, 2W)
-    labels2x = upsample_labels_2x(labels)  # (B, 2H, 2W)
-    targets, _ = token_targets(tokenizer, palette, labels2x, aux)  # (B, H/4, W/4)
-    conv_seg = getattr(model, 'module', model).head.conv_seg  # through a DDP wrapper
-    loss_token, correct = token_cross_entropy(feats, conv_seg, targets, tokenizer.vocab_size)
-    valid = labels2x != 255  # (B, 2H, 2W)
-    loss_aux = F.cross_entropy(aux, labels2x, ignore_index=255, reduction='sum') / valid.sum().clamp(min=1)
-    loss = 0.8 * loss_token + 0.2 * loss_aux
-    logs = dict(loss_token=0.8 * loss_token.item(), loss_aux=0.2 * loss_aux.item(),
-                acc_token=100.0 * correct.item() / max(1, (targets != tokenizer.vocab_size).sum().item()),
-                acc_aux=100.0 * ((aux.argmax(1) == labels2x) & valid).sum().item() / max(1, valid.sum().item()))
-    return loss, logs
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 9. Generative inference (paper Sec. 3.5, facts §10) and the official checkpoints
-
-def slide_windows(H, W, crop, stride):
-    """mmseg's slide_inference windows [(y1, y2, x1, x2)]: a grid at `stride`, the last window snapped to the
-    border, windows clipped to images smaller than the crop. crop, stride: int or (h, w)."""
-    (ch, cw), (sh, sw) = [(v, v) if isinstance(v, int) else tuple(v) for v in (crop, stride)]
-    boxes = []
-    for i in range(max(H - ch + sh - 1, 0) // sh + 1):
-        for j in range(max(W - cw + sw - 1, 0) // sw + 1):
-            y2, x2 = min(i * sh + ch, H), min(j * sw + cw, W)
-            boxes.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
-    return boxes
-
-
-def _infer(window_scores, images, mode, crop, stride):
-    """Whole image, or mmseg's sliding windows: each of the window's maps ({name: (B, C, f h, f w)}, f = 1 for
-    class scores, 2 for the maskige) summed into its canvas (B, C, f H, f W), divided by the overlap count."""
-    if mode == 'whole':
-        return window_scores(images)
-    if mode != 'slide' or crop is None or stride is None:
-        raise UserError(f"--mode {mode}: expected 'whole', or 'slide' with a crop and a stride")
-    B, _, H, W = images.shape
-    out, count = {}, images.new_zeros(1, 1, H, W)
-    for y1, y2, x1, x2 in slide_windows(H, W, crop, stride):
-        for name, s in window_scores(images[:, :, y1:y2, x1:x2]).items():  # (B, C, f (y2-y1), f (x2-x1))
-            f = s.shape[2] // (y2 - y1)
-            if name not in out:
-                out[name] = torch.zeros(B, s.shape[1], f * H, f * W, device=s.device)  # float32 sums
-            out[name][:, :, f * y1:f * y2, f * x1:f * x2] += s
-        count[:, :, y1:y2, x1:x2] += 1
-    return {name: o / F.interpolate(count, o.shape[2:], mode='nearest') for name, o in out.items()}
-
-
-@torch.no_grad()
-def predict(model, tokenizer, inverse, images, mode='whole', crop=None, stride=None, aux=False, maskige=False):
-    """Generative inference: image -> tokens (argmax, chunked) -> tokenizer.decode -> maskige at 2H x 2W -> X^-1
-    -> class scores bilinearly resized to the input: (B, 3, H, W) -> (B, K, H, W). Put the modules in eval mode.
-    inverse: any X^-1 module of gss; as in the official code, NearestColour gives a one-hot before the resize and
-    learned inverses their logits (maskige_scores, facts §3, §10). inverse may also be a dict {name: X^-1}: then
-    the result is a dict {name: scores} from one generation per window, plus 'aux head' (the auxiliary head's
-    per-pixel logits on the same backbone pass) when aux=True, and 'maskige' (the generated maskige, (B, 3, 2H, 2W),
-    averaged where windows overlap) when maskige=True."""
-    model = getattr(model, 'module', model)  # through a DDP wrapper
-    inverses = inverse if isinstance(inverse, dict) else {'': inverse}
-
-    def window_scores(x):
-        H, W = x.shape[-2:]
-        feats = model.backbone(x)
-        out = {}
-        if inverses:
-            m = _generate(model, tokenizer, feats, H, W)  # (B, 3, 2H, 2W)
-            out = {name: maskige_scores(inv, m, (H, W)) for name, inv in inverses.items()}  # (B, K, H, W)
-            if maskige:
-                out['maskige'] = m
-        if aux:
-            a = model.head.aux_logits(feats)  # (B, K, h, w), h = ceil(H/4)
-            a = F.interpolate(a, (4 * a.shape[2], 4 * a.shape[3]), mode='bilinear', align_corners=False)
-            out['aux head'] = a[:, :, :H, :W]  # (B, K, H, W)
-        return out
-    scores = _infer(window_scores, images, mode, crop, stride)
-    return scores if isinstance(inverse, dict) else scores['']
-
-
-def _generate(model, tokenizer, feats, H, W):
-    """Backbone features of an (H, W) image -> token argmax -> tokenizer.decode -> maskige (B, 3, 2H, 2W)."""
-    tokens = token_argmax(model.head.token_features(feats), model.head.conv_seg)  # (B, ceil(H/4), ceil(W/4))
-    return tokenizer.decode(tokens)[:, :, :2 * H, :2 * W]
-
-
-@torch.no_grad()
-def generate(model, tokenizer, images):
-    """The generated maskige: image (B, 3, H, W) -> token logits -> argmax -> tokenizer.decode -> (B, 3, 2H, 2W)."""
-    model = getattr(model, 'module', model)  # through a DDP wrapper
-    return _generate(model, tokenizer, model.backbone(images), *images.shape[-2:])
-
-
-def predict_aux(model, images, mode='whole', crop=None, stride=None):
-    """The auxiliary head's per-pixel logits (a discriminative baseline on the same backbone): (B, K, H, W)."""
-    return predict(model, None, {}, images, mode, crop, stride, aux=True)['aux head']
-
-
-OFFICIAL_NAMES = [  # (official decode_head.* name prefix, ours); facts §6.2, §7, §4.1, §5
-    ('convs.0.', 'head.mla.convs.1.'), ('convs.1.', 'head.mla.convs.0.'),  # in_index=[1, 0, 2, 3]: levels 1, 0 swap
-    ('convs.2.', 'head.mla.convs.2.'), ('convs.3.', 'head.mla.convs.3.'), ('fusion_conv.', 'head.mla.fusion.'),
-    ('transformer_block.', 'head.blocks.'), ('swin_ln.', 'head.swin_norm.'),
-    ('conv_before_seg.', 'head.conv_before_seg.'), ('conv_seg.', 'head.conv_seg.'),
-    ('convs_pixel.0.', 'head.aux_mla.convs.1.'), ('convs_pixel.1.', 'head.aux_mla.convs.0.'),
-    ('convs_pixel.2.', 'head.aux_mla.convs.2.'), ('convs_pixel.3.', 'head.aux_mla.convs.3.'),
-    ('fusion_conv_pixel.', 'head.aux_mla.fusion.'), ('conv_seg_pixel.', 'head.aux_cls.'),
-    ('d_vae.', 'tokenizer.'),
-    ('projection.conv.', 'inverse.projection.'), ('projection.bn.', 'inverse.projection_bn.'),  # FT-W's X^-1
-    ('post_transformer_block.', 'inverse.blocks.'), ('post_swin_ln.', 'inverse.norm.'),
-    ('cls_segmap.conv.', 'inverse.cls.'),
-]
-_SWIN_NAMES = [('.attn.', '.attn.w_msa.'), ('.mlp.fc1.', '.ffn.layers.0.0.'), ('.mlp.fc2.', '.ffn.layers.1.')]  # mmseg
-
-
-def official_key(key):
-    """Our 'head.*' / 'tokenizer.*' / 'inverse.*' state-dict key -> the official 'decode_head.*' key."""
-    ours = next(p for p in OFFICIAL_NAMES if key.startswith(p[1]))
-    key = ours[0] + key[len(ours[1]):]
-    for a, b in _SWIN_NAMES:
-        key = key.replace(a, b)
-    return 'decode_head.' + key
-
-
-def _swap_levels01(w):
-    """Fusion conv weight (out, 4C, 1, 1): swap the column blocks of levels 0 and 1 (in_index=[1, 0, 2, 3])."""
-    c = w.shape[1] // 4
-    return torch.cat([w[:, c:2 * c], w[:, :c], w[:, 2 * c:]], 1)
-
-
-def _key_report(missing, unexpected, mismatched=()):
-    def few(keys):
-        keys = sorted(keys)
-        return ', '.join(keys[:6]) + (f' (+{len(keys) - 6} more)' if len(keys) > 6 else '')
-    parts = [('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatch', mismatched)]
-    return '; '.join(f"{name} {few(keys)}" for name, keys in parts if keys)
-
-
-def _load_strict(module, sd, what):
-    """load_state_dict(strict=True) with shapes checked first and a one-line UserError naming the keys."""
-    own = module.state_dict()
-    mismatched = [f"{k} {tuple(v.shape)} vs ours {tuple(own[k].shape)}"
-                  for k, v in sd.items() if k in own and v.shape != own[k].shape]
-    missing, unexpected = own.keys() - sd.keys(), sd.keys() - own.keys()
-    if missing or unexpected or mismatched:
-        raise UserError(f"{what}: {_key_report(missing, unexpected, mismatched)}")
-    module.load_state_dict(sd)
-
-
-def _load_swin(model, sd, what):
-    try:
-        return swin.load_pretrained(model, sd)
-    except (ValueError, RuntimeError) as e:  # unknown layout; size mismatch
-        raise UserError(f"{what}: {str(e).strip().splitlines()[-1].strip()}") from None
-
-
-def _count(sd, prefix):
-    """Number of numbered blocks under prefix ('x.blocks.' -> distinct i of 'x.blocks.i.*')."""
-    return len({k[len(prefix):].split('.')[0] for k in sd if k.startswith(prefix)})
-
-
-def official_config(sd):
-    """GSS config of an official segmentor state dict, read from its shapes (facts §6.1-6.2)."""
-    try:
-        if 'backbone.patch_embed.projection.weight' in sd:  # mmseg Swin
-            stages = range(_count(sd, 'backbone.stages.'))
-            tables = [sd[f'backbone.stages.{i}.blocks.0.attn.w_msa.relative_position_bias_table'] for i in stages]
-            shape = (sd['backbone.patch_embed.projection.weight'].shape[0],
-                     tuple(_count(sd, f'backbone.stages.{i}.blocks.') for i in stages),
-                     tuple(t.shape[1] for t in tables), (math.isqrt(tables[0].shape[0]) + 1) // 2)
-            backbone = next((name for name, p in swin.SWIN_PRESETS.items()
-                             if (p['embed_dim'], tuple(p['depths']), tuple(p['num_heads']), p['window_size']) == shape), None)
-            if backbone is None:
-                raise UserError(f"official checkpoint: Swin backbone (embed, depths, heads, window) = {shape} "
-                                f"matches no preset in swin.SWIN_PRESETS")
-        elif 'backbone.stem.0.weight' in sd:  # mmseg ResNet-V1c
-            backbone = 'resnet101_v1c' if _count(sd, 'backbone.layer3.') == 23 else 'resnet50_v1c'  # 23 or 6 blocks
-        else:
-            raise UserError("official checkpoint: no backbone.* keys of an mmseg Swin or ResNet-V1c; pass model=")
-        table = sd['decode_head.transformer_block.blocks.0.attn.w_msa.relative_position_bias_table']
-        K = sd.get('decode_head.conv_seg_pixel.weight', sd.get('decode_head.cls_segmap.conv.weight'))
-        return dict(backbone=backbone, num_classes=K.shape[0], vocab_size=sd['decode_head.conv_seg.weight'].shape[0],
-                    mla_channels=sd['decode_head.convs.0.conv.weight'].shape[0],
-                    fused_channels=sd['decode_head.fusion_conv.conv.weight'].shape[0],
-                    token_channels=sd['decode_head.conv_before_seg.conv.weight'].shape[0],
-                    depth=_count(sd, 'decode_head.transformer_block.blocks.'), num_heads=table.shape[1],
-                    window_size=(math.isqrt(table.shape[0]) + 1) // 2, dropout=0.1)
-    except (KeyError, AttributeError) as e:
-        raise UserError(f"official checkpoint: not a GSS segmentor state dict (no {e})") from None
-
-
-def load_official_checkpoint(checkpoint, model=None, variant=None):
-    """An official GSS checkpoint (fudan-zvg/GSS, mmseg 0.26: path or state dict; a bare decode_head state dict
-    is accepted too) -> (model, tokenizer, inverse). The DALL-E weights inside (decode_head.d_vae.*) become the
-    tokenizer; inverse is an FTWInverse for GSS-FT-W files, else None (GSS-FF: use NearestColour of the official
-    palette). model: load into this GSS (default: one built from the shapes).
-    variant: 'ff' or 'ft-w' (default: from the keys). Strict: every key is used or explained, shapes checked."""
-    is_path = isinstance(checkpoint, (str, os.PathLike))
-    what = os.fspath(checkpoint) if is_path else 'official checkpoint'
-    sd = load_file(checkpoint, 'official GSS checkpoint') if is_path else checkpoint
-    sd = sd.get('state_dict', sd)
-    if not any(k.startswith(('decode_head.', 'backbone.')) for k in sd):  # the head's own state dict
-        sd = {'decode_head.' + k: v for k, v in sd.items()}
-    variant = variant or ('ft-w' if 'decode_head.cls_segmap.conv.weight' in sd else 'ff')
-    if model is None:
-        model = GSS.from_config(official_config(sd))
-    try:
-        tokenizer = build_tokenizer(n_hid=sd['decode_head.d_vae.encoder.blocks.input.w'].shape[0],
-                                    vocab_size=sd['decode_head.d_vae.encoder.blocks.output.conv.w'].shape[0],
-                                    n_init=sd['decode_head.d_vae.decoder.blocks.input.w'].shape[0])
-        inverse = None
-        if variant == 'ft-w':
-            table = sd['decode_head.post_transformer_block.blocks.0.attn.w_msa.relative_position_bias_table']
-            inverse = FTWInverse(model.config['num_classes'], dim=sd['decode_head.projection.conv.weight'].shape[0],
-                                 depth=_count(sd, 'decode_head.post_transformer_block.blocks.'),
-                                 num_heads=table.shape[1], window_size=(math.isqrt(table.shape[0]) + 1) // 2)
-    except KeyError as e:
-        raise UserError(f"{what}: no {e}; expected an official GSS-{variant.upper()} checkpoint") from None
-    # the head, tokenizer and inverse by official key name
-    parts = {'head': model.head, 'tokenizer': tokenizer, 'inverse': inverse}
-    expected = {official_key(f'{p}.{k}'): (p, k, v.shape) for p, m in parts.items() if m is not None
-                for k, v in m.state_dict().items()}
-    loaded = {p: {} for p in parts}
-    unexpected, mismatched = [], []
-    for key, v in sd.items():
-        if key.startswith('backbone.') or key.endswith('relative_position_index'):  # below; recomputed buffers
-            continue
-        if key.startswith('decode_head.norm.'):  # stale LayerNorm of released files (GSS issue #12)
-            continue
-        if key not in expected:
-            unexpected.append(key)
-            continue
-        p, k, shape = expected[key]
-        if v.shape != shape:
-            mismatched.append(f"{key} {tuple(v.shape)} vs ours {tuple(shape)}")
-        else:
-            loaded[p][k] = _swap_levels01(v) if k.endswith('fusion.conv.weight') else v
-    missing = [key for key in expected if key not in sd]
-    aux = [key for key in missing if 'pixel' in key]
-    if variant == 'ft-w' and aux and len(aux) == sum('pixel' in key for key in expected):
-        warnings.warn(f"{what}: no auxiliary head (an unmerged GSS-FT-W file); predict_aux gives untrained scores")
-        missing = [key for key in missing if 'pixel' not in key]
-        loaded['head'].update({k: v for k, v in model.head.state_dict().items() if k.startswith(('aux_mla.', 'aux_cls.'))})
-    if missing or unexpected or mismatched:
-        raise UserError(f"{what}: {_key_report(missing, unexpected, mismatched)}; "
-                        f"expected a GSS-{variant.upper()} checkpoint")
-    for p, m in parts.items():
-        if m is not None:
-            m.load_state_dict(loaded[p])
-    # the backbone: mmseg Swin via swin.py, mmseg ResNet-V1c as is
-    backbone = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')}
-    if isinstance(model.backbone, swin.SwinTransformer):
-        missing, unexpected = _load_swin(model.backbone, backbone, f"{what}: backbone")
-        if missing or unexpected:
-            raise UserError(f"{what}: backbone: {_key_report(missing, unexpected)}")
-    elif backbone or model.backbone.state_dict():
-        _load_strict(model.backbone, backbone, f"{what}: backbone")
-    return model, tokenizer, inverse
+                        f" (checkpoint vs artifact); expected the artifact it was trained with, {saved['path']}")

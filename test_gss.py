@@ -680,7 +680,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))  # the repository
 
 
 def min_distance(palette):
-    return gss._pairwise_min(palette).min().item()
+    """The smallest distance between two colours of a palette (K, 3)."""
+    d2 = ((palette[:, None].long() - palette[None].long()) ** 2).sum(-1)  # (K, K) exact integers
+    return d2.fill_diagonal_(2 ** 40).min().double().sqrt().item()
 
 
 def blob_labels(B, H, W, K, seed=0):
@@ -891,6 +893,7 @@ def test_ft_and_ftw_beat_nearest_colour_on_noisy_maskiges():
 # ---- section 5: tokenizer
 
 def test_convert_dalle_pickles_reload_identically(tmp_path):
+    assert gss.LOGIT_LAPLACE_EPS == dall_e.utils.logit_laplace_eps  # gss spells it out to import without dall_e
     torch.manual_seed(0)
     enc = dall_e.Encoder(n_hid=64, n_blk_per_group=1, vocab_size=512)
     dec = dall_e.Decoder(n_init=32, n_hid=64, n_blk_per_group=1, vocab_size=512)
@@ -1274,9 +1277,9 @@ def test_predict_whole_slide_and_aux():
     # rows < 6 and columns < 14 are covered by the first window only
     first = gss.generate(model, tokenizer, images[:, :, :24, :32])  # (2, 3, 48, 64): the first window's maskige
     assert torch.allclose(four['maskige'][:, :, :12, :28], first[:, :, :12, :28])
-    aux = gss.predict_aux(model, images)
+    aux = gss.predict(model, None, {}, images, aux=True)['aux head']  # the auxiliary head alone
     assert aux.shape == (2, 5, 30, 46)
-    assert torch.equal(gss.predict_aux(model, images, 'slide', 64, 32), aux)
+    assert torch.equal(gss.predict(model, None, {}, images, 'slide', 64, 32, aux=True)['aux head'], aux)
     with pytest.raises(gss.UserError, match='slide'):
         gss.predict(model, tokenizer, inverse, images, 'slide')
 
