@@ -664,8 +664,7 @@ def test_presets():
 @pytest.mark.parametrize('files, code', [
     (['swin.py'], 'import swin'),
     (['datasets.py'], 'import datasets'),
-    pytest.param(['gss.py', 'swin.py'], "import sys; sys.modules['dall_e'] = None; import gss", marks=pytest.mark.xfail(
-        strict=True, reason='gss.py imports dall_e at module level (issue 16 item 3, gss.py slice)'))])
+    (['gss.py', 'swin.py'], "import sys; sys.modules['dall_e'] = None; import gss")])
 def test_modules_copy_alone(tmp_path, files, code):
     """Copied alone into an empty folder, each module imports: swin.py needs only torch, datasets.py torch, numpy
     and pillow, gss.py (with swin.py) everything but dall_e."""
