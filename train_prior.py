@@ -13,8 +13,7 @@ After a crash, a kill or a time limit, run the same command with --resume auto: 
 Outputs in --out (default runs/<dataset>/prior): latest.pt (every --ckpt-interval iterations, at the end, on
 SIGTERM/SIGINT), best.pt (best validation mIoU), log.jsonl (one JSON object per log line). Checkpoints hold plain
 types only (torch.load(weights_only=True) reads them): kind 'gss-prior', iter, model (state dict), config (rebuilds
-it: gss.GSS.from_config), optimizer, scaler, data (epoch and position in the epoch's sample order), rng (every rank's
-torch / CUDA / numpy / python RNG states), best_miou, val_miou, args, posterior (the stage-I artifact itself, checked
+it: gss.GSS.from_config), optimizer, scaler, data (epoch and position in the epoch's sample order), best_miou, val_miou, args, posterior (the stage-I artifact itself, checked
 on load, but for its tokenizer: that file's path relative to --out and absolute, so that a moved runs folder still
 evaluates). They are written atomically: the previous one stays
 intact until the new one is complete (and the unfinished file of a killed write is removed at the next start).
@@ -33,7 +32,7 @@ where or when: each sample's augmentation by (seed, epoch, position), dropout / 
 micro-batch), so a resume is exact and 2 ranks x 1 image equal 1 rank x 2 accumulated images.
 
 This file also hosts the training plumbing that train_posterior.py imports: setup_distributed, cleanup_distributed,
-per_rank, sync_batchnorm, stop_together, lr_at, Logger, save_checkpoint, load_checkpoint, rng_state, set_rng_state.
+per_rank, sync_batchnorm, stop_together, lr_at, Logger, save_checkpoint, load_checkpoint.
 """
 import argparse
 import ast
@@ -44,7 +43,6 @@ import inspect
 import json
 import math
 import os
-import random
 import resource
 import signal
 import sys
@@ -179,27 +177,6 @@ def load_checkpoint(path, kind, posterior=None):
     if posterior is not None:
         gss.check_posterior_match(ckpt['posterior'], posterior, path)
     return ckpt
-
-
-def rng_state():
-    """torch / CUDA / numpy / python RNG states as plain types (tensors, lists, numbers): weights_only-loadable."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, py_state, py_gauss = random.getstate()
-    return {'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': pos, 'has_gauss': has_gauss,
-                      'gauss': gauss},
-            'python': {'version': version, 'state': torch.tensor(py_state, dtype=torch.int64), 'gauss': py_gauss}}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    if state['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-    n = state['numpy']
-    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
-    p = state['python']
-    random.setstate((p['version'], tuple(p['state'].tolist()), p['gauss']))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -416,7 +393,7 @@ def train(args):
 
 def train_loop(args, rank, world_size, local_rank, device):
     master = rank == 0
-    torch.manual_seed(args.seed + rank), np.random.seed(args.seed + rank), random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)  # the initial weights (DDP broadcasts rank 0's)
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = not args.deterministic  # official: cudnn_benchmark True
@@ -483,10 +460,6 @@ def train_loop(args, rank, world_size, local_rank, device):
         it = saved_it = ckpt['iter']
         epoch, consumed = ckpt['data']['epoch'], ckpt['data']['position'] // world_size
         best_miou, val_miou = ckpt['best_miou'], ckpt['val_miou']
-        if len(ckpt['rng']) == world_size:
-            set_rng_state(ckpt['rng'][rank])
-        else:
-            log.info(f"{resume}: saved on {len(ckpt['rng'])} ranks, resuming on {world_size}: RNG streams restart")
         log.info(f"resumed from {resume} at iteration {it} (epoch {epoch}, sample {consumed} of this rank's share)")
 
     if args.compile:
@@ -495,15 +468,10 @@ def train_loop(args, rank, world_size, local_rank, device):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == 'cuda'
                                                           else None)
 
-    def checkpoint():  # collective (gathers every rank's RNG state); plain types only: weights_only-loadable
-        rng = [None] * world_size
-        if world_size > 1:
-            dist.all_gather_object(rng, rng_state())
-        else:
-            rng = [rng_state()]
+    def checkpoint():  # plain types only: weights_only-loadable
         return {'kind': 'gss-prior', 'iter': it, 'model': raw_model.state_dict(), 'config': raw_model.config,
                 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                'data': {'epoch': epoch, 'position': consumed * world_size}, 'rng': rng,
+                'data': {'epoch': epoch, 'position': consumed * world_size},
                 'best_miou': best_miou, 'val_miou': val_miou, 'args': vars(args),
                 'posterior': gss.posterior_summary(posterior, args.posterior, args.out)}
 
