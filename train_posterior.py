@@ -30,7 +30,6 @@ On a CPU shared with other jobs, prefix OMP_NUM_THREADS=1: OpenMP threads spin w
 (measured here: 2 threads on 2 loaded cores burnt ~8x the CPU time of 1 thread per tokenizer step).
 """
 import argparse
-import glob
 import math
 import os
 import sys
@@ -45,7 +44,7 @@ import datasets
 import evaluate
 import gss
 import train_prior
-from train_prior import Logger, StopSignals, cleanup_distributed, lr_at, setup_distributed, stop_together
+from train_prior import Logger, StopSignals, cleanup_distributed, lr_at, setup_distributed
 
 # The official GSS-FT-W recipes (facts 4.1, 4.2: AdamW, wd 0.01, poly, warmup 1500) by --dataset and the backbone of
 # the --prior model (Swin without --prior); other datasets and backbones take ADE20K Swin-L's, the paper's.
@@ -231,52 +230,22 @@ def train(args, s, trained, optimizer, loss_fn, validate, ds, log, rank, world_s
     """Iterate loss_fn(batch, progress) -> loss with `optimizer` over the dict `trained` ({name: module or
     Parameter}) for s['iters'] iterations of s['batch_size'] images in total over the ranks: lr poly with s['warmup'],
     gradients averaged over ranks, optionally clipped (clip: max norm) and clamped (clamp: params to clamp to [0, 1]).
-    validate() -> dict of metrics, every s['eval'] iterations and at the end on rank 0. Randomness is keyed by what
-    is computed, as in train_prior.py: batches come from its sampler (each sample's augmentation seeded by its epoch
-    and position), the losses' crops and Gumbel noise by that sample's seed (keyed), so that a resume reproduces the
-    uninterrupted run and 2 ranks x b images compute what 1 rank x 2b computes for the losses that are means over the
-    samples; the rest (the --prior model's dropout) by (seed, iteration, rank).
-    -> (exit code: 0, or 128 + signal; the last logged stats)."""
-    latest = args.checkpoint_path
+    validate() -> dict of metrics, every s['eval'] iterations and at the end on rank 0. Randomness is keyed as in
+    train_prior.py: each sample's augmentation, crops and Gumbel noise by its seed (keyed), the rest (the --prior
+    model's dropout) by (seed, iteration, rank). -> (exit code: 0, or 128 + signal; the last logged stats)."""
     params = [p for t in trained.values() for p in (t.parameters() if isinstance(t, nn.Module) else [t])]
-    sampler = train_prior.ResumableSampler(ds, world_size, rank, args.seed)
-    images = train_prior.per_rank(s['batch_size'], world_size)
-    loader = torch.utils.data.DataLoader(train_prior.SeededItems(ds), batch_size=images, sampler=sampler,
-                                         drop_last=True, num_workers=4 if device.type == 'cuda' else 0,
-                                         worker_init_fn=train_prior.ignore_sigint)
-    it, epoch, consumed, saved_it, stats = 0, 0, 0, None, {}
-    for path in glob.glob(f'{latest}.*.tmp'):  # gss.save_atomic's unfinished file of a killed run
-        if rank == 0:
-            os.remove(path)
-    if args.resume and (args.resume != 'auto' or os.path.exists(latest)):
-        resume = latest if args.resume == 'auto' else args.resume
-        ckpt = train_prior.load_checkpoint(resume, 'gss-posterior')
-        if ckpt['variant'] != args.variant or set(ckpt['trained']) != set(trained):
-            raise gss.UserError(f"{resume}: checkpoint of --variant {ckpt['variant']}; expected --variant "
-                                f"{args.variant}")
-        try:
-            for name, t in trained.items():
-                t.load_state_dict(ckpt['trained'][name]) if isinstance(t, nn.Module) else t.data.copy_(
-                    ckpt['trained'][name])
-            optimizer.load_state_dict(ckpt['optimizer'])  # (one written before FT-W's two weight-decay groups: error)
-        except (RuntimeError, ValueError) as e:
-            raise gss.UserError(f"{resume}: does not match the flags or this version ({str(e).splitlines()[0]}); "
-                                f"expected the flags it was trained with") from None
-        it = saved_it = ckpt['iter']
-        epoch, consumed = ckpt['data']['epoch'], ckpt['data']['position'] // world_size
-        log.info(f"resumed from {resume} at iteration {it}")
+    loader = train_prior.seeded_loader(ds, train_prior.per_rank(s['batch_size'], world_size), rank, world_size,
+                                       args.seed, 4 if device.type == 'cuda' else 0, device)
+    ckpts = train_prior.Checkpoints(args.checkpoint_path, args.resume, rank, world_size, device, log)
+    it, epoch, consumed = resume(ckpts, args, trained, optimizer, log)
 
-    def save():
-        nonlocal saved_it
-        if rank == 0:
-            train_prior.save_checkpoint({
-                'kind': 'gss-posterior', 'variant': args.variant, 'iter': it, 'optimizer': optimizer.state_dict(),
+    def checkpoint():
+        return {'kind': 'gss-posterior', 'variant': args.variant, 'iter': it, 'optimizer': optimizer.state_dict(),
                 'trained': {k: t.state_dict() if isinstance(t, nn.Module) else t.detach() for k, t in trained.items()},
-                'data': {'epoch': epoch, 'position': consumed * world_size}, 'args': vars(args)}, latest)
-        saved_it = it
+                'data': {'epoch': epoch, 'position': consumed * world_size}, 'args': vars(args)}
 
     batches = train_prior.endless(loader, epoch, consumed)
-    t0 = time.time()
+    t0, stats = time.time(), {}
     with StopSignals() as stop:
         while it < s['iters']:
             batch, epoch, consumed = next(batches)
@@ -285,7 +254,7 @@ def train(args, s, trained, optimizer, loss_fn, validate, ds, log, rank, world_s
                 g['lr'] = lr_at(it, s['lr'], s['iters'], s.get('warmup', 0))
             torch.manual_seed(train_prior.seed_of(args.seed, 1, it, rank))  # 1: the draws not keyed by the sample
             loss = loss_fn(batch, it / s['iters'])
-            signum = stop_together(stop.signum, math.isfinite(loss.item()), it, latest, saved_it, device, world_size)
+            signum = ckpts.stop(stop.signum, math.isfinite(loss.item()), it)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             sync_grads(params, world_size)
@@ -303,12 +272,33 @@ def train(args, s, trained, optimizer, loss_fn, validate, ds, log, rank, world_s
                     stats.update(validate())
                 log.log(it, stats)
             if signum or last or it % args.ckpt_interval == 0:
-                save()
+                ckpts.save(checkpoint())
             if signum:
-                log.info(f"stopped by signal {signum} after iteration {it}; saved {latest}; "
-                         f"continue with --resume auto")
-                return 128 + signum, stats
+                return ckpts.stopped(signum, it), stats
     return 0, stats
+
+
+def resume(ckpts, args, trained, optimizer, log):
+    """The trained tensors and the optimizer from --resume -> (iteration, epoch, samples of this rank's share
+    consumed); a fresh start without one."""
+    ckpt, it, epoch, consumed = ckpts.load('gss-posterior')
+    if ckpt is None:
+        return 0, 0, 0
+    if ckpt['variant'] != args.variant or set(ckpt['trained']) != set(trained):
+        raise gss.UserError(f"{ckpts.resume}: checkpoint of --variant {ckpt['variant']}; expected --variant "
+                            f"{args.variant}")
+    try:
+        for name, t in trained.items():
+            if isinstance(t, nn.Module):
+                t.load_state_dict(ckpt['trained'][name])
+            else:
+                t.data.copy_(ckpt['trained'][name])
+        optimizer.load_state_dict(ckpt['optimizer'])  # (one written before FT-W's two weight-decay groups: error)
+    except (RuntimeError, ValueError) as e:
+        raise gss.UserError(f"{ckpts.resume}: does not match the flags or this version ({str(e).splitlines()[0]}); "
+                            f"expected the flags it was trained with") from None
+    log.info(f"resumed from {ckpts.resume} at iteration {it}")
+    return it, epoch, consumed
 
 
 def train_tokenizer(args, s, num_classes, palette, ignore_colour, device, rank, world_size, log):
