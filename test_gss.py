@@ -2139,7 +2139,8 @@ def test_long_settings_are_the_ones_that_reach_the_targets(env):
     assert (args.iters, args.eval_interval, args.warmup_iters) == (1000, 500, 100)
     args = train_prior.parse_args(['--dataset', 'synthetic', *post])
     assert (args.iters, args.eval_interval, args.warmup_iters) == (280, 0, 50)  # evaluate.py measures the end
-    assert train_posterior.SYNTHETIC_LONG == {'tokenizer': {'iters': 5000, 'eval': 1000}}
+    s = train_posterior.train_settings(train_posterior.parse_args(['--variant', 'tokenizer', '--long']), None)
+    assert (s['iters'], s['eval']) == (5000, 1000)
 
 
 # ---- the main job, end to end (issue 6): the README's chain of entry points on the tiny set, a few iterations each

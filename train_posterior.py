@@ -46,8 +46,8 @@ import gss
 import train_prior
 from train_prior import Logger, StopSignals, cleanup_distributed, lr_at, setup_distributed
 
-# The official GSS-FT-W recipes (facts 4.1, 4.2: AdamW, wd 0.01, poly, warmup 1500) by --dataset and the backbone of
-# the --prior model (Swin without --prior); other datasets and backbones take ADE20K Swin-L's, the paper's.
+# The official GSS-FT-W recipes (configs/gss/<dataset>/gss-ft-w_<backbone>_*.py: AdamW, wd 0.01, poly, warmup 1500)
+# by --dataset and the backbone of the --prior model (Swin without --prior); others take ADE20K Swin-L's, the paper's.
 FTW_RECIPES = {
     ('ade20k', 'swin'): dict(depth=2, lr=1.5e-3, iters=40000, batch_size=16),
     ('cityscapes', 'swin'): dict(depth=1, lr=7.5e-4, iters=40000, batch_size=8),
@@ -63,15 +63,37 @@ SETTINGS = {  # eval: iterations between validation recon metrics (and at the en
     'tf': dict(iters=4000, batch_size=16, lr=0.01, warmup=0, eval=1000),
     'tt': dict(iters=4000, batch_size=16, lr=0.01, warmup=0, eval=1000),
 }
-# ours: sized for 2 CPU cores (the synthetic set is 128x128, crops of 64); --long: the settings that reach the targets
+# ours: sized for 2 CPU cores (the synthetic set is 128x128, crops of 64); long: --long (train_prior.LONG_HELP)
 SYNTHETIC_SETTINGS = {
-    'tokenizer': dict(iters=450, batch_size=8, lr=1e-3, crop=64, eval=450),
+    'tokenizer': dict(iters=450, batch_size=8, lr=1e-3, crop=64, eval=450, long=dict(iters=5000, eval=1000)),
     'ft': dict(iters=300, batch_size=16, lr=1e-3, warmup=0, eval=100),
     'ft-w': dict(iters=200, batch_size=8, lr=1e-3, warmup=20, eval=100, depth=2, ftw=dict(dim=32, num_heads=2)),
     'tf': dict(iters=100, batch_size=8, lr=0.01, warmup=0, eval=50),
     'tt': dict(iters=200, batch_size=8, lr=0.01, warmup=0, eval=100),
 }
-SYNTHETIC_LONG = {'tokenizer': dict(iters=5000, eval=1000)}
+# Defaults, one line per flag, as train_prior.FLAGS: (type, choices or bool; default; help). None: derived from the
+# tables above (train_settings) or from --dataset (parse_args).
+FLAGS = dict(
+    variant=(('ff', 'ff-r', 'lstsq', 'ft', 'ft-w', 'tf', 'tt', 'tokenizer'), None, None),
+    dataset=(str, 'synthetic', "ade20k, cityscapes, synthetic or folder"),
+    data_root=(str, None, "dataset directory (default: the preset's)"),
+    tokenizer=(str, None, "tokenizer file (default runs/<dataset>/tokenizer.pt; with --prior, the prior's)"),
+    prior=(str, None, "ft-w / ft: train X^-1 on this stage-II checkpoint's generated maskiges (train_prior.py's "
+           "latest.pt or an official GSS-FF release with --tokenizer)"),
+    palette=(('maximal', 'official', 'random'), None, "maximal (appendix B, default), official (the official config "
+             "palette) or random"),
+    depth=(int, None, "Swin blocks in the FT-W inverse (default: the official recipe's, FTW_RECIPES: 2 ADE20K, 1 "
+           "Cityscapes)"),
+    long=(bool, False, f"{train_prior.LONG_HELP} (tokenizer: {SYNTHETIC_SETTINGS['tokenizer']['long']['iters']} "
+          f"iterations instead of {SYNTHETIC_SETTINGS['tokenizer']['iters']})"),
+    iters=(int, None, None),
+    batch_size=(int, None, "TOTAL batch over all ranks (default: the variant's, e.g. 16 for ft-w)"),
+    lr=(float, None, None),
+    seed=(int, 0, None),
+    out=(str, None, "output file (default runs/<dataset>/posterior_<variant>.pt)"),
+    resume=(str, None, "trained variants: checkpoint to resume from, or 'auto' = <out stem>.latest.pt if it exists"),
+    ckpt_interval=(int, 500, "write <out stem>.latest.pt every N iterations"),
+)
 TOKENIZER_ARCH = dict(n_hid=64, vocab_size=512, n_init=128, n_blk_per_group=1)  # ours: the smallest dall_e shapes
 DIVERSITY = 0.01  # weight of the codebook-usage term of the tokenizer loss (train_tokenizer)
 VAL_IMAGES = 100  # validation images for the recon metrics logged while training
@@ -372,29 +394,7 @@ def train_inverse(args, s, num_classes, palette, ignore_colour, tok, prior, devi
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--variant', choices=['ff', 'ff-r', 'lstsq', 'ft', 'ft-w', 'tf', 'tt', 'tokenizer'])
-    parser.add_argument('--dataset', default='synthetic', help='ade20k, cityscapes, synthetic or folder')
-    parser.add_argument('--data-root', default=None, help="dataset directory (default: the preset's)")
-    parser.add_argument('--tokenizer', default=None, help="tokenizer file (default runs/<dataset>/tokenizer.pt; with "
-                        "--prior, the prior's)")
-    parser.add_argument('--prior', default=None, help="ft-w / ft: train X^-1 on this stage-II checkpoint's generated "
-                        "maskiges (train_prior.py's latest.pt or an official GSS-FF release with --tokenizer)")
-    parser.add_argument('--palette', choices=['maximal', 'official', 'random'], default=None,
-                        help='maximal (appendix B, default), official (the official config palette) or random')
-    parser.add_argument('--depth', type=int, default=None, help="Swin blocks in the FT-W inverse (default: the "
-                        "official recipe's, FTW_RECIPES: 2 ADE20K, 1 Cityscapes)")
-    parser.add_argument('--long', action='store_true', help="synthetic: the longer settings that reach the targets "
-                        f"(tokenizer: {SYNTHETIC_LONG['tokenizer']['iters']} iterations instead of "
-                        f"{SYNTHETIC_SETTINGS['tokenizer']['iters']})")
-    parser.add_argument('--iters', type=int, default=None)
-    parser.add_argument('--batch-size', type=int, default=None, help="TOTAL batch over all ranks (default: the "
-                        "variant's, e.g. 16 for ft-w)")
-    parser.add_argument('--lr', type=float, default=None)
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--out', default=None, help='output file (default runs/<dataset>/posterior_<variant>.pt)')
-    parser.add_argument('--resume', help="trained variants: checkpoint to resume from, or 'auto' = <out stem>.latest.pt "
-                                         "if it exists")
-    parser.add_argument('--ckpt-interval', type=int, default=500, help="write <out stem>.latest.pt every N iterations")
+    train_prior.add_flags(parser, FLAGS)
     parser.add_argument('--convert-dalle', nargs=2, metavar=('ENCODER_PKL', 'DECODER_PKL'),
                         help="convert OpenAI's encoder.pkl and decoder.pkl into a tokenizer file (--out)")
     args = parser.parse_args(argv)
@@ -410,9 +410,7 @@ def parse_args(argv=None):
                             f"{', '.join(datasets.DATASET_PRESETS)}")
     if args.prior and args.variant not in ('ft', 'ft-w'):
         raise gss.UserError(f"--prior: only for --variant ft-w or ft (X^-1 on generated maskiges); got {args.variant}")
-    for flag in ('iters', 'batch_size', 'depth', 'ckpt_interval'):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise gss.UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive integer")
+    train_prior.check_positive(args, ('iters', 'batch_size', 'depth', 'ckpt_interval'))
     run_dir = os.path.join('runs', args.dataset)
     v = args.variant
     args.tokenizer_path = args.tokenizer or os.path.join(run_dir, 'tokenizer.pt')
@@ -426,12 +424,10 @@ def train_settings(args, prior):
     """The variant's settings: the preset's (FT-W: the official recipe of --dataset and the prior's backbone), --long,
     then the flags."""
     v = args.variant
-    s = dict((SYNTHETIC_SETTINGS if args.dataset == 'synthetic' else SETTINGS).get(v, {}))
-    if args.long:
-        if args.dataset != 'synthetic' or v not in SYNTHETIC_LONG:
-            raise gss.UserError(f"--long: only {', '.join(f'--variant {k}' for k in SYNTHETIC_LONG)} on --dataset "
-                                f"synthetic has a longer setting; expected --iters N")
-        s.update(SYNTHETIC_LONG[v])
+    longer = [k for k, s in SYNTHETIC_SETTINGS.items() if 'long' in s]
+    s = train_prior.with_long((SYNTHETIC_SETTINGS if args.dataset == 'synthetic' else SETTINGS).get(v, {}), args.long,
+                              f"only {', '.join(f'--variant {k}' for k in longer)} on --dataset synthetic has a "
+                              f"longer setting")
     if v == 'ft-w':  # the prior's backbone family (without --prior: Swin-L, the paper's)
         family = 'resnet' if prior is not None and prior.config['backbone'].startswith('resnet') else 'swin'
         s.update(FTW_RECIPES.get((args.dataset, family), {}))
@@ -449,8 +445,9 @@ def load_prior(args, device, world_size):
         record = {'prior': os.path.abspath(args.prior), 'prior_iter': int(ckpt['iter'])}
     else:  # an official release: its DALL-E weights are OpenAI's; the artifact refers to our converted file of them
         if not args.tokenizer:
-            raise gss.UserError(f"--prior {args.prior}: an official checkpoint; expected --tokenizer with the converted "
-                                f"DALL-E file the artifact should refer to (python train_posterior.py --convert-dalle)")
+            raise gss.UserError(f"--prior {args.prior}: an official checkpoint; expected --tokenizer with the "
+                                f"converted DALL-E file the artifact should refer to (python train_posterior.py "
+                                f"--convert-dalle)")
         tok_path = args.tokenizer
         record = {'prior': os.path.abspath(args.prior)}
     model.requires_grad_(False)
@@ -471,53 +468,57 @@ def run(args):
         tok = gss.convert_dalle(*args.convert_dalle, args.out)
         print(f"wrote {args.out} (vocabulary {tok.vocab_size}, n_hid {tok.encoder.n_hid})")
         return 0
-    v = args.variant
     rank, world_size, _, device = setup_distributed()
     try:
-        torch.manual_seed(args.seed)  # the same initial weights on every rank: nothing broadcasts them
-        preset = datasets.DATASET_PRESETS[args.dataset]
-        num_classes = preset['num_classes'] or datasets.build_dataset(args.dataset, 'val', args.data_root).num_classes
-        palette, ignore_colour = choose_palette(v, args.palette, args.dataset, num_classes, args.seed)
-        tok_path, prior, record = args.tokenizer_path, None, {}
-        if args.prior:  # the palette and tokenizer of the stage-II model
-            prior, tok, palette, ignore_colour, tok_path, record = load_prior(args, device, world_size)
-            if len(palette) != num_classes:
-                raise gss.UserError(f"--prior {args.prior}: {len(palette)} classes; expected {num_classes} for "
-                                    f"--dataset {args.dataset}")
-        s = train_settings(args, prior)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        log = Logger(os.path.splitext(args.out)[0] + '.log.jsonl', rank)
-        log.info(f"stage I, variant {v}, dataset {args.dataset} ({num_classes} classes), settings {s}, device {device}")
-
-        if v == 'tokenizer':
-            tok, code, stats = train_tokenizer(args, s, num_classes, palette.to(device), ignore_colour.to(device),
-                                               device, rank, world_size, log)
-            if code == 0 and rank == 0:
-                gss.save_tokenizer(tok, args.out, dataset=args.dataset, palette=palette.tolist(),
-                                   ignore_colour=ignore_colour.tolist(), settings=s, final=stats)
-                log.info(f"wrote {args.out}")
-            return code
-
-        if prior is None:
-            tok = gss.load_tokenizer(tok_path).to(device)
-            trained_on = tok.info.get('palette')
-            if trained_on is not None and trained_on != palette.tolist():
-                log.info(f"warning: {tok_path} was trained on maskiges of another palette; reconstruction will suffer")
-        inverse, config, code = None, {}, 0
-        if v in ('ft', 'ft-w', 'tf', 'tt'):
-            palette, inverse, config, code = train_inverse(args, s, num_classes, palette, ignore_colour, tok, prior,
-                                                           device, rank, world_size, log)
-            if v in ('tf', 'tt') and len(set(map(tuple, palette.tolist()))) < num_classes:
-                raise gss.UserError(f"--lr {s['lr']}: training merged two palette colours; expected a smaller --lr")
-        if code == 0 and rank == 0:
-            settings = {**s, 'seed': args.seed, **record,
-                        'palette': args.palette or ('random' if v == 'ff-r' else 'maximal')}
-            gss.make_posterior(args.out, v, palette, ignore_colour, tok_path, tok.vocab_size, inverse, config,
-                               args.dataset, settings)
-            log.info(f"wrote {args.out}")
-        return code
+        return stage1(args, rank, world_size, device)
     finally:
         cleanup_distributed()
+
+
+def stage1(args, rank, world_size, device):
+    """The palette, the tokenizer (trained here, or --tokenizer's, or --prior's), X^-1 (trained or not) -> the file
+    --out (a tokenizer file, or the stage-I artifact, gss.make_posterior) and the exit code."""
+    v = args.variant
+    torch.manual_seed(args.seed)  # the same initial weights on every rank: nothing broadcasts them
+    preset = datasets.DATASET_PRESETS[args.dataset]
+    num_classes = preset['num_classes'] or datasets.build_dataset(args.dataset, 'val', args.data_root).num_classes
+    palette, ignore_colour = choose_palette(v, args.palette, args.dataset, num_classes, args.seed)
+    tok_path, prior, record = args.tokenizer_path, None, {}
+    if args.prior:  # the palette and tokenizer of the stage-II model
+        prior, tok, palette, ignore_colour, tok_path, record = load_prior(args, device, world_size)
+        if len(palette) != num_classes:
+            raise gss.UserError(f"--prior {args.prior}: {len(palette)} classes; expected {num_classes} for "
+                                f"--dataset {args.dataset}")
+    s = train_settings(args, prior)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    log = Logger(os.path.splitext(args.out)[0] + '.log.jsonl', rank)
+    log.info(f"stage I, variant {v}, dataset {args.dataset} ({num_classes} classes), settings {s}, device {device}")
+    if v == 'tokenizer':
+        tok, code, stats = train_tokenizer(args, s, num_classes, palette.to(device), ignore_colour.to(device),
+                                           device, rank, world_size, log)
+        if code == 0 and rank == 0:
+            gss.save_tokenizer(tok, args.out, dataset=args.dataset, palette=palette.tolist(),
+                               ignore_colour=ignore_colour.tolist(), settings=s, final=stats)
+            log.info(f"wrote {args.out}")
+        return code
+    if prior is None:
+        tok = gss.load_tokenizer(tok_path).to(device)
+        trained_on = tok.info.get('palette')
+        if trained_on is not None and trained_on != palette.tolist():
+            log.info(f"warning: {tok_path} was trained on maskiges of another palette; reconstruction will suffer")
+    inverse, config, code = None, {}, 0
+    if v in ('ft', 'ft-w', 'tf', 'tt'):
+        palette, inverse, config, code = train_inverse(args, s, num_classes, palette, ignore_colour, tok, prior,
+                                                       device, rank, world_size, log)
+        if v in ('tf', 'tt') and len(set(map(tuple, palette.tolist()))) < num_classes:
+            raise gss.UserError(f"--lr {s['lr']}: training merged two palette colours; expected a smaller --lr")
+    if code == 0 and rank == 0:
+        palette_name = args.palette or ('random' if v == 'ff-r' else 'maximal')
+        settings = {**s, 'seed': args.seed, **record, 'palette': palette_name}
+        gss.make_posterior(args.out, v, palette, ignore_colour, tok_path, tok.vocab_size, inverse, config,
+                           args.dataset, settings)
+        log.info(f"wrote {args.out}")
+    return code
 
 
 if __name__ == '__main__':

@@ -116,7 +116,7 @@ def with_long(settings, long, what):
     """--long: the settings updated by their 'long' entry; a one-line error (naming `what`) where there is none."""
     if long and 'long' not in settings:
         raise gss.UserError(f"--long: {what}; expected --iters N")
-    return {**settings, **(settings['long'] if long else {})}
+    return {k: v for k, v in {**settings, **(settings['long'] if long else {})}.items() if k != 'long'}
 
 
 
