@@ -1,31 +1,19 @@
-"""Stage I of GSS (latent posterior learning, paper Sec. 3.3): the maskige transform X (a palette), its inverse X^-1,
-and the frozen VQ tokenizer they go with. Writes the stage-I artifact that train_prior.py and evaluate.py read.
+"""Stage I of GSS (latent posterior learning, paper Sec. 3.3): the maskige transform X (a palette), its inverse X^-1
+and the frozen VQ tokenizer they go with -> the stage-I artifact that train_prior.py and evaluate.py read.
 
-The paper's tokenizer is DALL-E's dVAE. Download OpenAI's https://cdn.openai.com/dall-e/encoder.pkl and decoder.pkl,
-then convert them once (the only step that unpickles; it warns):
-    python train_posterior.py --convert-dalle encoder.pkl decoder.pkl --out runs/dalle.pt
-Where no pretrained tokenizer fits (or none can be downloaded), train a small one on the dataset's maskiges
-(the conventional stage I, Eq. 3); this is the default for the synthetic set:
-    python train_posterior.py --variant tokenizer --dataset synthetic
-Then one X / X^-1 variant of Table 1 (default paths: runs/<dataset>/tokenizer.pt -> runs/<dataset>/posterior_<v>.pt):
-    python train_posterior.py --variant ff --dataset synthetic                          # GSS-FF, training free
-    python train_posterior.py --variant ff --dataset ade20k --tokenizer runs/dalle.pt --palette official
-    python train_posterior.py --variant ft --dataset ade20k --tokenizer runs/dalle.pt   # also ff-r lstsq ft-w tf tt
-GSS-FT-W as the official recipe trains it: X^-1 learns from the maskiges a frozen stage-II model predicts for
-augmented training crops (an intermediate checkpoint gives noisier maskiges, as the paper advises); the palette and
-tokenizer are the ones that model was trained with; --dataset and the model's backbone select the official depth, lr,
-iterations and batch (FTW_RECIPES):
+    python train_posterior.py --convert-dalle encoder.pkl decoder.pkl --out runs/dalle.pt   # OpenAI's dVAE, once
+    python train_posterior.py --variant tokenizer --dataset synthetic     # or train a small one (Eq. 3)
+    python train_posterior.py --variant ff --dataset synthetic            # GSS-FF, training free (Table 1)
+    python train_posterior.py --variant ft --dataset ade20k --tokenizer runs/dalle.pt   # also ff-r lstsq tf tt
     python train_posterior.py --variant ft-w --dataset synthetic --prior runs/synthetic/prior/latest.pt
-Several GPUs (the trained variants; --batch-size is the TOTAL over the ranks, as in train_prior.py, and gradients are
-averaged over them):
     torchrun --nproc_per_node 8 train_posterior.py --variant ft-w --dataset ade20k --prior runs/ade20k/prior/iter.pt
-Measure a stage-I artifact with the maskige-reconstruction oracle:
-    python evaluate.py --recon --posterior runs/synthetic/posterior_ff.pt --dataset synthetic
 
-The trained variants (tokenizer, ft, ft-w, tf, tt) are crash safe as train_prior.py is: <out stem>.latest.pt is
-written atomically every --ckpt-interval iterations, at the end and on SIGTERM / SIGINT (exit 143 / 130 after the
-iteration in progress); rerun the same command with --resume auto to continue to the same result as an uninterrupted
-run. A non-finite loss stops with the iteration named (exit 2), the last good checkpoint intact.
+Contents: the settings (SETTINGS: appendix D, FTW_RECIPES: the official FT-W configs) and FLAGS; palettes; the
+objectives (tokenizer_loss; paint_soft, relaxed_roundtrip, tf_loss for TF / TT; inverse_loss); train, the loop of
+every trained variant, crash safe with train_prior.py's plumbing (--resume auto, exit 143 / 130 after a signal, a
+non-finite loss stops with exit 2); train_tokenizer, train_inverse; the command line (parse_args, stage1).
+GSS-FT-W as officially trained: X^-1 learns from what a frozen stage-II model (--prior) generates for augmented
+training crops, with that model's palette and tokenizer; --dataset and its backbone pick the recipe (FTW_RECIPES).
 On a CPU shared with other jobs, prefix OMP_NUM_THREADS=1: OpenMP threads spin while they wait for each other
 (measured here: 2 threads on 2 loaded cores burnt ~8x the CPU time of 1 thread per tokenizer step).
 """
@@ -120,11 +108,14 @@ def val_labels(args, n):
     return list(evaluate.labels_and_test_sizes(ds, range(min(n, len(ds)))))
 
 
-def recon_metrics(tok, inverse, palette, ignore_colour, val, num_classes, upsample=False):
-    """Maskige-reconstruction mIoU / aAcc over validation items (the evaluate.py --recon oracle; upsample=True: stage
-    II's 2x path)."""
-    m = evaluate.reconstruction_oracle(tok, inverse, palette, ignore_colour, val, num_classes, upsample).compute()
-    return {'mIoU': round(float(m['mIoU']), 2), 'aAcc': round(float(m['aAcc']), 2)}
+def recon_metrics(tok, inverse, palette, ignore_colour, val, num_classes):
+    """Maskige-reconstruction mIoU / aAcc over validation items (the evaluate.py --recon oracle), and with '_2x' on
+    stage II's 2x path."""
+    out = {}
+    for upsample, suffix in ((False, ''), (True, '_2x')):
+        m = evaluate.reconstruction_oracle(tok, inverse, palette, ignore_colour, val, num_classes, upsample).compute()
+        out.update({f'mIoU{suffix}': round(float(m['mIoU']), 2), f'aAcc{suffix}': round(float(m['aAcc']), 2)})
+    return out
 
 
 def keyed(fn, seeds, tag, *batches):
@@ -197,7 +188,7 @@ def training_maskige(tok, labels, palette, ignore_colour):
 
 
 def prior_maskige(prior, tok, images):
-    """The noisy maskige of the official FT-W recipe (facts 4.2): a frozen stage-II model's generation for augmented
+    """The noisy maskige of the official FT-W recipe (gss-ft-w_*.py): a frozen stage-II model's generation for augmented
     training crops, its backbone in eval mode as official frozen_stages=4 keeps it (no drop path, BatchNorm on running
     statistics), its head in train mode (Dropout2d active, BatchNorm on the batch's statistics)."""
     prior.eval().head.train()
@@ -338,8 +329,6 @@ def train_tokenizer(args, s, num_classes, palette, ignore_colour, device, rank, 
     def validate():
         tok.requires_grad_(False)
         out = recon_metrics(tok, inverse, palette, ignore_colour, val, num_classes)
-        out.update({f'{k}_2x': v for k, v in recon_metrics(tok, inverse, palette, ignore_colour, val, num_classes,
-                                                            upsample=True).items()})
         tok.requires_grad_(True)
         return out
 
@@ -376,8 +365,6 @@ def train_inverse(args, s, num_classes, palette, ignore_colour, tok, prior, devi
     def validate():
         pal_now, inv_now = current_stage1(beta, palette, inverse, device)
         out = recon_metrics(tok, inv_now, pal_now.to(device), ign, val, num_classes)
-        out.update({f'{k}_2x': x for k, x in recon_metrics(tok, inv_now, pal_now.to(device), ign, val, num_classes,
-                                                            upsample=True).items()})
         if inverse is not None:
             inverse.train()  # back to batch statistics (FT-W's BatchNorm)
         return out
@@ -455,12 +442,7 @@ def load_prior(args, device, world_size):
 
 
 def main(argv=None):
-    """CLI entry: user errors print one line `error: ...` on stderr and exit 2, no traceback."""
-    try:
-        return run(parse_args(argv))
-    except gss.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return train_prior.cli(run, parse_args, argv)
 
 
 def run(args):

@@ -119,6 +119,15 @@ def with_long(settings, long, what):
     return {k: v for k, v in {**settings, **(settings['long'] if long else {})}.items() if k != 'long'}
 
 
+def cli(run, parse_args, argv):
+    """Both trainers' entry: run(parse_args(argv)) -> exit code; a user error prints one line `error: ...` on stderr
+    and exits 2, no traceback."""
+    try:
+        return run(parse_args(argv))
+    except gss.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Training plumbing shared with train_posterior.py
@@ -442,28 +451,6 @@ def validate(model, tokenizer, inverse, val_set, preset, autocast, rank, world_s
     return tuple(metrics[name].all_reduce().compute()['mIoU'] for name in ('generative', 'aux head'))
 
 
-def peak_memory_mb(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS; Linux reports KiB
-
-
-@torch.no_grad()
-def validate(model, tokenizer, inverse, val_set, preset, autocast, rank, world_size):
-    """-> (mIoU of the generative prediction, mIoU of the auxiliary head) over the whole val split in the dataset's
-    test mode: each rank takes every world_size-th image (evaluate.evaluate_split), the areas are summed over ranks."""
-    if world_size > 1:  # every rank evaluates rank 0's BatchNorm statistics, the ones a checkpoint keeps
-        for buffer in model.buffers():
-            dist.broadcast(buffer, 0)
-    model.eval()
-    test = dict(mode=preset['test_mode'], crop=preset['test_crop'], stride=preset['test_stride'])
-    with autocast:
-        metrics = evaluate.evaluate_split(model, tokenizer, {'generative': inverse}, val_set, test,
-                                          indices=range(rank, len(val_set), world_size))
-    model.train()
-    return tuple(metrics[name].all_reduce().compute()['mIoU'] for name in ('generative', 'aux head'))
-
-
 def train(args):
     """Train; returns the exit code: 0 when done (or at --stop-at), 128 + signal number after SIGTERM / SIGINT."""
     rank, world_size, local_rank, device = setup_distributed(args.device)
@@ -628,12 +615,7 @@ def train_loop(args, rank, world_size, local_rank, device):
 
 
 def main(argv=None):
-    """CLI entry: user errors print one line `error: ...` on stderr and exit 2, no traceback."""
-    try:
-        return train(parse_args(argv))
-    except gss.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli(train, parse_args, argv)
 
 
 if __name__ == '__main__':
