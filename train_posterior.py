@@ -32,7 +32,7 @@ import datasets
 import evaluate
 import gss
 import train_prior
-from train_prior import Logger, StopSignals, cleanup_distributed, lr_at, setup_distributed
+from train_prior import Logger, cleanup_distributed, lr_at, setup_distributed
 
 # The official GSS-FT-W recipes (configs/gss/<dataset>/gss-ft-w_<backbone>_*.py: AdamW, wd 0.01, poly, warmup 1500)
 # by --dataset and the backbone of the --prior model (Swin without --prior); others take ADE20K Swin-L's, the paper's.
@@ -259,7 +259,7 @@ def train(args, s, trained, optimizer, loss_fn, validate, ds, log, rank, world_s
 
     batches = train_prior.endless(loader, epoch, consumed)
     t0, stats = time.time(), {}
-    with StopSignals() as stop:
+    with ckpts:
         while it < s['iters']:
             batch, epoch, consumed = next(batches)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
@@ -267,7 +267,7 @@ def train(args, s, trained, optimizer, loss_fn, validate, ds, log, rank, world_s
                 g['lr'] = lr_at(it, s['lr'], s['iters'], s.get('warmup', 0))
             torch.manual_seed(train_prior.seed_of(args.seed, 1, it, rank))  # 1: the draws not keyed by the sample
             loss = loss_fn(batch, it / s['iters'])
-            signum = ckpts.stop(stop.signum, math.isfinite(loss.item()), it)
+            signum = ckpts.stop(math.isfinite(loss.item()), it)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             sync_grads(params, world_size)

@@ -1,25 +1,21 @@
 """Stage II of GSS (latent prior learning, paper Sec. 3.4): train the image encoder I_psi to predict the frozen
-tokenizer's codes of the ground-truth maskige. Also the training plumbing train_posterior.py imports.
+tokenizer's codes of the ground-truth maskige (Eq. 6).
 
     python train_prior.py --dataset synthetic                                   # 2 CPU cores, minutes
     torchrun --nproc_per_node 2 train_prior.py --dataset synthetic              # DDP (Gloo on CPU, NCCL on CUDA)
     torchrun --nproc_per_node 8 train_prior.py --dataset ade20k --posterior P --pretrained SWIN_L.pth
+    python train_prior.py --dataset synthetic --resume auto                     # after a crash, a kill, a time limit
 
-P is the stage-I artifact of train_posterior.py (default runs/<dataset>/posterior_ff.pt). --batch-size is the TOTAL
-batch; --micro-batch N accumulates gradients when batch / ranks images do not fit at once. After a crash, a kill or a
-time limit, rerun the same command with --resume auto: it continues from <out>/latest.pt and reaches the weights of an
-uninterrupted run. Randomness is keyed by what is computed, not by where or when: each sample's augmentation by
-(seed, epoch, position), dropout / drop path by (seed, iteration, micro-batch); so a resume needs no RNG state, and
-2 ranks x 1 image equal 1 rank x 2 accumulated images.
-
-Outputs in --out (default runs/<dataset>/prior): latest.pt (every --ckpt-interval iterations, at the end and on
-SIGTERM / SIGINT), best.pt (best validation mIoU), log.jsonl. Checkpoints hold plain types (weights_only=True loads
-them): kind 'gss-prior', iter, model, config (gss.GSS.from_config), optimizer, scaler, data (epoch, position in the
-epoch's sample order), best_miou, val_miou, args, posterior (gss.posterior_summary: the stage-I artifact, checked on
-load). They are written atomically; a killed write's unfinished file is removed at the next start.
-Exit codes: 0 done (or --stop-at reached); 2 user error, one line `error: ...` (a bad flag or file, a full disk, a
-non-finite loss: nothing is saved then); 143 / 130 after SIGTERM / SIGINT, once the iteration in progress is finished
-and latest.pt written (a second signal kills at once).
+Contents: FLAGS, the defaults table the command line is built from; the training plumbing train_posterior.py
+imports (distributed setup, lr_at, Logger, Checkpoints: atomic save, resume, stop on a signal or a non-finite loss;
+the seeded sampler); stage II: parse_args, param_groups, validate, train_loop and its steps.
+P is the stage-I artifact of train_posterior.py. --batch-size is the TOTAL batch; --micro-batch accumulates. Outputs
+in --out: latest.pt (every --ckpt-interval iterations, at the end and on SIGTERM / SIGINT), best.pt (best val mIoU),
+log.jsonl. Checkpoints are dicts of plain types (weights_only=True loads them): kind 'gss-prior', iter, model, config
+(gss.GSS.from_config), optimizer, scaler, data (epoch, position in the epoch's sample order), best_miou, val_miou,
+args, posterior (gss.posterior_summary). Randomness is keyed by what is computed, not by where or when: a sample's
+augmentation by (seed, epoch, position), dropout / drop path by (seed, iteration, micro-batch); so a resume needs no
+RNG state and reaches the weights of an uninterrupted run, and 2 ranks x 1 image equal 1 rank x 2 accumulated images.
 
 As the official configs (configs/gss/ade20k/*.py, configs/_base_/schedules/): AdamW (0.9, 0.999), weight decay 0.01
 except on 'norm' / position-bias parameters, poly lr (power 1) after a 1500-iteration linear warmup, SyncBatchNorm.
@@ -196,26 +192,6 @@ class Logger:
             print(msg, flush=True)
 
 
-class StopSignals:
-    """Within the block, SIGTERM / SIGINT only set .signum, for the training loop to act on at the end of the
-    iteration in progress (save, exit 128 + signum); a second signal kills at once, as without a handler."""
-
-    def __enter__(self):
-        self.signum = 0
-        self.handlers = {s: signal.signal(s, self.request) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def request(self, signum, frame):
-        if self.signum:  # the second one: die of it now (the last checkpoint stays intact)
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, h in self.handlers.items():
-            signal.signal(s, h)
-
-
 def save_checkpoint(ckpt, path):
     """Atomic write (gss.save_atomic): on any failure, e.g. a full disk, the previous file at `path` is intact."""
     try:
@@ -239,10 +215,11 @@ def load_checkpoint(path, kind, posterior=None):
 
 
 class Checkpoints:
-    """The crash safety of both trainers: `latest` is rewritten atomically (rank 0 writes, every rank notes the
+    """The crash safety of both trainers. `latest` is rewritten atomically (rank 0 writes, every rank notes the
     iteration); a killed write's unfinished files (gss.save_atomic's <path>.*.tmp) are removed at start; --resume
-    ('auto': `latest` if it exists) picks the checkpoint to start from; every rank stops together on a signal or a
-    non-finite loss."""
+    ('auto': `latest` if it exists) names the checkpoint to start from. Within the block, SIGTERM / SIGINT only set
+    .signum, for the loop to act on at the end of the iteration in progress (stop: every rank together, save, exit
+    128 + signum); a second signal kills at once, as without a handler."""
 
     def __init__(self, latest, resume, rank, world_size, device, log, others=()):
         self.latest, self.rank, self.world_size, self.device, self.log = latest, rank, world_size, device, log
@@ -252,7 +229,24 @@ class Checkpoints:
             for path in stale:
                 os.remove(path)
             log.info(f"removed {len(stale)} unfinished checkpoint file(s) of a killed run: {', '.join(stale)}")
-        self.resume = latest if resume == 'auto' and os.path.exists(latest) else None if resume == 'auto' else resume
+        if resume == 'auto':  # `latest` if there is one, else a fresh start
+            resume = latest if os.path.exists(latest) else None
+        self.resume = resume
+
+    def __enter__(self):
+        self.signum = 0
+        self.handlers = {s: signal.signal(s, self.request) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def request(self, signum, frame):
+        if self.signum:  # the second one: die of it now (the last checkpoint stays intact)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.handlers.items():
+            signal.signal(s, h)
 
     def load(self, kind, posterior=None):
         """-> (the --resume checkpoint or None, its iteration, epoch, samples of this rank's share consumed)."""
@@ -269,10 +263,10 @@ class Checkpoints:
         if path is None:
             self.saved_it = ckpt['iter']
 
-    def stop(self, signum, finite, it):
+    def stop(self, finite, it):
         """-> the signal number any rank received (0: none), the same on every rank; a non-finite loss on any rank is
         a UserError naming the iteration. The flags are a tensor on the training device: NCCL refuses CPU tensors."""
-        flags = torch.tensor([float(signum), float(not finite)], device=self.device)  # (2,)
+        flags = torch.tensor([float(self.signum), float(not finite)], device=self.device)  # (2,)
         if self.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[1]:
@@ -574,7 +568,7 @@ def train_loop(args, rank, world_size, local_rank, device):
              f"{len(train_set)} training images")
     batches = endless(loader, epoch, consumed)
     sums, train_time, it0 = {}, 0.0, it
-    with StopSignals() as stop:
+    with ckpts:
         while it < args.iters:
             t0 = time.time()
             lr = lr_at(it, args.lr, args.iters, args.warmup_iters)
@@ -582,7 +576,7 @@ def train_loop(args, rank, world_size, local_rank, device):
                 group['lr'] = lr
             finite, epoch, consumed = forward_backward(model, batches, tokenizer, palette, scaler, autocast, it, accum,
                                                        args.seed, rank, world_size, device, sums)
-            signum = ckpts.stop(stop.signum, finite, it)
+            signum = ckpts.stop(finite, it)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
