@@ -32,7 +32,7 @@ import datasets
 import evaluate
 import gss
 import train_prior
-from train_prior import Logger, cleanup_distributed, lr_at, setup_distributed
+from train_prior import Logger, lr_at, setup_distributed
 
 # The official GSS-FT-W recipes (configs/gss/<dataset>/gss-ft-w_<backbone>_*.py: AdamW, wd 0.01, poly, warmup 1500)
 # by --dataset and the backbone of the --prior model (Swin without --prior); others take ADE20K Swin-L's, the paper's.
@@ -451,10 +451,7 @@ def run(args):
         print(f"wrote {args.out} (vocabulary {tok.vocab_size}, n_hid {tok.encoder.n_hid})")
         return 0
     rank, world_size, _, device = setup_distributed()
-    try:
-        return stage1(args, rank, world_size, device)
-    finally:
-        cleanup_distributed()
+    return stage1(args, rank, world_size, device)
 
 
 def stage1(args, rank, world_size, device):

@@ -8,7 +8,7 @@ tokenizer's codes of the ground-truth maskige (Eq. 6).
 
 Contents: FLAGS, the defaults table the command line is built from; the training plumbing train_posterior.py
 imports (distributed setup, lr_at, Logger, Checkpoints: atomic save, resume, stop on a signal or a non-finite loss;
-the seeded sampler); stage II: parse_args, param_groups, validate, train_loop and its steps.
+the seeded sampler); stage II: parse_args, param_groups, validate, train and its steps.
 P is the stage-I artifact of train_posterior.py. --batch-size is the TOTAL batch; --micro-batch accumulates. Outputs
 in --out: latest.pt (every --ckpt-interval iterations, at the end and on SIGTERM / SIGINT), best.pt (best val mIoU),
 log.jsonl. Checkpoints are dicts of plain types (weights_only=True loads them): kind 'gss-prior', iter, model, config
@@ -123,6 +123,8 @@ def cli(run, parse_args, argv):
     except gss.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        cleanup_distributed()  # the process group, if run started one
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -445,15 +447,6 @@ def validate(model, tokenizer, inverse, val_set, preset, autocast, rank, world_s
     return tuple(metrics[name].all_reduce().compute()['mIoU'] for name in ('generative', 'aux head'))
 
 
-def train(args):
-    """Train; returns the exit code: 0 when done (or at --stop-at), 128 + signal number after SIGTERM / SIGINT."""
-    rank, world_size, local_rank, device = setup_distributed(args.device)
-    try:
-        return train_loop(args, rank, world_size, local_rank, device)
-    finally:
-        cleanup_distributed()
-
-
 def load_data(args, world_size):
     """-> (the stage-I artifact, training set, validation set), checked against each other and the batch."""
     posterior = gss.load_posterior(args.posterior)
@@ -536,7 +529,9 @@ def build_model(args, num_classes, vocab_size, world_size, device):
     return model, optimizer, scaler
 
 
-def train_loop(args, rank, world_size, local_rank, device):
+def train(args):
+    """Stage II -> the exit code: 0 when done (or at --stop-at), 128 + signal number after SIGTERM / SIGINT."""
+    rank, world_size, local_rank, device = setup_distributed(args.device)
     torch.manual_seed(args.seed + rank)  # the initial weights (DDP broadcasts rank 0's)
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
