@@ -263,8 +263,7 @@ def train(args, s, trained, optimizer, loss_fn, validate, ds, log, rank, world_s
         while it < s['iters']:
             batch, epoch, consumed = next(batches)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-            for g in optimizer.param_groups:
-                g['lr'] = lr_at(it, s['lr'], s['iters'], s.get('warmup', 0))
+            train_prior.set_lr(optimizer, lr_at(it, s['lr'], s['iters'], s.get('warmup', 0)))
             torch.manual_seed(train_prior.seed_of(args.seed, 1, it, rank))  # 1: the draws not keyed by the sample
             loss = loss_fn(batch, it / s['iters'])
             signum = ckpts.stop(math.isfinite(loss.item()), it)
@@ -469,7 +468,6 @@ def stage1(args, rank, world_size, device):
             raise gss.UserError(f"--prior {args.prior}: {len(palette)} classes; expected {num_classes} for "
                                 f"--dataset {args.dataset}")
     s = train_settings(args, prior)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     log = Logger(os.path.splitext(args.out)[0] + '.log.jsonl', rank)
     log.info(f"stage I, variant {v}, dataset {args.dataset} ({num_classes} classes), settings {s}, device {device}")
     if v == 'tokenizer':

@@ -175,11 +175,18 @@ def lr_at(it, base_lr, max_iters, warmup_iters=1500, warmup_ratio=1e-6, power=1.
     return lr
 
 
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    return lr
+
+
 class Logger:
     """One console line and one JSON line (appended to the file `path`) per log call, on rank 0 only."""
 
     def __init__(self, path, rank=0):
         self.path, self.rank = path, rank
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # the trainers' outputs go there too
 
     def log(self, step, metrics):
         if self.rank != 0:
@@ -447,8 +454,20 @@ def validate(model, tokenizer, inverse, val_set, preset, autocast, rank, world_s
     return tuple(metrics[name].all_reduce().compute()['mIoU'] for name in ('generative', 'aux head'))
 
 
-def load_data(args, world_size):
-    """-> (the stage-I artifact, training set, validation set), checked against each other and the batch."""
+def configure_torch(args, rank, device):
+    """Seed the initial weights (DDP broadcasts rank 0's), set the kernels' determinism -> the --amp autocast."""
+    torch.manual_seed(args.seed + rank)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = not args.deterministic  # official: cudnn_benchmark True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}[args.amp]
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+
+def load_data(args, world_size, device):
+    """-> (the stage-I artifact, training set, validation set, its frozen tokenizer, X^-1 for validation, palette
+    (K, 3)), the artifact checked against the dataset and the dataset against the batch."""
     posterior = gss.load_posterior(args.posterior)
     train_set = datasets.build_dataset(args.dataset, 'train', root=args.data_root)
     val_set = datasets.build_dataset(args.dataset, 'val', root=args.data_root, train=False)
@@ -459,7 +478,10 @@ def load_data(args, world_size):
     if len(train_set) // world_size < args.micro_batch:
         raise gss.UserError(f"--dataset {args.dataset}: {len(train_set)} training images are fewer than "
                             f"{args.micro_batch} per rank on {world_size} ranks; expected a larger split")
-    return posterior, train_set, val_set
+    tokenizer = gss.load_tokenizer(posterior['tokenizer']).to(device)
+    inverse = gss.build_inverse(posterior).to(device)
+    palette = torch.tensor(posterior['palette'], device=device)  # (K, 3)
+    return posterior, train_set, val_set, tokenizer, inverse, palette
 
 
 def resume(ckpts, args, posterior, model, optimizer, scaler, log):
@@ -509,13 +531,16 @@ def forward_backward(model, batches, tokenizer, palette, scaler, autocast, it, a
     return finite, epoch, consumed
 
 
-def log_means(log, it, sums, n, device, world_size, **extra):
-    """Log the per-iteration means of `sums` over the last n iterations and all ranks, then `extra`."""
+def log_means(log, it, sums, n, seconds, left, lr, device, world_size):
+    """Log the per-iteration means of `sums` over the last n iterations (`seconds` of training) and all ranks, the
+    lr, the time per iteration, the time the `left` iterations will take and the peak memory."""
     means = torch.tensor(list(sums.values()), device=device) / n
     if world_size > 1:
         dist.all_reduce(means)
         means /= world_size
-    log.log(it, {**dict(zip(sums, means.tolist())), **extra})
+    eta = datetime.timedelta(seconds=round(seconds / n * left))
+    log.log(it, {**dict(zip(sums, means.tolist())), 'lr': lr, 's_per_iter': seconds / n, 'eta': str(eta),
+                 'peak_mem_mb': round(peak_memory_mb(device))})
 
 
 def build_model(args, num_classes, vocab_size, world_size, device):
@@ -529,32 +554,28 @@ def build_model(args, num_classes, vocab_size, world_size, device):
     return model, optimizer, scaler
 
 
+def wrap(model, compile, world_size, local_rank, device):
+    """torch.compile (--compile) and DDP (several ranks; it broadcasts rank 0's initial weights)."""
+    model = torch.compile(model) if compile else model
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == 'cuda'
+                                                          else None)
+    return model
+
+
 def train(args):
     """Stage II -> the exit code: 0 when done (or at --stop-at), 128 + signal number after SIGTERM / SIGINT."""
     rank, world_size, local_rank, device = setup_distributed(args.device)
-    torch.manual_seed(args.seed + rank)  # the initial weights (DDP broadcasts rank 0's)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = not args.deterministic  # official: cudnn_benchmark True
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    os.makedirs(args.out, exist_ok=True)
+    autocast = configure_torch(args, rank, device)
     log = Logger(os.path.join(args.out, 'log.jsonl'), rank)
-    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}[args.amp]
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     accum = args.batch_size // world_size // args.micro_batch
-    posterior, train_set, val_set = load_data(args, world_size)
-    tokenizer = gss.load_tokenizer(posterior['tokenizer']).to(device)  # frozen
-    inverse = gss.build_inverse(posterior).to(device)  # X^-1, for validation only
-    palette = torch.tensor(posterior['palette'], device=device)  # (K, 3)
+    posterior, train_set, val_set, tokenizer, inverse, palette = load_data(args, world_size, device)
     loader = seeded_loader(train_set, args.micro_batch, rank, world_size, args.seed, args.workers, device)
     raw_model, optimizer, scaler = build_model(args, train_set.num_classes, posterior['vocab_size'], world_size, device)
     best = os.path.join(args.out, 'best.pt')
     ckpts = Checkpoints(os.path.join(args.out, 'latest.pt'), args.resume, rank, world_size, device, log, [best])
     it, epoch, consumed, best_miou, val_miou = resume(ckpts, args, posterior, raw_model, optimizer, scaler, log)
-    model = torch.compile(raw_model) if args.compile else raw_model
-    if world_size > 1:  # DDP broadcasts rank 0's initial weights
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == 'cuda'
-                                                          else None)
+    model = wrap(raw_model, args.compile, world_size, local_rank, device)
 
     def checkpoint():  # plain types only: weights_only-loadable
         return {'kind': 'gss-prior', 'iter': it, 'model': raw_model.state_dict(), 'config': raw_model.config,
@@ -572,9 +593,7 @@ def train(args):
     with ckpts:
         while it < args.iters:
             t0 = time.time()
-            lr = lr_at(it, args.lr, args.iters, args.warmup_iters)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
+            lr = set_lr(optimizer, lr_at(it, args.lr, args.iters, args.warmup_iters))
             finite, epoch, consumed = forward_backward(model, batches, tokenizer, palette, scaler, autocast, it, accum,
                                                        args.seed, rank, world_size, device, sums)
             signum = ckpts.stop(finite, it)
@@ -584,10 +603,7 @@ def train(args):
             it += 1
             train_time += time.time() - t0
             if it % args.log_interval == 0 or it == args.iters:
-                dt = train_time / (it - it0)
-                eta = str(datetime.timedelta(seconds=round(dt * (args.iters - it))))
-                log_means(log, it, sums, it - it0, device, world_size,
-                          lr=lr, s_per_iter=dt, eta=eta, peak_mem_mb=round(peak_memory_mb(device)))
+                log_means(log, it, sums, it - it0, train_time, args.iters - it, lr, device, world_size)
                 sums, train_time, it0 = {}, 0.0, it
             if signum:
                 ckpts.save(checkpoint())
