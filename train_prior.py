@@ -112,7 +112,9 @@ def with_long(settings, long, what):
     """--long: the settings updated by their 'long' entry; a one-line error (naming `what`) where there is none."""
     if long and 'long' not in settings:
         raise gss.UserError(f"--long: {what}; expected --iters N")
-    return {k: v for k, v in {**settings, **(settings['long'] if long else {})}.items() if k != 'long'}
+    chosen = {**settings, **settings['long']} if long else dict(settings)
+    chosen.pop('long', None)
+    return chosen
 
 
 def cli(run, parse_args, argv):
