@@ -1061,9 +1061,6 @@ DALLE_URLS = 'https://cdn.openai.com/dall-e/encoder.pkl and https://cdn.openai.c
 class UserError(Exception):
     """A problem the user can fix (bad file, bad flag); CLIs print it as `error: ...` and exit 2."""
 
-    def __init__(self, msg):  # a DataLoader worker's error is re-raised as UserError(its traceback): keep its message
-        super().__init__(msg.rstrip('\n').rpartition('UserError: ')[2])
-
 
 def save_atomic(obj, path):
     """torch.save to a temp file in the same directory, fsync, then os.replace: the old file stays intact until

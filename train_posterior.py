@@ -1,36 +1,23 @@
-"""Stage I of GSS (latent posterior learning, paper Sec. 3.3): the maskige transform X (a palette), its inverse X^-1,
-and the frozen VQ tokenizer they go with. Writes the stage-I artifact that train_prior.py and evaluate.py read.
+"""Stage I of GSS (latent posterior learning, paper Sec. 3.3): the maskige transform X (a palette), its inverse X^-1
+and the frozen VQ tokenizer they go with -> the stage-I artifact that train_prior.py and evaluate.py read.
 
-The paper's tokenizer is DALL-E's dVAE. Download OpenAI's https://cdn.openai.com/dall-e/encoder.pkl and decoder.pkl,
-then convert them once (the only step that unpickles; it warns):
-    python train_posterior.py --convert-dalle encoder.pkl decoder.pkl --out runs/dalle.pt
-Where no pretrained tokenizer fits (or none can be downloaded), train a small one on the dataset's maskiges
-(the conventional stage I, Eq. 3); this is the default for the synthetic set:
-    python train_posterior.py --variant tokenizer --dataset synthetic
-Then one X / X^-1 variant of Table 1 (default paths: runs/<dataset>/tokenizer.pt -> runs/<dataset>/posterior_<v>.pt):
-    python train_posterior.py --variant ff --dataset synthetic                          # GSS-FF, training free
-    python train_posterior.py --variant ff --dataset ade20k --tokenizer runs/dalle.pt --palette official
-    python train_posterior.py --variant ft --dataset ade20k --tokenizer runs/dalle.pt   # also ff-r lstsq ft-w tf tt
-GSS-FT-W as the official recipe trains it: X^-1 learns from the maskiges a frozen stage-II model predicts for
-augmented training crops (an intermediate checkpoint gives noisier maskiges, as the paper advises); the palette and
-tokenizer are the ones that model was trained with; --dataset and the model's backbone select the official depth, lr,
-iterations and batch (FTW_RECIPES):
+    python train_posterior.py --convert-dalle encoder.pkl decoder.pkl --out runs/dalle.pt   # OpenAI's dVAE, once
+    python train_posterior.py --variant tokenizer --dataset synthetic     # or train a small one (Eq. 3)
+    python train_posterior.py --variant ff --dataset synthetic            # GSS-FF, training free (Table 1)
+    python train_posterior.py --variant ft --dataset ade20k --tokenizer runs/dalle.pt   # also ff-r lstsq tf tt
     python train_posterior.py --variant ft-w --dataset synthetic --prior runs/synthetic/prior/latest.pt
-Several GPUs (the trained variants; --batch-size is the TOTAL over the ranks, as in train_prior.py, and gradients are
-averaged over them):
     torchrun --nproc_per_node 8 train_posterior.py --variant ft-w --dataset ade20k --prior runs/ade20k/prior/iter.pt
-Measure a stage-I artifact with the maskige-reconstruction oracle:
-    python evaluate.py --recon --posterior runs/synthetic/posterior_ff.pt --dataset synthetic
 
-The trained variants (tokenizer, ft, ft-w, tf, tt) are crash safe as train_prior.py is: <out stem>.latest.pt is
-written atomically every --ckpt-interval iterations, at the end and on SIGTERM / SIGINT (exit 143 / 130 after the
-iteration in progress); rerun the same command with --resume auto to continue to the same result as an uninterrupted
-run. A non-finite loss stops with the iteration named (exit 2), the last good checkpoint intact.
+Contents: the settings (SETTINGS: appendix D, FTW_RECIPES: the official FT-W configs) and FLAGS; palettes; the
+objectives (tokenizer_loss; paint_soft, relaxed_roundtrip, tf_loss for TF / TT; inverse_loss); train, the loop of
+every trained variant, crash safe with train_prior.py's plumbing (--resume auto, exit 143 / 130 after a signal, a
+non-finite loss stops with exit 2); train_tokenizer, train_inverse; the command line (parse_args, stage1).
+GSS-FT-W as officially trained: X^-1 learns from what a frozen stage-II model (--prior) generates for augmented
+training crops, with that model's palette and tokenizer; --dataset and its backbone pick the recipe (FTW_RECIPES).
 On a CPU shared with other jobs, prefix OMP_NUM_THREADS=1: OpenMP threads spin while they wait for each other
 (measured here: 2 threads on 2 loaded cores burnt ~8x the CPU time of 1 thread per tokenizer step).
 """
 import argparse
-import glob
 import math
 import os
 import sys
@@ -45,10 +32,10 @@ import datasets
 import evaluate
 import gss
 import train_prior
-from train_prior import Logger, StopSignals, cleanup_distributed, lr_at, setup_distributed, stop_together
+from train_prior import Logger, lr_at, setup_distributed
 
-# The official GSS-FT-W recipes (facts 4.1, 4.2: AdamW, wd 0.01, poly, warmup 1500) by --dataset and the backbone of
-# the --prior model (Swin without --prior); other datasets and backbones take ADE20K Swin-L's, the paper's.
+# The official GSS-FT-W recipes (configs/gss/<dataset>/gss-ft-w_<backbone>_*.py: AdamW, wd 0.01, poly, warmup 1500)
+# by --dataset and the backbone of the --prior model (Swin without --prior); others take ADE20K Swin-L's, the paper's.
 FTW_RECIPES = {
     ('ade20k', 'swin'): dict(depth=2, lr=1.5e-3, iters=40000, batch_size=16),
     ('cityscapes', 'swin'): dict(depth=1, lr=7.5e-4, iters=40000, batch_size=8),
@@ -64,15 +51,37 @@ SETTINGS = {  # eval: iterations between validation recon metrics (and at the en
     'tf': dict(iters=4000, batch_size=16, lr=0.01, warmup=0, eval=1000),
     'tt': dict(iters=4000, batch_size=16, lr=0.01, warmup=0, eval=1000),
 }
-# ours: sized for 2 CPU cores (the synthetic set is 128x128, crops of 64); --long: the settings that reach the targets
+# ours: sized for 2 CPU cores (the synthetic set is 128x128, crops of 64); long: --long (train_prior.LONG_HELP)
 SYNTHETIC_SETTINGS = {
-    'tokenizer': dict(iters=450, batch_size=8, lr=1e-3, crop=64, eval=450),
+    'tokenizer': dict(iters=450, batch_size=8, lr=1e-3, crop=64, eval=450, long=dict(iters=5000, eval=1000)),
     'ft': dict(iters=300, batch_size=16, lr=1e-3, warmup=0, eval=100),
     'ft-w': dict(iters=200, batch_size=8, lr=1e-3, warmup=20, eval=100, depth=2, ftw=dict(dim=32, num_heads=2)),
     'tf': dict(iters=100, batch_size=8, lr=0.01, warmup=0, eval=50),
     'tt': dict(iters=200, batch_size=8, lr=0.01, warmup=0, eval=100),
 }
-SYNTHETIC_LONG = {'tokenizer': dict(iters=5000, eval=1000)}
+# Defaults, one line per flag, as train_prior.FLAGS: (type, choices or bool; default; help). None: derived from the
+# tables above (train_settings) or from --dataset (parse_args).
+FLAGS = dict(
+    variant=(('ff', 'ff-r', 'lstsq', 'ft', 'ft-w', 'tf', 'tt', 'tokenizer'), None, None),
+    dataset=(str, 'synthetic', "ade20k, cityscapes, synthetic or folder"),
+    data_root=(str, None, "dataset directory (default: the preset's)"),
+    tokenizer=(str, None, "tokenizer file (default runs/<dataset>/tokenizer.pt; with --prior, the prior's)"),
+    prior=(str, None, "ft-w / ft: train X^-1 on this stage-II checkpoint's generated maskiges (train_prior.py's "
+           "latest.pt or an official GSS-FF release with --tokenizer)"),
+    palette=(('maximal', 'official', 'random'), None, "maximal (appendix B, default), official (the official config "
+             "palette) or random"),
+    depth=(int, None, "Swin blocks in the FT-W inverse (default: the official recipe's, FTW_RECIPES: 2 ADE20K, 1 "
+           "Cityscapes)"),
+    long=(bool, False, f"{train_prior.LONG_HELP} (tokenizer: {SYNTHETIC_SETTINGS['tokenizer']['long']['iters']} "
+          f"iterations instead of {SYNTHETIC_SETTINGS['tokenizer']['iters']})"),
+    iters=(int, None, None),
+    batch_size=(int, None, "TOTAL batch over all ranks (default: the variant's, e.g. 16 for ft-w)"),
+    lr=(float, None, None),
+    seed=(int, 0, None),
+    out=(str, None, "output file (default runs/<dataset>/posterior_<variant>.pt)"),
+    resume=(str, None, "trained variants: checkpoint to resume from, or 'auto' = <out stem>.latest.pt if it exists"),
+    ckpt_interval=(int, 500, "write <out stem>.latest.pt every N iterations"),
+)
 TOKENIZER_ARCH = dict(n_hid=64, vocab_size=512, n_init=128, n_blk_per_group=1)  # ours: the smallest dall_e shapes
 DIVERSITY = 0.01  # weight of the codebook-usage term of the tokenizer loss (train_tokenizer)
 VAL_IMAGES = 100  # validation images for the recon metrics logged while training
@@ -99,11 +108,14 @@ def val_labels(args, n):
     return list(evaluate.labels_and_test_sizes(ds, range(min(n, len(ds)))))
 
 
-def recon_metrics(tok, inverse, palette, ignore_colour, val, num_classes, upsample=False):
-    """Maskige-reconstruction mIoU / aAcc over validation items (the evaluate.py --recon oracle; upsample=True: stage
-    II's 2x path)."""
-    m = evaluate.reconstruction_oracle(tok, inverse, palette, ignore_colour, val, num_classes, upsample).compute()
-    return {'mIoU': round(float(m['mIoU']), 2), 'aAcc': round(float(m['aAcc']), 2)}
+def recon_metrics(tok, inverse, palette, ignore_colour, val, num_classes):
+    """Maskige-reconstruction mIoU / aAcc over validation items (the evaluate.py --recon oracle), and with '_2x' on
+    stage II's 2x path."""
+    out = {}
+    for upsample, suffix in ((False, ''), (True, '_2x')):
+        m = evaluate.reconstruction_oracle(tok, inverse, palette, ignore_colour, val, num_classes, upsample).compute()
+        out.update({f'mIoU{suffix}': round(float(m['mIoU']), 2), f'aAcc{suffix}': round(float(m['aAcc']), 2)})
+    return out
 
 
 def keyed(fn, seeds, tag, *batches):
@@ -176,7 +188,7 @@ def training_maskige(tok, labels, palette, ignore_colour):
 
 
 def prior_maskige(prior, tok, images):
-    """The noisy maskige of the official FT-W recipe (facts 4.2): a frozen stage-II model's generation for augmented
+    """The noisy maskige of the official FT-W recipe (gss-ft-w_*.py): a frozen stage-II model's generation for augmented
     training crops, its backbone in eval mode as official frozen_stages=4 keeps it (no drop path, BatchNorm on running
     statistics), its head in train mode (Dropout2d active, BatchNorm on the batch's statistics)."""
     prior.eval().head.train()
@@ -231,61 +243,30 @@ def train(args, s, trained, optimizer, loss_fn, validate, ds, log, rank, world_s
     """Iterate loss_fn(batch, progress) -> loss with `optimizer` over the dict `trained` ({name: module or
     Parameter}) for s['iters'] iterations of s['batch_size'] images in total over the ranks: lr poly with s['warmup'],
     gradients averaged over ranks, optionally clipped (clip: max norm) and clamped (clamp: params to clamp to [0, 1]).
-    validate() -> dict of metrics, every s['eval'] iterations and at the end on rank 0. Randomness is keyed by what
-    is computed, as in train_prior.py: batches come from its sampler (each sample's augmentation seeded by its epoch
-    and position), the losses' crops and Gumbel noise by that sample's seed (keyed), so that a resume reproduces the
-    uninterrupted run and 2 ranks x b images compute what 1 rank x 2b computes for the losses that are means over the
-    samples; the rest (the --prior model's dropout) by (seed, iteration, rank).
-    -> (exit code: 0, or 128 + signal; the last logged stats)."""
-    latest = args.checkpoint_path
+    validate() -> dict of metrics, every s['eval'] iterations and at the end on rank 0. Randomness is keyed as in
+    train_prior.py: each sample's augmentation, crops and Gumbel noise by its seed (keyed), the rest (the --prior
+    model's dropout) by (seed, iteration, rank). -> (exit code: 0, or 128 + signal; the last logged stats)."""
     params = [p for t in trained.values() for p in (t.parameters() if isinstance(t, nn.Module) else [t])]
-    sampler = train_prior.ResumableSampler(ds, world_size, rank, args.seed)
-    images = train_prior.per_rank(s['batch_size'], world_size)
-    loader = torch.utils.data.DataLoader(train_prior.SeededItems(ds), batch_size=images, sampler=sampler,
-                                         drop_last=True, num_workers=4 if device.type == 'cuda' else 0,
-                                         worker_init_fn=train_prior.ignore_sigint)
-    it, epoch, consumed, saved_it, stats = 0, 0, 0, None, {}
-    for path in glob.glob(f'{latest}.*.tmp'):  # gss.save_atomic's unfinished file of a killed run
-        if rank == 0:
-            os.remove(path)
-    if args.resume and (args.resume != 'auto' or os.path.exists(latest)):
-        resume = latest if args.resume == 'auto' else args.resume
-        ckpt = train_prior.load_checkpoint(resume, 'gss-posterior')
-        if ckpt['variant'] != args.variant or set(ckpt['trained']) != set(trained):
-            raise gss.UserError(f"{resume}: checkpoint of --variant {ckpt['variant']}; expected --variant "
-                                f"{args.variant}")
-        try:
-            for name, t in trained.items():
-                t.load_state_dict(ckpt['trained'][name]) if isinstance(t, nn.Module) else t.data.copy_(
-                    ckpt['trained'][name])
-            optimizer.load_state_dict(ckpt['optimizer'])  # (one written before FT-W's two weight-decay groups: error)
-        except (RuntimeError, ValueError) as e:
-            raise gss.UserError(f"{resume}: does not match the flags or this version ({str(e).splitlines()[0]}); "
-                                f"expected the flags it was trained with") from None
-        it = saved_it = ckpt['iter']
-        epoch, consumed = ckpt['data']['epoch'], ckpt['data']['position'] // world_size
-        log.info(f"resumed from {resume} at iteration {it}")
+    loader = train_prior.seeded_loader(ds, train_prior.per_rank(s['batch_size'], world_size), rank, world_size,
+                                       args.seed, 4 if device.type == 'cuda' else 0, device)
+    ckpts = train_prior.Checkpoints(args.checkpoint_path, args.resume, rank, world_size, device, log)
+    it, epoch, consumed = resume(ckpts, args, trained, optimizer, log)
 
-    def save():
-        nonlocal saved_it
-        if rank == 0:
-            train_prior.save_checkpoint({
-                'kind': 'gss-posterior', 'variant': args.variant, 'iter': it, 'optimizer': optimizer.state_dict(),
+    def checkpoint():
+        return {'kind': 'gss-posterior', 'variant': args.variant, 'iter': it, 'optimizer': optimizer.state_dict(),
                 'trained': {k: t.state_dict() if isinstance(t, nn.Module) else t.detach() for k, t in trained.items()},
-                'data': {'epoch': epoch, 'position': consumed * world_size}, 'args': vars(args)}, latest)
-        saved_it = it
+                'data': {'epoch': epoch, 'position': consumed * world_size}, 'args': vars(args)}
 
     batches = train_prior.endless(loader, epoch, consumed)
-    t0 = time.time()
-    with StopSignals() as stop:
+    t0, stats = time.time(), {}
+    with ckpts:
         while it < s['iters']:
             batch, epoch, consumed = next(batches)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-            for g in optimizer.param_groups:
-                g['lr'] = lr_at(it, s['lr'], s['iters'], s.get('warmup', 0))
+            train_prior.set_lr(optimizer, lr_at(it, s['lr'], s['iters'], s.get('warmup', 0)))
             torch.manual_seed(train_prior.seed_of(args.seed, 1, it, rank))  # 1: the draws not keyed by the sample
             loss = loss_fn(batch, it / s['iters'])
-            signum = stop_together(stop.signum, math.isfinite(loss.item()), it, latest, saved_it, device, world_size)
+            signum = ckpts.stop(math.isfinite(loss.item()), it)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             sync_grads(params, world_size)
@@ -303,12 +284,33 @@ def train(args, s, trained, optimizer, loss_fn, validate, ds, log, rank, world_s
                     stats.update(validate())
                 log.log(it, stats)
             if signum or last or it % args.ckpt_interval == 0:
-                save()
+                ckpts.save(checkpoint())
             if signum:
-                log.info(f"stopped by signal {signum} after iteration {it}; saved {latest}; "
-                         f"continue with --resume auto")
-                return 128 + signum, stats
+                return ckpts.stopped(signum, it), stats
     return 0, stats
+
+
+def resume(ckpts, args, trained, optimizer, log):
+    """The trained tensors and the optimizer from --resume -> (iteration, epoch, samples of this rank's share
+    consumed); a fresh start without one."""
+    ckpt, it, epoch, consumed = ckpts.load('gss-posterior')
+    if ckpt is None:
+        return 0, 0, 0
+    if ckpt['variant'] != args.variant or set(ckpt['trained']) != set(trained):
+        raise gss.UserError(f"{ckpts.resume}: checkpoint of --variant {ckpt['variant']}; expected --variant "
+                            f"{args.variant}")
+    try:
+        for name, t in trained.items():
+            if isinstance(t, nn.Module):
+                t.load_state_dict(ckpt['trained'][name])
+            else:
+                t.data.copy_(ckpt['trained'][name])
+        optimizer.load_state_dict(ckpt['optimizer'])  # (one written before FT-W's two weight-decay groups: error)
+    except (RuntimeError, ValueError) as e:
+        raise gss.UserError(f"{ckpts.resume}: does not match the flags or this version ({str(e).splitlines()[0]}); "
+                            f"expected the flags it was trained with") from None
+    log.info(f"resumed from {ckpts.resume} at iteration {it}")
+    return it, epoch, consumed
 
 
 def train_tokenizer(args, s, num_classes, palette, ignore_colour, device, rank, world_size, log):
@@ -326,8 +328,6 @@ def train_tokenizer(args, s, num_classes, palette, ignore_colour, device, rank, 
     def validate():
         tok.requires_grad_(False)
         out = recon_metrics(tok, inverse, palette, ignore_colour, val, num_classes)
-        out.update({f'{k}_2x': v for k, v in recon_metrics(tok, inverse, palette, ignore_colour, val, num_classes,
-                                                            upsample=True).items()})
         tok.requires_grad_(True)
         return out
 
@@ -364,8 +364,6 @@ def train_inverse(args, s, num_classes, palette, ignore_colour, tok, prior, devi
     def validate():
         pal_now, inv_now = current_stage1(beta, palette, inverse, device)
         out = recon_metrics(tok, inv_now, pal_now.to(device), ign, val, num_classes)
-        out.update({f'{k}_2x': x for k, x in recon_metrics(tok, inv_now, pal_now.to(device), ign, val, num_classes,
-                                                            upsample=True).items()})
         if inverse is not None:
             inverse.train()  # back to batch statistics (FT-W's BatchNorm)
         return out
@@ -382,29 +380,7 @@ def train_inverse(args, s, num_classes, palette, ignore_colour, tok, prior, devi
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--variant', choices=['ff', 'ff-r', 'lstsq', 'ft', 'ft-w', 'tf', 'tt', 'tokenizer'])
-    parser.add_argument('--dataset', default='synthetic', help='ade20k, cityscapes, synthetic or folder')
-    parser.add_argument('--data-root', default=None, help="dataset directory (default: the preset's)")
-    parser.add_argument('--tokenizer', default=None, help="tokenizer file (default runs/<dataset>/tokenizer.pt; with "
-                        "--prior, the prior's)")
-    parser.add_argument('--prior', default=None, help="ft-w / ft: train X^-1 on this stage-II checkpoint's generated "
-                        "maskiges (train_prior.py's latest.pt or an official GSS-FF release with --tokenizer)")
-    parser.add_argument('--palette', choices=['maximal', 'official', 'random'], default=None,
-                        help='maximal (appendix B, default), official (the official config palette) or random')
-    parser.add_argument('--depth', type=int, default=None, help="Swin blocks in the FT-W inverse (default: the "
-                        "official recipe's, FTW_RECIPES: 2 ADE20K, 1 Cityscapes)")
-    parser.add_argument('--long', action='store_true', help="synthetic: the longer settings that reach the targets "
-                        f"(tokenizer: {SYNTHETIC_LONG['tokenizer']['iters']} iterations instead of "
-                        f"{SYNTHETIC_SETTINGS['tokenizer']['iters']})")
-    parser.add_argument('--iters', type=int, default=None)
-    parser.add_argument('--batch-size', type=int, default=None, help="TOTAL batch over all ranks (default: the "
-                        "variant's, e.g. 16 for ft-w)")
-    parser.add_argument('--lr', type=float, default=None)
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--out', default=None, help='output file (default runs/<dataset>/posterior_<variant>.pt)')
-    parser.add_argument('--resume', help="trained variants: checkpoint to resume from, or 'auto' = <out stem>.latest.pt "
-                                         "if it exists")
-    parser.add_argument('--ckpt-interval', type=int, default=500, help="write <out stem>.latest.pt every N iterations")
+    train_prior.add_flags(parser, FLAGS)
     parser.add_argument('--convert-dalle', nargs=2, metavar=('ENCODER_PKL', 'DECODER_PKL'),
                         help="convert OpenAI's encoder.pkl and decoder.pkl into a tokenizer file (--out)")
     args = parser.parse_args(argv)
@@ -420,9 +396,7 @@ def parse_args(argv=None):
                             f"{', '.join(datasets.DATASET_PRESETS)}")
     if args.prior and args.variant not in ('ft', 'ft-w'):
         raise gss.UserError(f"--prior: only for --variant ft-w or ft (X^-1 on generated maskiges); got {args.variant}")
-    for flag in ('iters', 'batch_size', 'depth', 'ckpt_interval'):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise gss.UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive integer")
+    train_prior.check_positive(args, ('iters', 'batch_size', 'depth', 'ckpt_interval'))
     run_dir = os.path.join('runs', args.dataset)
     v = args.variant
     args.tokenizer_path = args.tokenizer or os.path.join(run_dir, 'tokenizer.pt')
@@ -436,12 +410,10 @@ def train_settings(args, prior):
     """The variant's settings: the preset's (FT-W: the official recipe of --dataset and the prior's backbone), --long,
     then the flags."""
     v = args.variant
-    s = dict((SYNTHETIC_SETTINGS if args.dataset == 'synthetic' else SETTINGS).get(v, {}))
-    if args.long:
-        if args.dataset != 'synthetic' or v not in SYNTHETIC_LONG:
-            raise gss.UserError(f"--long: only {', '.join(f'--variant {k}' for k in SYNTHETIC_LONG)} on --dataset "
-                                f"synthetic has a longer setting; expected --iters N")
-        s.update(SYNTHETIC_LONG[v])
+    longer = [k for k, s in SYNTHETIC_SETTINGS.items() if 'long' in s]
+    s = train_prior.with_long((SYNTHETIC_SETTINGS if args.dataset == 'synthetic' else SETTINGS).get(v, {}), args.long,
+                              f"only {', '.join(f'--variant {k}' for k in longer)} on --dataset synthetic has a "
+                              f"longer setting")
     if v == 'ft-w':  # the prior's backbone family (without --prior: Swin-L, the paper's)
         family = 'resnet' if prior is not None and prior.config['backbone'].startswith('resnet') else 'swin'
         s.update(FTW_RECIPES.get((args.dataset, family), {}))
@@ -459,8 +431,9 @@ def load_prior(args, device, world_size):
         record = {'prior': os.path.abspath(args.prior), 'prior_iter': int(ckpt['iter'])}
     else:  # an official release: its DALL-E weights are OpenAI's; the artifact refers to our converted file of them
         if not args.tokenizer:
-            raise gss.UserError(f"--prior {args.prior}: an official checkpoint; expected --tokenizer with the converted "
-                                f"DALL-E file the artifact should refer to (python train_posterior.py --convert-dalle)")
+            raise gss.UserError(f"--prior {args.prior}: an official checkpoint; expected --tokenizer with the "
+                                f"converted DALL-E file the artifact should refer to (python train_posterior.py "
+                                f"--convert-dalle)")
         tok_path = args.tokenizer
         record = {'prior': os.path.abspath(args.prior)}
     model.requires_grad_(False)
@@ -468,12 +441,7 @@ def load_prior(args, device, world_size):
 
 
 def main(argv=None):
-    """CLI entry: user errors print one line `error: ...` on stderr and exit 2, no traceback."""
-    try:
-        return run(parse_args(argv))
-    except (gss.UserError, datasets.UserError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return train_prior.cli(run, parse_args, argv)
 
 
 def run(args):
@@ -481,53 +449,53 @@ def run(args):
         tok = gss.convert_dalle(*args.convert_dalle, args.out)
         print(f"wrote {args.out} (vocabulary {tok.vocab_size}, n_hid {tok.encoder.n_hid})")
         return 0
-    v = args.variant
     rank, world_size, _, device = setup_distributed()
-    try:
-        torch.manual_seed(args.seed)  # the same initial weights on every rank: nothing broadcasts them
-        preset = datasets.DATASET_PRESETS[args.dataset]
-        num_classes = preset['num_classes'] or datasets.build_dataset(args.dataset, 'val', args.data_root).num_classes
-        palette, ignore_colour = choose_palette(v, args.palette, args.dataset, num_classes, args.seed)
-        tok_path, prior, record = args.tokenizer_path, None, {}
-        if args.prior:  # the palette and tokenizer of the stage-II model
-            prior, tok, palette, ignore_colour, tok_path, record = load_prior(args, device, world_size)
-            if len(palette) != num_classes:
-                raise gss.UserError(f"--prior {args.prior}: {len(palette)} classes; expected {num_classes} for "
-                                    f"--dataset {args.dataset}")
-        s = train_settings(args, prior)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        log = Logger(os.path.splitext(args.out)[0] + '.log.jsonl', rank)
-        log.info(f"stage I, variant {v}, dataset {args.dataset} ({num_classes} classes), settings {s}, device {device}")
+    return stage1(args, rank, world_size, device)
 
-        if v == 'tokenizer':
-            tok, code, stats = train_tokenizer(args, s, num_classes, palette.to(device), ignore_colour.to(device),
-                                               device, rank, world_size, log)
-            if code == 0 and rank == 0:
-                gss.save_tokenizer(tok, args.out, dataset=args.dataset, palette=palette.tolist(),
-                                   ignore_colour=ignore_colour.tolist(), settings=s, final=stats)
-                log.info(f"wrote {args.out}")
-            return code
 
-        if prior is None:
-            tok = gss.load_tokenizer(tok_path).to(device)
-            trained_on = tok.info.get('palette')
-            if trained_on is not None and trained_on != palette.tolist():
-                log.info(f"warning: {tok_path} was trained on maskiges of another palette; reconstruction will suffer")
-        inverse, config, code = None, {}, 0
-        if v in ('ft', 'ft-w', 'tf', 'tt'):
-            palette, inverse, config, code = train_inverse(args, s, num_classes, palette, ignore_colour, tok, prior,
-                                                           device, rank, world_size, log)
-            if v in ('tf', 'tt') and len(set(map(tuple, palette.tolist()))) < num_classes:
-                raise gss.UserError(f"--lr {s['lr']}: training merged two palette colours; expected a smaller --lr")
+def stage1(args, rank, world_size, device):
+    """The palette, the tokenizer (trained here, or --tokenizer's, or --prior's), X^-1 (trained or not) -> the file
+    --out (a tokenizer file, or the stage-I artifact, gss.make_posterior) and the exit code."""
+    v = args.variant
+    torch.manual_seed(args.seed)  # the same initial weights on every rank: nothing broadcasts them
+    preset = datasets.DATASET_PRESETS[args.dataset]
+    num_classes = preset['num_classes'] or datasets.build_dataset(args.dataset, 'val', args.data_root).num_classes
+    palette, ignore_colour = choose_palette(v, args.palette, args.dataset, num_classes, args.seed)
+    tok_path, prior, record = args.tokenizer_path, None, {}
+    if args.prior:  # the palette and tokenizer of the stage-II model
+        prior, tok, palette, ignore_colour, tok_path, record = load_prior(args, device, world_size)
+        if len(palette) != num_classes:
+            raise gss.UserError(f"--prior {args.prior}: {len(palette)} classes; expected {num_classes} for "
+                                f"--dataset {args.dataset}")
+    s = train_settings(args, prior)
+    log = Logger(os.path.splitext(args.out)[0] + '.log.jsonl', rank)
+    log.info(f"stage I, variant {v}, dataset {args.dataset} ({num_classes} classes), settings {s}, device {device}")
+    if v == 'tokenizer':
+        tok, code, stats = train_tokenizer(args, s, num_classes, palette.to(device), ignore_colour.to(device),
+                                           device, rank, world_size, log)
         if code == 0 and rank == 0:
-            settings = {**s, 'seed': args.seed, **record,
-                        'palette': args.palette or ('random' if v == 'ff-r' else 'maximal')}
-            gss.make_posterior(args.out, v, palette, ignore_colour, tok_path, tok.vocab_size, inverse, config,
-                               args.dataset, settings)
+            gss.save_tokenizer(tok, args.out, dataset=args.dataset, palette=palette.tolist(),
+                               ignore_colour=ignore_colour.tolist(), settings=s, final=stats)
             log.info(f"wrote {args.out}")
         return code
-    finally:
-        cleanup_distributed()
+    if prior is None:
+        tok = gss.load_tokenizer(tok_path).to(device)
+        trained_on = tok.info.get('palette')
+        if trained_on is not None and trained_on != palette.tolist():
+            log.info(f"warning: {tok_path} was trained on maskiges of another palette; reconstruction will suffer")
+    inverse, config, code = None, {}, 0
+    if v in ('ft', 'ft-w', 'tf', 'tt'):
+        palette, inverse, config, code = train_inverse(args, s, num_classes, palette, ignore_colour, tok, prior,
+                                                       device, rank, world_size, log)
+        if v in ('tf', 'tt') and len(set(map(tuple, palette.tolist()))) < num_classes:
+            raise gss.UserError(f"--lr {s['lr']}: training merged two palette colours; expected a smaller --lr")
+    if code == 0 and rank == 0:
+        palette_name = args.palette or ('random' if v == 'ff-r' else 'maximal')
+        settings = {**s, 'seed': args.seed, **record, 'palette': palette_name}
+        gss.make_posterior(args.out, v, palette, ignore_colour, tok_path, tok.vocab_size, inverse, config,
+                           args.dataset, settings)
+        log.info(f"wrote {args.out}")
+    return code
 
 
 if __name__ == '__main__':

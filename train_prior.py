@@ -1,39 +1,26 @@
-"""Stage II of GSS (latent prior learning): train the image encoder I_psi to predict the frozen tokenizer's codes.
+"""Stage II of GSS (latent prior learning, paper Sec. 3.4): train the image encoder I_psi to predict the frozen
+tokenizer's codes of the ground-truth maskige (Eq. 6).
 
-Single process (CPU or one GPU), and DDP on one node through torchrun (NCCL on CUDA, Gloo on CPU), e.g. the paper's
-ADE20K run on 8 GPUs (Swin-L, total batch 32, 160k iterations) and a 2-core CPU smoke run:
-    python train_prior.py --dataset synthetic
+    python train_prior.py --dataset synthetic                                   # 2 CPU cores, minutes
+    torchrun --nproc_per_node 2 train_prior.py --dataset synthetic              # DDP (Gloo on CPU, NCCL on CUDA)
     torchrun --nproc_per_node 8 train_prior.py --dataset ade20k --posterior P --pretrained SWIN_L.pth
-    torchrun --nproc_per_node 2 train_prior.py --dataset synthetic
-P is the stage-I artifact of train_posterior.py (default runs/<dataset>/posterior_ff.pt). --batch-size is the TOTAL
-batch; add --micro-batch N to accumulate gradients when batch / ranks images do not fit at once.
-After a crash, a kill or a time limit, run the same command with --resume auto: it continues from
-<out>/latest.pt (or starts fresh when there is none) and reaches the same weights as an uninterrupted run.
+    python train_prior.py --dataset synthetic --resume auto                     # after a crash, a kill, a time limit
 
-Outputs in --out (default runs/<dataset>/prior): latest.pt (every --ckpt-interval iterations, at the end, on
-SIGTERM/SIGINT), best.pt (best validation mIoU), log.jsonl (one JSON object per log line). Checkpoints hold plain
-types only (torch.load(weights_only=True) reads them): kind 'gss-prior', iter, model (state dict), config (rebuilds
-it: gss.GSS.from_config), optimizer, scaler, data (epoch and position in the epoch's sample order), rng (every rank's
-torch / CUDA / numpy / python RNG states), best_miou, val_miou, args, posterior (the stage-I artifact itself, checked
-on load, but for its tokenizer: that file's path relative to --out and absolute, so that a moved runs folder still
-evaluates). They are written atomically: the previous one stays
-intact until the new one is complete (and the unfinished file of a killed write is removed at the next start).
-After a resume, log.jsonl repeats the iterations redone since that checkpoint.
+Contents: FLAGS, the defaults table the command line is built from; the training plumbing train_posterior.py
+imports (distributed setup, lr_at, Logger, Checkpoints: atomic save, resume, stop on a signal or a non-finite loss;
+the seeded sampler); stage II: parse_args, param_groups, validate, train and its steps.
+P is the stage-I artifact of train_posterior.py. --batch-size is the TOTAL batch; --micro-batch accumulates. Outputs
+in --out: latest.pt (every --ckpt-interval iterations, at the end and on SIGTERM / SIGINT), best.pt (best val mIoU),
+log.jsonl. Checkpoints are dicts of plain types (weights_only=True loads them): kind 'gss-prior', iter, model, config
+(gss.GSS.from_config), optimizer, scaler, data (epoch, position in the epoch's sample order), best_miou, val_miou,
+args, posterior (gss.posterior_summary). Randomness is keyed by what is computed, not by where or when: a sample's
+augmentation by (seed, epoch, position), dropout / drop path by (seed, iteration, micro-batch); so a resume needs no
+RNG state and reaches the weights of an uninterrupted run, and 2 ranks x 1 image equal 1 rank x 2 accumulated images.
 
-Exit codes: 0 done (or --stop-at reached); 2 user error, one line `error: ...` on stderr (bad flag or file, a full
-disk, a non-finite loss: nothing is saved then and the last good checkpoint stays); 143 / 130 after SIGTERM /
-SIGINT, once the iteration in progress is finished and latest.pt written (a second signal kills at once).
-
-Faithful to the official configs (../shared/design/official_gss_facts.md sections 6, 7, 9): AdamW (0.9, 0.999),
-weight decay 0.01 except on 'norm' / position-bias parameters, poly lr (power 1) with a 1500-iteration linear
-warmup, SyncBatchNorm under DDP. Ours: bf16 autocast by default on CUDA (official: fp32); PyTorch's SyncBatchNorm
-is GPU-only, so on CPU each rank normalises over its own images; the synthetic preset trains a CPU-sized head
-(SYNTHETIC_HEAD). Randomness is keyed by what is computed, not by
-where or when: each sample's augmentation by (seed, epoch, position), dropout / drop path by (seed, iteration,
-micro-batch), so a resume is exact and 2 ranks x 1 image equal 1 rank x 2 accumulated images.
-
-This file also hosts the training plumbing that train_posterior.py imports: setup_distributed, cleanup_distributed,
-per_rank, sync_batchnorm, stop_together, lr_at, Logger, save_checkpoint, load_checkpoint, rng_state, set_rng_state.
+As the official configs (configs/gss/ade20k/*.py, configs/_base_/schedules/): AdamW (0.9, 0.999), weight decay 0.01
+except on 'norm' / position-bias parameters, poly lr (power 1) after a 1500-iteration linear warmup, SyncBatchNorm.
+Ours: bf16 autocast by default on CUDA (official: fp32); on CPU each rank normalises over its own images (PyTorch's
+SyncBatchNorm is GPU-only); the synthetic preset trains a CPU-sized head (SYNTHETIC_HEAD).
 """
 import argparse
 import ast
@@ -44,7 +31,6 @@ import inspect
 import json
 import math
 import os
-import random
 import resource
 import signal
 import sys
@@ -57,6 +43,90 @@ import torch.distributed as dist
 import datasets
 import evaluate
 import gss
+
+# ----------------------------------------------------------------------------------------------------------
+# --long means the same in both trainers: the 'long' entry of the settings table (here the dataset preset's, in
+# train_posterior.py the variant's) replaces the short CPU smoke-run defaults with the run that reaches the README's
+# targets; only the synthetic presets have one.
+LONG_HELP = "synthetic: the longer schedule that reaches the README's targets"
+_LONG = datasets.DATASET_PRESETS['synthetic']['long']
+# Defaults, one line per flag, as nanoGPT's train.py; parse_args builds the command line from this table.
+# name: (type, or a tuple of choices, or bool for a switch; default; help). None: derived in parse_args from the
+# --dataset preset (datasets.DATASET_PRESETS: iters, batch_size, lr, warmup) or from the device.
+FLAGS = dict(
+    dataset=(str, None, "preset (required): " + ", ".join(datasets.DATASET_PRESETS)),
+    backbone=(str, None, "backbone name (default swin_l, the paper's main one; swin_mini for synthetic)"),
+    pretrained=(str, None, "backbone weights file (ImageNet Swin / ResNet checkpoint)"),
+    model_config=(str, '', "comma-separated KEY=VALUE overrides of the gss.GSS head, e.g. mla_channels=32,token_"
+                  "channels=64,dropout=0 (default: the paper's 384/512/2048, 16 heads; synthetic: SYNTHETIC_HEAD)"),
+    posterior=(str, None, "stage-I artifact from train_posterior.py (default runs/<dataset>/posterior_ff.pt)"),
+    data_root=(str, None, "dataset root (default: the preset's)"),
+    iters=(int, None, "training iterations (default: the preset's, 160000 for ade20k)"),
+    batch_size=(int, None, "TOTAL batch over all ranks (default: the preset's, 32 for ade20k)"),
+    micro_batch=(int, None, "images per rank per forward; gradients accumulate over batch-size / (ranks * "
+                 "micro-batch) steps (default: all at once)"),
+    lr=(float, None, "peak learning rate (default: the preset's, 1.2e-4 for ade20k)"),
+    warmup_iters=(int, None, "linear warmup (default: the preset's, 1500 as official)"),
+    amp=(('bf16', 'fp16', 'none'), None, "autocast dtype (default bf16 on CUDA where supported, else fp16 on CUDA; "
+         "none on CPU)"),
+    out=(str, None, "output folder for latest.pt, best.pt, log.jsonl (default runs/<dataset>/prior)"),
+    resume=(str, None, "checkpoint to resume from, or 'auto' = <out>/latest.pt if it exists"),
+    stop_at=(int, None, "save and exit after this iteration (for time-limited jobs)"),
+    long=(bool, False, f"{LONG_HELP} ({_LONG['iters']} iterations, validating every {_LONG['eval_interval']})"),
+    eval_interval=(int, None, "validate every N iterations and at the end; 0 = never (default iters/10 as the "
+                   "official 16k of 160k, at least 100; synthetic: 0, evaluate.py measures the end)"),
+    log_interval=(int, None, "log every N iterations (default 50, iters/20 if smaller)"),
+    ckpt_interval=(int, 1000, "write <out>/latest.pt every N iterations (default 1000)"),
+    compile=(bool, False, "torch.compile the model"),
+    seed=(int, 0, "seeds the initial weights, the sample order, augmentation and dropout"),
+    workers=(int, None, "data loader workers per rank (default 4 on CUDA, as official; 0 on CPU, whose cores are "
+             "busy training)"),
+    deterministic=(bool, False, "torch.use_deterministic_algorithms, no cuDNN autotuning (bitwise-reproducible runs "
+                   "and resumes)"),
+    device=(('cuda', 'cpu'), None, "default cuda when available"),
+)
+# ours: the synthetic preset trains a CPU-sized head (head dim 32 as official); with the paper's 384/512/2048 widths
+# and 16 heads the head is ~70% of a synthetic step on CPU (python bench.py train: a 3x slower step)
+SYNTHETIC_HEAD = dict(mla_channels=96, fused_channels=128, token_channels=256, num_heads=4)
+
+
+def add_flags(parser, flags, required=()):
+    """Build argparse flags from a defaults table (FLAGS)."""
+    for name, (kind, default, text) in flags.items():
+        flag = '--' + name.replace('_', '-')
+        if kind is bool:
+            parser.add_argument(flag, action='store_true', help=text)
+        else:
+            choices = kind if isinstance(kind, tuple) else None
+            parser.add_argument(flag, type=str if choices else kind, choices=choices, default=default, help=text,
+                                required=name in required)
+
+
+def check_positive(args, names):
+    for flag in names:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise gss.UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive integer")
+
+
+def with_long(settings, long, what):
+    """--long: the settings updated by their 'long' entry; a one-line error (naming `what`) where there is none."""
+    if long and 'long' not in settings:
+        raise gss.UserError(f"--long: {what}; expected --iters N")
+    chosen = {**settings, **settings['long']} if long else dict(settings)
+    chosen.pop('long', None)
+    return chosen
+
+
+def cli(run, parse_args, argv):
+    """Both trainers' entry: run(parse_args(argv)) -> exit code; a user error prints one line `error: ...` on stderr
+    and exits 2, no traceback."""
+    try:
+        return run(parse_args(argv))
+    except (gss.UserError, datasets.UserError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup_distributed()  # the process group, if run started one
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -98,25 +168,18 @@ def sync_batchnorm(model, world_size, device):
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if world_size > 1 and device.type == 'cuda' else model
 
 
-def stop_together(signum, finite, it, latest, saved_it, device, world_size):
-    """Every rank stops together: -> the signal number any rank received (0: none); a non-finite loss on any rank is
-    a UserError naming the iteration. The flags are a tensor on the training device: NCCL refuses CPU tensors."""
-    flags = torch.tensor([float(signum), float(not finite)], device=device)  # (2,)
-    if world_size > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    if flags[1]:
-        raise gss.UserError(f"non-finite loss at iteration {it + 1}; stopped without saving; " + (
-            f"the last good checkpoint {latest} (iteration {saved_it}) is intact" if saved_it is not None
-            else "no checkpoint was written yet"))
-    return int(flags[0])
-
-
 def lr_at(it, base_lr, max_iters, warmup_iters=1500, warmup_ratio=1e-6, power=1.0):
-    """mmcv poly schedule (min_lr 0) with linear warmup, as the official configs (facts section 9):
+    """mmcv's poly schedule (min_lr 0) with linear warmup, as the official configs (schedule_160k.py):
     lr = base * (1 - it/max)^power, times 1 - (1 - it/warmup) * (1 - ratio) while it < warmup. `it` is 0-based."""
     lr = base_lr * (1 - it / max_iters) ** power
     if it < warmup_iters:
         lr *= 1 - (1 - it / warmup_iters) * (1 - warmup_ratio)
+    return lr
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group['lr'] = lr
     return lr
 
 
@@ -125,6 +188,7 @@ class Logger:
 
     def __init__(self, path, rank=0):
         self.path, self.rank = path, rank
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # the trainers' outputs go there too
 
     def log(self, step, metrics):
         if self.rank != 0:
@@ -137,26 +201,6 @@ class Logger:
     def info(self, msg):
         if self.rank == 0:
             print(msg, flush=True)
-
-
-class StopSignals:
-    """Within the block, SIGTERM / SIGINT only set .signum, for the training loop to act on at the end of the
-    iteration in progress (save, exit 128 + signum); a second signal kills at once, as without a handler."""
-
-    def __enter__(self):
-        self.signum = 0
-        self.handlers = {s: signal.signal(s, self.request) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def request(self, signum, frame):
-        if self.signum:  # the second one: die of it now (the last checkpoint stays intact)
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, h in self.handlers.items():
-            signal.signal(s, h)
 
 
 def save_checkpoint(ckpt, path):
@@ -181,25 +225,72 @@ def load_checkpoint(path, kind, posterior=None):
     return ckpt
 
 
-def rng_state():
-    """torch / CUDA / numpy / python RNG states as plain types (tensors, lists, numbers): weights_only-loadable."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, py_state, py_gauss = random.getstate()
-    return {'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': pos, 'has_gauss': has_gauss,
-                      'gauss': gauss},
-            'python': {'version': version, 'state': torch.tensor(py_state, dtype=torch.int64), 'gauss': py_gauss}}
+class Checkpoints:
+    """The crash safety of both trainers. `latest` is rewritten atomically (rank 0 writes, every rank notes the
+    iteration); a killed write's unfinished files (gss.save_atomic's <path>.*.tmp) are removed at start; --resume
+    ('auto': `latest` if it exists) names the checkpoint to start from. Within the block, SIGTERM / SIGINT only set
+    .signum, for the loop to act on at the end of the iteration in progress (stop: every rank together, save, exit
+    128 + signum); a second signal kills at once, as without a handler."""
 
+    def __init__(self, latest, resume, rank, world_size, device, log, others=()):
+        self.latest, self.rank, self.world_size, self.device, self.log = latest, rank, world_size, device, log
+        self.saved_it = None  # the iteration of `latest`, as this run wrote or read it
+        stale = [tmp for path in (latest, *others) for tmp in glob.glob(f'{path}.*.tmp')]
+        if rank == 0 and stale:
+            for path in stale:
+                os.remove(path)
+            log.info(f"removed {len(stale)} unfinished checkpoint file(s) of a killed run: {', '.join(stale)}")
+        if resume == 'auto':  # `latest` if there is one, else a fresh start
+            resume = latest if os.path.exists(latest) else None
+        self.resume = resume
 
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    if state['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-    n = state['numpy']
-    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
-    p = state['python']
-    random.setstate((p['version'], tuple(p['state'].tolist()), p['gauss']))
+    def __enter__(self):
+        self.signum = 0
+        self.handlers = {s: signal.signal(s, self.request) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def request(self, signum, frame):
+        if self.signum:  # the second one: die of it now (the last checkpoint stays intact)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.handlers.items():
+            signal.signal(s, h)
+
+    def load(self, kind, posterior=None):
+        """-> (the --resume checkpoint or None, its iteration, epoch, samples of this rank's share consumed)."""
+        if not self.resume:
+            return None, 0, 0, 0
+        ckpt = load_checkpoint(self.resume, kind, posterior)
+        self.saved_it = ckpt['iter']
+        return ckpt, ckpt['iter'], ckpt['data']['epoch'], ckpt['data']['position'] // self.world_size
+
+    def save(self, ckpt, path=None):
+        """ckpt: a dict of plain types with 'iter'; written to `path` (default `latest`) by rank 0."""
+        if self.rank == 0:
+            save_checkpoint(ckpt, path or self.latest)
+        if path is None:
+            self.saved_it = ckpt['iter']
+
+    def stop(self, finite, it):
+        """-> the signal number any rank received (0: none), the same on every rank; a non-finite loss on any rank is
+        a UserError naming the iteration. The flags are a tensor on the training device: NCCL refuses CPU tensors."""
+        flags = torch.tensor([float(self.signum), float(not finite)], device=self.device)  # (2,)
+        if self.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[1]:
+            raise gss.UserError(f"non-finite loss at iteration {it + 1}; stopped without saving; " + (
+                f"the last good checkpoint {self.latest} (iteration {self.saved_it}) is intact"
+                if self.saved_it is not None else "no checkpoint was written yet"))
+        return int(flags[0])
+
+    def stopped(self, signum, it):
+        """After `latest` was saved on a signal: -> the exit code 128 + signum."""
+        self.log.info(f"stopped by signal {signum} after iteration {it}; saved {self.latest}; "
+                      f"continue with --resume auto")
+        return 128 + signum
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -259,86 +350,46 @@ def endless(loader, epoch, consumed):
         epoch, consumed = epoch + 1, 0
 
 
+
+def seeded_loader(dataset, batch_size, rank, world_size, seed, workers, device):
+    """Micro-batches of this rank's share, each item augmented by its own seed (ResumableSampler, SeededItems)."""
+    sampler = ResumableSampler(dataset, world_size, rank, seed)
+    return torch.utils.data.DataLoader(SeededItems(dataset), batch_size=batch_size, sampler=sampler, drop_last=True,
+                                       num_workers=workers, pin_memory=device.type == 'cuda',
+                                       worker_init_fn=ignore_sigint)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Stage-II training (GSS-FF latent prior learning, facts sections 6, 7, 9)
-
-# ours: the synthetic preset trains a CPU-sized head (head dim 32 as official); with the paper's 384/512/2048 widths
-# and 16 heads the head is ~70% of a synthetic step on CPU (python bench.py train: a 3x slower step)
-SYNTHETIC_HEAD = dict(mla_channels=96, fused_channels=128, token_channels=256, num_heads=4)
-
+# Stage-II training (GSS-FF latent prior learning, Sec. 3.4, Eq. 6)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--dataset', required=True, help="preset: " + ", ".join(datasets.DATASET_PRESETS))
-    p.add_argument('--backbone', help="backbone name (default swin_l, the paper's main one; swin_mini for synthetic)")
-    p.add_argument('--pretrained', help="backbone weights file (ImageNet Swin / ResNet checkpoint)")
-    p.add_argument('--model-config', default='', help="comma-separated KEY=VALUE overrides of the gss.GSS head, "
-                   "e.g. mla_channels=32,token_channels=64,dropout=0 (default: the paper's 384/512/2048, 16 heads, "
-                   "D=2 or 6; for synthetic 96/128/256, 4 heads)")
-    p.add_argument('--posterior', help="stage-I artifact from train_posterior.py "
-                                       "(default runs/<dataset>/posterior_ff.pt)")
-    p.add_argument('--data-root', help="dataset root (default: the preset's)")
-    p.add_argument('--iters', type=int, help="training iterations (default: the preset's, 160000 for ade20k)")
-    p.add_argument('--batch-size', type=int, help="TOTAL batch over all ranks (default: the preset's, 32 for ade20k)")
-    p.add_argument('--micro-batch', type=int, help="images per rank per forward; gradients accumulate over "
-                                                   "batch-size / (ranks * micro-batch) steps (default: all at once)")
-    p.add_argument('--lr', type=float, help="peak learning rate (default: the preset's, 1.2e-4 for ade20k)")
-    p.add_argument('--warmup-iters', type=int, help="linear warmup (default: the preset's, 1500 as official)")
-    p.add_argument('--amp', choices=['bf16', 'fp16', 'none'],
-                   help="autocast dtype (default bf16 on CUDA where supported, else fp16 on CUDA; none on CPU)")
-    p.add_argument('--out', help="output folder for latest.pt, best.pt, log.jsonl (default runs/<dataset>/prior)")
-    p.add_argument('--resume', help="checkpoint to resume from, or 'auto' = <out>/latest.pt if it exists")
-    p.add_argument('--stop-at', type=int, help="save and exit after this iteration (for time-limited jobs)")
-    syn = datasets.DATASET_PRESETS['synthetic']
-    p.add_argument('--long', action='store_true', help=f"the preset's longer schedule (synthetic: "
-                   f"{syn['long']['iters']} iterations, validation every {syn['long']['eval_interval']}, instead of "
-                   f"{syn['iters']} and only the end)")
-    p.add_argument('--eval-interval', type=int, help="validate every N iterations and at the end; 0 = never "
-                                                     "(default iters/10 as the official 16k of 160k, at least 100; "
-                                                     "synthetic: 0, evaluate.py measures the end)")
-    p.add_argument('--log-interval', type=int, help="log every N iterations (default 50, iters/20 if smaller)")
-    p.add_argument('--ckpt-interval', type=int, default=1000, help="write <out>/latest.pt every N iterations "
-                                                                       "(default 1000)")
-    p.add_argument('--compile', action='store_true', help="torch.compile the model")
-    p.add_argument('--seed', type=int, default=0, help="seeds the initial weights, the sample order, augmentation "
-                                                       "and dropout")
-    p.add_argument('--workers', type=int, help="data loader workers per rank (default 4 on CUDA, as official; 0 on "
-                                               "CPU, whose cores are busy training)")
-    p.add_argument('--deterministic', action='store_true', help="torch.use_deterministic_algorithms, no cuDNN "
-                                                                "autotuning (bitwise-reproducible runs and resumes)")
-    p.add_argument('--device', choices=['cuda', 'cpu'], help="default cuda when available")
+    add_flags(p, FLAGS, required=('dataset',))
     args = p.parse_args(argv)
-
     if args.dataset not in datasets.DATASET_PRESETS:
         raise gss.UserError(f"--dataset {args.dataset}: unknown dataset; expected one of "
                             f"{', '.join(datasets.DATASET_PRESETS)}")
-    preset = datasets.DATASET_PRESETS[args.dataset]
-    if args.long:
-        if 'long' not in preset:
-            raise gss.UserError(f"--long: --dataset {args.dataset} has no longer schedule; expected --iters N")
-        preset = {**preset, **preset['long']}
+    preset = with_long(datasets.DATASET_PRESETS[args.dataset], args.long,
+                       f"--dataset {args.dataset} has no longer schedule")
+    synthetic = args.dataset == 'synthetic'
     cuda = (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')) == 'cuda'
-    defaults = dict(backbone='swin_mini' if args.dataset == 'synthetic' else 'swin_l',
-                    posterior=os.path.join('runs', args.dataset, 'posterior_ff.pt'),
-                    out=os.path.join('runs', args.dataset, 'prior'),
-                    iters=preset['iters'], batch_size=preset['batch_size'], lr=preset['lr'],
-                    warmup_iters=preset['warmup'],
-                    amp=('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if cuda else 'none')
-    for k, v in defaults.items():
+    derived = dict(backbone='swin_mini' if synthetic else 'swin_l',
+                   posterior=os.path.join('runs', args.dataset, 'posterior_ff.pt'),
+                   out=os.path.join('runs', args.dataset, 'prior'),
+                   iters=preset['iters'], batch_size=preset['batch_size'], lr=preset['lr'],
+                   warmup_iters=preset['warmup'],
+                   amp=('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if cuda else 'none',
+                   workers=4 if cuda else 0)
+    for k, v in derived.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.eval_interval is None:  # official: every 16k of 160k iterations
         args.eval_interval = preset.get('eval_interval', max(100, args.iters // 10))
-    args.workers = (4 if cuda else 0) if args.workers is None else args.workers
     args.log_interval = args.log_interval or max(1, min(50, args.iters // 20))
-    for flag in ('iters', 'batch_size', 'micro_batch', 'log_interval', 'ckpt_interval', 'stop_at'):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise gss.UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive integer")
-
+    check_positive(args, ('iters', 'batch_size', 'micro_batch', 'log_interval', 'ckpt_interval', 'stop_at'))
     if args.backbone not in gss.BACKBONES:
         raise gss.UserError(f"--backbone {args.backbone}: unknown backbone; expected one of {', '.join(gss.BACKBONES)}")
-    args.model_config = {**(SYNTHETIC_HEAD if args.dataset == 'synthetic' else {}),
-                         **parse_model_config(args.model_config)}
+    args.model_config = {**(SYNTHETIC_HEAD if synthetic else {}), **parse_model_config(args.model_config)}
     world_size = int(os.environ.get('WORLD_SIZE', 1))  # known before the process group starts
     images = per_rank(args.batch_size, world_size)
     args.micro_batch = args.micro_batch or images
@@ -369,7 +420,7 @@ def parse_model_config(text):
 
 
 def param_groups(model, weight_decay=0.01, prefix=''):
-    """AdamW groups of a gss.GSS (or of an FT-W X^-1 with prefix='inverse') by the official rule (facts section 9):
+    """AdamW groups of a gss.GSS (or of an FT-W X^-1 with prefix='inverse') by the official configs' paramwise_cfg:
     no weight decay on parameters whose official name contains 'norm', 'relative_position_bias_table' or
     'absolute_pos_embed'. The rule is kept as simple as it is: everything else decays, biases and the norms not named
     so included (the BatchNorms 'bn' and the LayerNorms officially 'swin_ln' / 'post_swin_ln', ours head.swin_norm /
@@ -405,29 +456,20 @@ def validate(model, tokenizer, inverse, val_set, preset, autocast, rank, world_s
     return tuple(metrics[name].all_reduce().compute()['mIoU'] for name in ('generative', 'aux head'))
 
 
-def train(args):
-    """Train; returns the exit code: 0 when done (or at --stop-at), 128 + signal number after SIGTERM / SIGINT."""
-    rank, world_size, local_rank, device = setup_distributed(args.device)
-    try:
-        return train_loop(args, rank, world_size, local_rank, device)
-    finally:
-        cleanup_distributed()
-
-
-def train_loop(args, rank, world_size, local_rank, device):
-    master = rank == 0
-    torch.manual_seed(args.seed + rank), np.random.seed(args.seed + rank), random.seed(args.seed + rank)
+def configure_torch(args, rank, device):
+    """Seed the initial weights (DDP broadcasts rank 0's), set the kernels' determinism -> the --amp autocast."""
+    torch.manual_seed(args.seed + rank)
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = not args.deterministic  # official: cudnn_benchmark True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    os.makedirs(args.out, exist_ok=True)
-    log = Logger(os.path.join(args.out, 'log.jsonl'), rank)
     amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}[args.amp]
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    accum = args.batch_size // world_size // args.micro_batch
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
-    # stage-I artifact: palette, frozen tokenizer, inverse X^-1 (used for validation only)
+
+def load_data(args, world_size, device):
+    """-> (the stage-I artifact, training set, validation set, its frozen tokenizer, X^-1 for validation, palette
+    (K, 3)), the artifact checked against the dataset and the dataset against the batch."""
     posterior = gss.load_posterior(args.posterior)
     train_set = datasets.build_dataset(args.dataset, 'train', root=args.data_root)
     val_set = datasets.build_dataset(args.dataset, 'val', root=args.data_root, train=False)
@@ -441,153 +483,152 @@ def train_loop(args, rank, world_size, local_rank, device):
     tokenizer = gss.load_tokenizer(posterior['tokenizer']).to(device)
     inverse = gss.build_inverse(posterior).to(device)
     palette = torch.tensor(posterior['palette'], device=device)  # (K, 3)
-    sampler = ResumableSampler(train_set, world_size, rank, args.seed)
-    loader = torch.utils.data.DataLoader(SeededItems(train_set), batch_size=args.micro_batch, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=device.type == 'cuda',
-                                         drop_last=True, worker_init_fn=ignore_sigint)
+    return posterior, train_set, val_set, tokenizer, inverse, palette
 
-    # model, optimizer, AMP scaler
-    model = gss.GSS(args.backbone, num_classes=K, vocab_size=posterior['vocab_size'], pretrained=args.pretrained,
-                    **args.model_config)  # DDP broadcasts rank 0's initial weights
+
+def resume(ckpts, args, posterior, model, optimizer, scaler, log):
+    """Weights, optimizer and scaler from --resume -> (iteration, epoch, samples of this rank's share consumed,
+    best val mIoU, last val mIoU); a fresh start without one."""
+    ckpt, it, epoch, consumed = ckpts.load('gss-prior', posterior)
+    if ckpt is None:
+        return 0, 0, 0, -math.inf, None
+    if ckpt['config'] != model.config:
+        diff = ", ".join(f"{k} {ckpt['config'].get(k)} vs {model.config.get(k)}"
+                         for k in sorted(set(ckpt['config']) | set(model.config))
+                         if ckpt['config'].get(k) != model.config.get(k))
+        raise gss.UserError(f"{ckpts.resume}: checkpoint of a different model ({diff}; checkpoint vs flags); "
+                            f"expected the flags it was trained with")
+    model.load_state_dict(ckpt['model'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    changed = [f"--{k.replace('_', '-')} {ckpt['args'][k]} -> {getattr(args, k)}"
+               for k in ('iters', 'batch_size', 'micro_batch', 'lr', 'warmup_iters', 'seed')
+               if ckpt['args'][k] != getattr(args, k)]
+    if changed:
+        log.info(f"{ckpts.resume}: resuming with changed flags ({', '.join(changed)}): not the run it would have been")
+    log.info(f"resumed from {ckpts.resume} at iteration {it} (epoch {epoch}, sample {consumed} of this rank's share)")
+    return it, epoch, consumed, ckpt['best_miou'], ckpt['val_miou']
+
+
+def forward_backward(model, batches, tokenizer, palette, scaler, autocast, it, accum, seed, rank, world_size, device,
+                     sums):
+    """One iteration's gradients, accumulated over `accum` micro-batches (Eq. 6, gss.compute_loss); the loss and its
+    parts, averaged over the micro-batches, are added to `sums` -> (all finite, epoch, consumed)."""
+    finite = True
+    for micro_step in range(accum):
+        batch, epoch, consumed = next(batches)
+        images = batch['image'].to(device, non_blocking=True)  # (b, 3, crop, crop)
+        labels = batch['label'].to(device, non_blocking=True)  # (b, crop, crop), 255 = ignore
+        if world_size > 1:  # all-reduce the gradients on the last micro-step only
+            model.require_backward_grad_sync = micro_step == accum - 1
+        # dropout and drop path draw from a generator seeded by (seed, iteration, micro-batch): the same masks for
+        # the same images on any number of ranks, with any accumulation, and after a resume
+        torch.manual_seed(seed_of(seed, 1, it, micro_step * world_size + rank))  # 1: model
+        with autocast:
+            loss, parts = gss.compute_loss(model, tokenizer, palette, images, labels)
+        scaler.scale(loss / accum).backward()
+        finite &= math.isfinite(loss.item())
+        for k, v in {'loss': loss.item(), **parts}.items():
+            sums[k] = sums.get(k, 0.0) + v / accum
+    return finite, epoch, consumed
+
+
+def log_means(log, it, sums, n, seconds, left, lr, device, world_size):
+    """Log the per-iteration means of `sums` over the last n iterations (`seconds` of training) and all ranks, the
+    lr, the time per iteration, the time the `left` iterations will take and the peak memory."""
+    means = torch.tensor(list(sums.values()), device=device) / n
+    if world_size > 1:
+        dist.all_reduce(means)
+        means /= world_size
+    eta = datetime.timedelta(seconds=round(seconds / n * left))
+    log.log(it, {**dict(zip(sums, means.tolist())), 'lr': lr, 's_per_iter': seconds / n, 'eta': str(eta),
+                 'peak_mem_mb': round(peak_memory_mb(device))})
+
+
+def build_model(args, num_classes, vocab_size, world_size, device):
+    """-> (gss.GSS, not yet wrapped by DDP; AdamW as official; the fp16 gradient scaler)."""
+    model = gss.GSS(args.backbone, num_classes=num_classes, vocab_size=vocab_size, pretrained=args.pretrained,
+                    **args.model_config)
     model = sync_batchnorm(model, world_size, device).to(device)
-    raw_model = model
-    optimizer = torch.optim.AdamW(param_groups(raw_model), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.01,
+    optimizer = torch.optim.AdamW(param_groups(model), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.01,
                                   fused=True)  # one kernel over all tensors: 3x less CPU time than the per-tensor loop
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')  # a no-op for bf16 and none
+    return model, optimizer, scaler
 
-    # resume: weights, optimizer, scaler, iteration (hence lr), data position, RNG states
-    it, epoch, consumed, best_miou, val_miou, saved_it = 0, 0, 0, -math.inf, None, None
-    latest, best = os.path.join(args.out, 'latest.pt'), os.path.join(args.out, 'best.pt')
-    stale = glob.glob(f'{latest}.*.tmp') + glob.glob(f'{best}.*.tmp')  # gss.save_atomic's, from a killed run
-    if master and stale:
-        for path in stale:
-            os.remove(path)
-        log.info(f"removed {len(stale)} unfinished checkpoint file(s) of a killed run: {', '.join(stale)}")
-    resume = latest if args.resume == 'auto' else args.resume
-    if resume and (args.resume != 'auto' or os.path.exists(latest)):
-        ckpt = load_checkpoint(resume, 'gss-prior', posterior)
-        if ckpt['config'] != raw_model.config:
-            diff = ", ".join(f"{k} {ckpt['config'].get(k)} vs {raw_model.config.get(k)}"
-                             for k in sorted(set(ckpt['config']) | set(raw_model.config))
-                             if ckpt['config'].get(k) != raw_model.config.get(k))
-            raise gss.UserError(f"{resume}: checkpoint of a different model ({diff}; checkpoint vs flags); "
-                                f"expected the flags it was trained with")
-        raw_model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        changed = [f"--{k.replace('_', '-')} {ckpt['args'][k]} -> {getattr(args, k)}"
-                   for k in ('iters', 'batch_size', 'micro_batch', 'lr', 'warmup_iters', 'seed')
-                   if ckpt['args'][k] != getattr(args, k)]
-        if changed:
-            log.info(f"{resume}: resuming with changed flags ({', '.join(changed)}): not the run it would have been")
-        it = saved_it = ckpt['iter']
-        epoch, consumed = ckpt['data']['epoch'], ckpt['data']['position'] // world_size
-        best_miou, val_miou = ckpt['best_miou'], ckpt['val_miou']
-        if len(ckpt['rng']) == world_size:
-            set_rng_state(ckpt['rng'][rank])
-        else:
-            log.info(f"{resume}: saved on {len(ckpt['rng'])} ranks, resuming on {world_size}: RNG streams restart")
-        log.info(f"resumed from {resume} at iteration {it} (epoch {epoch}, sample {consumed} of this rank's share)")
 
-    if args.compile:
-        model = torch.compile(model)
+def wrap(model, compile, world_size, local_rank, device):
+    """torch.compile (--compile) and DDP (several ranks; it broadcasts rank 0's initial weights)."""
+    model = torch.compile(model) if compile else model
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == 'cuda'
                                                           else None)
+    return model
 
-    def checkpoint():  # collective (gathers every rank's RNG state); plain types only: weights_only-loadable
-        rng = [None] * world_size
-        if world_size > 1:
-            dist.all_gather_object(rng, rng_state())
-        else:
-            rng = [rng_state()]
+
+def train(args):
+    """Stage II -> the exit code: 0 when done (or at --stop-at), 128 + signal number after SIGTERM / SIGINT."""
+    rank, world_size, local_rank, device = setup_distributed(args.device)
+    autocast = configure_torch(args, rank, device)
+    log = Logger(os.path.join(args.out, 'log.jsonl'), rank)
+    accum = args.batch_size // world_size // args.micro_batch
+    posterior, train_set, val_set, tokenizer, inverse, palette = load_data(args, world_size, device)
+    loader = seeded_loader(train_set, args.micro_batch, rank, world_size, args.seed, args.workers, device)
+    raw_model, optimizer, scaler = build_model(args, train_set.num_classes, posterior['vocab_size'], world_size, device)
+    best = os.path.join(args.out, 'best.pt')
+    ckpts = Checkpoints(os.path.join(args.out, 'latest.pt'), args.resume, rank, world_size, device, log, [best])
+    it, epoch, consumed, best_miou, val_miou = resume(ckpts, args, posterior, raw_model, optimizer, scaler, log)
+    model = wrap(raw_model, args.compile, world_size, local_rank, device)
+
+    def checkpoint():  # plain types only: weights_only-loadable
         return {'kind': 'gss-prior', 'iter': it, 'model': raw_model.state_dict(), 'config': raw_model.config,
                 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                'data': {'epoch': epoch, 'position': consumed * world_size}, 'rng': rng,
+                'data': {'epoch': epoch, 'position': consumed * world_size},
                 'best_miou': best_miou, 'val_miou': val_miou, 'args': vars(args),
                 'posterior': gss.posterior_summary(posterior, args.posterior, args.out)}
 
-    def save(path):
-        nonlocal saved_it
-        ckpt = checkpoint()
-        if master:
-            save_checkpoint(ckpt, path)
-        saved_it = it
-
-    with StopSignals() as stop:
-        log.info(f"training {args.dataset} on {world_size} x {device.type}: {args.iters} iterations, batch "
-                 f"{args.batch_size} = {world_size} ranks x {accum} steps x {args.micro_batch}, amp {args.amp}, "
-                 f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f} M parameters, "
-                 f"{len(train_set)} training images")
-        batches = endless(loader, epoch, consumed)
-        sums, train_time, it0 = {}, 0.0, it
+    log.info(f"training {args.dataset} on {world_size} x {device.type}: {args.iters} iterations, batch "
+             f"{args.batch_size} = {world_size} ranks x {accum} steps x {args.micro_batch}, amp {args.amp}, "
+             f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f} M parameters, "
+             f"{len(train_set)} training images")
+    batches = endless(loader, epoch, consumed)
+    sums, train_time, it0 = {}, 0.0, it
+    with ckpts:
         while it < args.iters:
             t0 = time.time()
-            lr = lr_at(it, args.lr, args.iters, args.warmup_iters)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
-            finite = True
-            for micro_step in range(accum):
-                batch, epoch, consumed = next(batches)
-                images = batch['image'].to(device, non_blocking=True)  # (b, 3, crop, crop)
-                labels = batch['label'].to(device, non_blocking=True)  # (b, crop, crop), 255 = ignore
-                if world_size > 1:  # all-reduce the gradients on the last micro-step only
-                    model.require_backward_grad_sync = micro_step == accum - 1
-                # dropout and drop path draw from a generator seeded by (seed, iteration, micro-batch): the same
-                # masks for the same images on any number of ranks, with any accumulation, and after a resume
-                torch.manual_seed(seed_of(args.seed, 1, it, micro_step * world_size + rank))  # 1: model
-                with autocast:
-                    loss, parts = gss.compute_loss(model, tokenizer, palette, images, labels)
-                scaler.scale(loss / accum).backward()
-                finite &= math.isfinite(loss.item())
-                for k, v in {'loss': loss.item(), **parts}.items():
-                    sums[k] = sums.get(k, 0.0) + v / accum
-            signum = stop_together(stop.signum, finite, it, latest, saved_it, device, world_size)
+            lr = set_lr(optimizer, lr_at(it, args.lr, args.iters, args.warmup_iters))
+            finite, epoch, consumed = forward_backward(model, batches, tokenizer, palette, scaler, autocast, it, accum,
+                                                       args.seed, rank, world_size, device, sums)
+            signum = ckpts.stop(finite, it)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             it += 1
             train_time += time.time() - t0
-
             if it % args.log_interval == 0 or it == args.iters:
-                means = torch.tensor(list(sums.values()), device=device) / (it - it0)
-                if world_size > 1:
-                    dist.all_reduce(means)
-                    means /= world_size
-                dt = train_time / (it - it0)
-                log.log(it, {**dict(zip(sums, means.tolist())), 'lr': lr, 's_per_iter': dt,
-                             'eta': str(datetime.timedelta(seconds=round(dt * (args.iters - it)))),
-                             'peak_mem_mb': round(peak_memory_mb(device))})
+                log_means(log, it, sums, it - it0, train_time, args.iters - it, lr, device, world_size)
                 sums, train_time, it0 = {}, 0.0, it
             if signum:
-                save(latest)
-                log.info(f"stopped by signal {signum} after iteration {it}; saved {latest}; "
-                         f"continue with --resume auto")
-                return 128 + signum
+                ckpts.save(checkpoint())
+                return ckpts.stopped(signum, it)
             if args.eval_interval and (it % args.eval_interval == 0 or it == args.iters):
                 val_miou, aux_miou = validate(raw_model, tokenizer, inverse, val_set,
                                               datasets.DATASET_PRESETS[args.dataset], autocast, rank, world_size)
                 log.log(it, {'val_mIoU': val_miou, 'val_aux_mIoU': aux_miou})
                 if val_miou > best_miou:
                     best_miou = val_miou
-                    save(best)
+                    ckpts.save(checkpoint(), best)
             if it % args.ckpt_interval == 0 or it == args.iters or it == args.stop_at:
-                save(latest)
+                ckpts.save(checkpoint())
             if it == args.stop_at:
-                log.info(f"stopped at iteration {it} (--stop-at); saved {latest}; continue with --resume auto")
+                log.info(f"stopped at iteration {it} (--stop-at); saved {ckpts.latest}; continue with --resume auto")
                 return 0
-        log.info(f"done: {it} iterations; checkpoints in {args.out}" +
-                 (f"; best val mIoU {best_miou:.2f}" if val_miou is not None else ""))
-        return 0
+    log.info(f"done: {it} iterations; checkpoints in {args.out}" +
+             (f"; best val mIoU {best_miou:.2f}" if val_miou is not None else ""))
+    return 0
 
 
 def main(argv=None):
-    """CLI entry: user errors print one line `error: ...` on stderr and exit 2, no traceback."""
-    try:
-        return train(parse_args(argv))
-    except (gss.UserError, datasets.UserError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli(train, parse_args, argv)
 
 
 if __name__ == '__main__':
