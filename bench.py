@@ -1,6 +1,6 @@
 """
-Benchmarks of gss's hot paths, as ratios measured side by side in one run (nanoGPT's bench.py spirit). Each
-subcommand prints a table and, last, one `BENCH {json}` line. The cores may be shared: compare ratios, not seconds.
+Benchmarks of gss's hot paths as ratios measured side by side in one run. Each subcommand prints a table and, last,
+one `BENCH {json}` line. The cores may be shared: compare ratios, not seconds.
 
     python bench.py swin        # our Swin-T vs torchvision's swin_t
     python bench.py data        # images/s through the training pipeline
@@ -11,9 +11,8 @@ subcommand prints a table and, last, one `BENCH {json}` line. The cores may be s
     python bench.py infer       # gss.predict: Swin-T 512x512 whole vs slide; Swin-L 1024x2048 slide 768/512 (the 8 GB
                                 # target; --windows N times N of its 8 windows, default 3, 0 = all)
 
-Peak memory on CPU, honestly: each side runs in its own fresh subprocess (run_side), which hands the memory its setup
-and warm-up freed back to the OS, then reports its peak RSS (VmHWM, reset there) minus its RSS there. Timings are
-medians of interleaved rounds (infer: one call per case, no warm-up call: a call takes minutes).
+Every measurement runs in a fresh subprocess (run_side): peak memory is its peak RSS (VmHWM, reset after setup and
+warm-up, once the memory they freed is handed back to the OS) minus its RSS then; timings are medians of rounds.
 """
 import argparse
 import ctypes
@@ -606,8 +605,7 @@ def _infer_setup(name, windows):
 
 
 def bench_infer(args):
-    """gss.predict(model, tokenizer, NearestColour, image) per case in its own process, no warm-up call (a call
-    takes minutes), `--repeats` rounds (default 1), medians."""
+    """gss.predict per case, no warm-up call (a call takes minutes), `--repeats` rounds (default 1), medians."""
     runs = {name: [] for name in INFER_CASES}
     for _ in range(args.repeats):
         for name in INFER_CASES:

@@ -1,8 +1,7 @@
 """
-Evaluation for GSS. In this file: SegMetric (mmsegmentation's IoUMetric: aAcc, mIoU, mAcc, per-class table),
-evaluate_split (generative inference over a split, beside the auxiliary head's per-pixel baseline),
-reconstruction_oracle (the stage-I oracle), save_outputs (label PNGs, overlays, maskiges), load_stage2 (ours or
-an official release), and the command line, which also segments arbitrary images (the demo).
+Evaluation for GSS: SegMetric (mmseg's IoUMetric) -> evaluate_split (generative inference beside the auxiliary
+head) -> reconstruction_oracle (stage I) -> save_outputs -> load_stage2 (ours or an official release) -> the CLI,
+which also segments arbitrary images (the demo).
 
     python evaluate.py --checkpoint runs/synthetic/prior/latest.pt                    # GSS-FF + aux head
     python evaluate.py --checkpoint CKPT --posterior runs/synthetic/posterior.pt \
@@ -74,8 +73,7 @@ class SegMetric:
 
 def nanmean(x):
     """np.nanmean without the empty-slice warning (NaN when every entry is NaN)."""
-    x = np.asarray(x, np.float64)
-    x = x[~np.isnan(x)]
+    x = x[~np.isnan(x)]  # x: a float64 array
     return float(x.mean()) if x.size else math.nan
 
 def format_table(metrics, class_names):
