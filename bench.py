@@ -1,6 +1,6 @@
 """
-Benchmarks for every hot path of gss, as ratios measured side by side in one run (nanoGPT's bench.py
-spirit). Each subcommand prints a readable table and, as its last line, one `BENCH {json}` object.
+Benchmarks of gss's hot paths as ratios measured side by side in one run. Each subcommand prints a table and, last,
+one `BENCH {json}` line. The cores may be shared: compare ratios, not seconds.
 
     python bench.py swin        # our Swin-T vs torchvision's swin_t
     python bench.py data        # images/s through the training pipeline
@@ -8,25 +8,21 @@ spirit). Each subcommand prints a readable table and, as its last line, one `BEN
     python bench.py tokenizer   # DALL-E-size encode/decode: ours vs the naive dall_e usage
     python bench.py token-loss  # chunked 2048->8192 conv + CE vs naive
     python bench.py train       # one stage-II step split into its parts
-    python bench.py infer       # end-to-end gss.predict: Swin-T 512x512 whole vs slide; Swin-L 1024x2048 slide 768/512
-                                # (the 8 GB target; --windows N times N of its 8 windows, default 3, 0 = all)
+    python bench.py infer       # gss.predict: Swin-T 512x512 whole vs slide; Swin-L 1024x2048 slide 768/512 (the 8 GB
+                                # target; --windows N times N of its 8 windows, default 3, 0 = all)
 
-Peak memory on CPU is measured honestly: each side runs in its own fresh subprocess, which hands the memory its
-setup and warm-up freed back to the OS, then reports its peak resident set size (VmHWM, reset at that point) minus
-its RSS at that point.
-Timings are medians of interleaved repeats (infer: one call per case by default, without a warm-up call: a call
-takes minutes). The machine's cores may be shared: compare ratios, not seconds.
+Every measurement runs in a fresh subprocess (run_side): peak memory is its peak RSS (VmHWM, reset after setup and
+warm-up, once the memory they freed is handed back to the OS) minus its RSS then; timings are medians of rounds.
 """
 import argparse
 import ctypes
 import json
 import multiprocessing as mp
+import os
 import resource
 import statistics
-import time
-
-import os
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -36,6 +32,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import datasets
+import evaluate
 import gss
 import swin
 import train_posterior
@@ -90,122 +87,112 @@ def interleaved(sides, repeats, threads, warmup=True):
     for _ in range(repeats):
         for name, (setup, args) in sides.items():
             runs[name].append(run_side(setup, args, threads, warmup))
-    return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != 'details'} for name, rs in runs.items()}
+    return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != 'details'}
+            for name, rs in runs.items()}
 
 
-def report(title, rows, figures):
-    """Print a table (list of tuples, first row = header) and the BENCH line."""
+def table(title, rows):
+    """Print a title and rows (the first is the header; floats with 3 significant digits, or none below 1) in
+    aligned columns."""
     print(title)
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    rows = [[(f'{c:.0f}' if abs(c) >= 100 else f'{c:.3g}') if isinstance(c, float) else str(c) for c in r]
+            for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print('  '.join(str(c).ljust(w) for c, w in zip(r, widths)))
-    print('BENCH ' + json.dumps(figures))
+        print('  '.join(c.ljust(w) for c, w in zip(r, widths)))
 
 
-
-# ----------------------------------------------------------------------------------------------------
-# swin: our Swin-T vs torchvision's swin_t (same weights, batch 2, 3x256x256, CPU)
-
-SWIN_SIDES, SWIN_MODES = ('ours', 'torchvision'), ('fwd_bwd', 'fwd')
-
-
-def _swin_model(side):
-    """(model, loss) for one side; loss(x) is a scalar over what a segmentation decoder would use."""
-    if side == 'torchvision':
-        tv = torchvision.models.swin_t()  # stochastic_depth_prob=0.2 is fixed by this builder
-        return tv, lambda x: tv.norm(tv.features(x)).mean()  # features + final norm, no classifier head
-    ours = swin.build_swin('swin_t', drop_path_rate=0.2)
-    return ours, lambda x: sum(o.mean() for o in ours(x))  # the 4 normed output maps
+def compare(title, sides, args, warmup=True):
+    """interleaved() of sides {name: (setup, args)}, printed with time and memory ratios to sides['naive'] ->
+    {name: {'seconds', 'cpu_seconds', 'peak_mb', 'time_ratio', 'mem_ratio'}} (medians)."""
+    m = interleaved(sides, args.repeats, args.threads, warmup)
+    for v in m.values():
+        v.update(time_ratio=v['seconds'] / m['naive']['seconds'], mem_ratio=v['peak_mb'] / m['naive']['peak_mb'])
+    header = ('side', 'wall s', 'CPU s', 'peak MB', 'time ratio', 'mem ratio')
+    table(title, [header] + [(k, *v.values()) for k, v in m.items()])
+    return m
 
 
-def _swin_step(model, loss, x, mode):
-    """'fwd_bwd': a training step without the optimizer; 'fwd': an inference forward."""
-    if mode == 'fwd_bwd':
-        model.train()
-        model.zero_grad(set_to_none=True)
-        loss(x).backward()
-    else:
-        model.eval()
-        with torch.no_grad():
-            loss(x)
+def _write_ade(root, scenes):
+    """(image (H, W, 3), label (H, W)) uint8 pairs -> an ADE20K training split under root."""
+    for i, (img, lab) in enumerate(scenes):
+        for sub, array, ext in (('images', img, 'jpg'), ('annotations', lab, 'png')):
+            os.makedirs(f'{root}/{sub}/training', exist_ok=True)
+            Image.fromarray(np.asarray(array)).save(f'{root}/{sub}/training/ADE_train_{i:08d}.{ext}', quality=90)
 
 
-def _swin_step_setup(side, mode):
-    """run_side() setup: one side's model and input; returns one step."""
+def _wall_and_cpu():
+    """(wall seconds, CPU seconds of this process): the second is robust to other load on the machine."""
+    return np.array([time.perf_counter(), time.process_time()])
+
+
+def _load():
+    return f'load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; torch {torch.__version__}'
+
+
+# ---- swin: our Swin-T vs torchvision's swin_t (batch 2, 3x256x256, CPU)
+
+def _swin_setup(side, mode):
+    """run_side() setup: one side's model and input; returns a training step without the optimizer ('fwd_bwd') or
+    an inference forward ('fwd') of what a segmentation decoder would use."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 256, 256)
-    model, loss = _swin_model(side)
-    return lambda: _swin_step(model, loss, x, mode)
+    if side == 'torchvision':
+        model = torchvision.models.swin_t()  # stochastic_depth_prob=0.2 is fixed by this builder
+        loss = lambda: model.norm(model.features(x)).mean()  # features + final norm, no classifier head
+    else:
+        model = swin.build_swin('swin_t', drop_path_rate=0.2)
+        loss = lambda: sum(o.mean() for o in model(x))  # the 4 normed output maps
+    model.train(mode == 'fwd_bwd')
+    if mode == 'fwd':
+        return torch.no_grad()(loss)
 
-
-def _swin_times(models, x, repeats):
-    """Median seconds per (side, mode) over interleaved repeats, sides alternating which goes first."""
-    times = {(s, m): [] for s in SWIN_SIDES for m in SWIN_MODES}
-    for s in SWIN_SIDES:
-        for m in SWIN_MODES:
-            _swin_step(*models[s], x, m)  # warm-up
-    for r in range(repeats):
-        for s in (SWIN_SIDES if r % 2 == 0 else SWIN_SIDES[::-1]):
-            for m in SWIN_MODES:
-                t0 = time.perf_counter()
-                _swin_step(*models[s], x, m)
-                times[s, m].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss().backward()
+    return step
 
 
 def bench_swin(args):
-    repeats = getattr(args, 'repeats', None) or 7
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 256, 256)
-    models = {side: _swin_model(side) for side in SWIN_SIDES}
-    swin.load_pretrained(models['ours'][0], models['torchvision'][0].state_dict())  # same weights
     threads = torch.get_num_threads()
-    sec = _swin_times(models, x, repeats)
-    rows = [('fwd_bwd_s', f'fwd+bwd time, {threads} threads (s)', sec, 'fwd_bwd'),
-            ('fwd_s', f'forward time, {threads} threads (s)', sec, 'fwd')]
-    if threads > 1:  # one thread too: steadier when the cores are shared with other jobs
-        torch.set_num_threads(1)
-        sec1 = _swin_times(models, x, repeats)
-        torch.set_num_threads(threads)
-        rows += [('fwd_bwd_1thread_s', 'fwd+bwd time, 1 thread (s)', sec1, 'fwd_bwd'),
-                 ('fwd_1thread_s', 'forward time, 1 thread (s)', sec1, 'fwd')]
-    mib = {(s, m): statistics.median(run_side(_swin_step_setup, (s, m), warmup=False)['peak_mb'] for _ in range(3))
-           for m in SWIN_MODES for s in SWIN_SIDES}
-    rows += [('fwd_bwd_peak_mib', 'peak RSS fwd+bwd (MiB)', mib, 'fwd_bwd'),
-             ('fwd_peak_mib', 'peak RSS forward (MiB)', mib, 'fwd')]
-
-    print(f"swin_t vs torchvision swin_t: batch 2, 3x256x256, CPU, {repeats} interleaved repeats (medians)")
-    print("peak memory: bench.run_side (own subprocess per side), median of 3")
-    print(f"{'':32s}{'ours':>10s}{'torchvision':>13s}{'ours/tv':>10s}")
-    figures = {'bench': 'swin', 'model': 'swin_t', 'input': [2, 3, 256, 256], 'device': 'cpu',
-               'threads': threads, 'repeats': repeats,
+    figures = {'bench': 'swin', 'model': 'swin_t', 'input': [2, 3, 256, 256], 'device': 'cpu', 'threads': threads,
+               'repeats': args.repeats,
                'memory_method': 'VmHWM minus VmRSS after setup, own subprocess per side, median of 3'}
-    for key, name, d, m in rows:
-        ours, tv = d['ours', m], d['torchvision', m]
-        print(f"{name:32s}{ours:10.3f}{tv:13.3f}{ours / tv:10.3f}")
-        figures.update({f'ours_{key}': ours, f'tv_{key}': tv, f'ratio_{key}': ours / tv})
-    print("BENCH " + json.dumps(figures))
+    sides = {(s, m): (_swin_setup, (s, m)) for s in ('ours', 'torchvision') for m in ('fwd_bwd', 'fwd')}
+    runs = {'_s': interleaved(sides, args.repeats, threads)}
+    if threads > 1:  # one thread too: steadier when the cores are shared with other jobs
+        runs['_1thread_s'] = interleaved(sides, args.repeats, 1)
+    runs['_peak_mib'] = interleaved(sides, 3, 2, warmup=False)  # the first call's peak, allocator growth included
+    rows = [('', 'ours', 'torchvision', 'ours/tv')]
+    for suffix, run in runs.items():
+        for m in ('fwd_bwd', 'fwd'):
+            ours, tv = (run[s, m]['peak_mb' if suffix == '_peak_mib' else 'seconds'] for s in ('ours', 'torchvision'))
+            rows.append((m + suffix, ours, tv, ours / tv))
+            figures.update({f'ours_{m}{suffix}': ours, f'tv_{m}{suffix}': tv, f'ratio_{m}{suffix}': ours / tv})
+    table(f"swin_t vs torchvision swin_t: batch 2, 3x256x256, CPU, {threads} threads (_1thread: 1), medians of "
+          f"{args.repeats} interleaved rounds after a warm-up call: seconds; peak RSS of a first call (MiB, median "
+          f"of 3)", rows)
+    return figures
 
 
-# ----------------------------------------------------------------------------------------------------
-# data: images per second through the training pipeline
+# ---- data: images per second through the training pipeline
 
 def bench_data(args):
-    """Images/s through the training pipeline (DataLoader, 2 workers) on the synthetic set and on
-    64 ADE20K-sized 512x683 JPEG/PNG pairs written here; plus generation time of the synthetic set."""
+    """Images/s through the training pipeline (DataLoader, 2 workers) on the synthetic set and on 64 ADE20K-sized
+    512x683 JPEG/PNG pairs written here; plus the generation time of the synthetic set."""
+    rows = [('dataset', 'image', 'crop', 'batch', 'CPU ms/img', 'img/s 2 workers')]
     with tempfile.TemporaryDirectory() as tmp:
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0 = _wall_and_cpu()
         datasets.synthetic_root(tmp)
-        gen_s, gen_cpu = time.perf_counter() - t0, time.process_time() - c0
+        gen_s, gen_cpu = _wall_and_cpu() - t0
+        figures = {'synthetic_generation_s': round(gen_s, 2), 'synthetic_generation_cpu_s': round(gen_cpu, 2)}
         rng = np.random.default_rng(0)
-        for i in range(64):  # smooth random scenes with blocky labels 0..150, ADE layout
+
+        def scene():  # a smooth random scene with blocky labels 0..150, 512x683
             img = Image.fromarray(rng.integers(0, 256, (16, 21, 3), np.uint8)).resize((683, 512), Image.BILINEAR)
             img = np.clip(np.asarray(img, np.int16) + rng.integers(-20, 21, (512, 683, 3)), 0, 255).astype(np.uint8)
-            lab = Image.fromarray(rng.integers(0, 151, (8, 11), np.uint8)).resize((683, 512), Image.NEAREST)
-            for sub, im, ext in [('images', Image.fromarray(img), 'jpg'), ('annotations', lab, 'png')]:
-                os.makedirs(f'{tmp}/ade/{sub}/training', exist_ok=True)
-                im.save(f'{tmp}/ade/{sub}/training/ADE_train_{i:08d}.{ext}', quality=90)
-        rows, figures = [], {'synthetic_generation_s': round(gen_s, 2), 'synthetic_generation_cpu_s': round(gen_cpu, 2)}
+            return img, Image.fromarray(rng.integers(0, 151, (8, 11), np.uint8)).resize((683, 512), Image.NEAREST)
+        _write_ade(f'{tmp}/ade', (scene() for _ in range(64)))
         sets = [('synthetic', 'synthetic', tmp, 1024, 16), ('ade', 'ade20k', f'{tmp}/ade', 64, 8)]
         for key, name, root, n, batch in sets:
             ds = datasets.build_dataset(name, 'train', root)
@@ -220,97 +207,63 @@ def bench_data(args):
             loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch, shuffle=True,
                                                  num_workers=2, persistent_workers=True)
             speeds = []
-            for rep in range(4):  # the first pass starts the workers and is not counted
+            for _ in range(4):  # the first pass starts the workers and is not counted
                 t0 = time.perf_counter()
                 for _ in loader:
                     pass
                 speeds.append(n / (time.perf_counter() - t0))
             ips = statistics.median(speeds[1:])
             size = 'x'.join(map(str, datasets.read_image(ds.files[0][0]).shape[:2]))
-            rows.append((name, size, ds.preset['crop_size'], batch, ms, ips))
+            rows.append((name, size, ds.preset['crop_size'], batch, round(ms, 2), round(ips, 1)))
             figures.update({f'{key}_cpu_ms_per_image': round(ms, 2), f'{key}_images_per_s_2workers': round(ips, 1)})
-    print(f"synthetic set (2000+200 images, 128x128) generated in {gen_s:.1f} s ({gen_cpu:.1f} s CPU)")
-    print(f"{'dataset':<10} {'image':>8} {'crop':>5} {'batch':>5} {'CPU ms/img':>11} {'img/s 2 workers':>16}")
-    for name, size, crop, batch, ms, ips in rows:
-        print(f"{name:<10} {size:>8} {crop:>5} {batch:>5} {ms:>11.2f} {ips:>16.1f}")
-    print(f"CPU ms/img: one process; img/s: median of 3 passes after a warm-up pass; torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    print("BENCH " + json.dumps(figures))
+    table(f"synthetic set (2000+200 images, 128x128) generated in {gen_s:.1f} s ({gen_cpu:.1f} s CPU); CPU ms/img: one "
+          f"process; img/s: median of 3 passes after a warm-up pass; {_load()}", rows)
+    return figures
 
 
-# ----------------------------------------------------------------------------------------------------
-# token-loss: the token head's 2048 -> 8192 conv + CE, chunked vs naive
+# ---- token-loss: the token head's 2048 -> 8192 conv + CE, chunked vs naive
 
-TOKEN_LOSS_SHAPE = (2, 128, 128, 2048, 8192)  # batch 2, a 512 crop's 128x128 tokens, conv 2048 -> 8192 (facts §6.2)
+TOKEN_LOSS_SHAPE = (2, 128, 128, 2048, 8192)  # batch 2, a 512 crop's 128x128 tokens, conv 2048 -> 8192 (the paper's)
 
 
-def _token_loss_inputs(B, h, w, C, V):
+def _token_loss_setup(side, B, h, w, C, V):
+    """run_side() setup: the token head's features, its last conv and token targets; returns one side's forward +
+    backward, which returns the loss and the gradients of x, the weight and the bias."""
     torch.manual_seed(0)
     x = torch.randn(B, C, h, w, requires_grad=True)  # the token head's features after dropout
     conv = torch.nn.Conv2d(C, V, 1)
     torch.nn.init.normal_(conv.weight, std=0.01)  # conv_seg's init
     target = torch.randint(0, V, (B, h, w))
     target[:, :h // 8] = V  # some ignored tokens (fully unlabeled blocks)
-    return x, conv, target
-
-
-def _token_loss(side, x, conv, target, V):
-    if side == 'naive':
-        return F.cross_entropy(conv(x), target, ignore_index=V)
-    return gss.token_cross_entropy(x, conv, target, V)[0]
-
-
-def _token_loss_step(side, B, h, w, C, V):
-    """run_side() setup: one side's forward + backward on fresh inputs."""
-    x, conv, target = _token_loss_inputs(B, h, w, C, V)
 
     def step():
-        _token_loss(side, x, conv, target, V).backward()
-        x.grad = conv.weight.grad = conv.bias.grad = None
+        if side == 'naive':
+            loss = F.cross_entropy(conv(x), target, ignore_index=V)  # (B, V, h, w) logits at once
+        else:
+            loss = gss.token_cross_entropy(x, conv, target, V)[0]
+        return [loss.detach(), *torch.autograd.grad(loss, (x, conv.weight, conv.bias))]
     return step
 
 
 def bench_token_loss(args):
     """Token head's last 1x1 conv + CE with ignore, forward + backward: chunked (ours) vs conv + F.cross_entropy."""
     B, h, w, C, V = TOKEN_LOSS_SHAPE
-    m = interleaved({side: (_token_loss_step, (side, B, h, w, C, V)) for side in ('naive', 'ours')}, args.repeats,
-                    args.threads, warmup=False)
-    med = {k: v['seconds'] for k, v in m.items()}
-    mem = {k: v['peak_mb'] for k, v in m.items()}
+    m = compare(f"token-loss: batch {B}, {h}x{w} positions, {C} -> {V}, fwd+bwd, {args.repeats} interleaved rounds, "
+                f"{args.threads} threads (naive: conv + F.cross_entropy, ours: chunked gss.token_cross_entropy)",
+                {side: (_token_loss_setup, (side, B, h, w, C, V)) for side in ('naive', 'ours')}, args, warmup=False)
     # same numbers: loss and gradients at a quarter of the positions, in this process
-    x, conv, target = _token_loss_inputs(B, h // 2, w // 2, C, V)
-    grads = {}
-    for side in m:
-        loss = _token_loss(side, x, conv, target, V)
-        grads[side] = [loss.detach(), *torch.autograd.grad(loss, (x, conv.weight, conv.bias))]
+    grads = {side: _token_loss_setup(side, B, h // 2, w // 2, C, V)() for side in m}
     rel = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads['ours'], grads['naive']))
-    figures = dict(shape=dict(batch=B, positions=f'{h}x{w}', channels=C, vocab=V), threads=args.threads,
-                   seconds_naive=round(med['naive'], 2), seconds_ours=round(med['ours'], 2),
-                   time_ratio=round(med['ours'] / med['naive'], 3), peak_mb_naive=round(mem['naive']),
-                   peak_mb_ours=round(mem['ours']), memory_ratio=round(mem['ours'] / mem['naive'], 3),
-                   max_rel_diff_loss_and_grads=rel, memory_method='bench.run_side: VmHWM above the RSS after setup, fresh subprocess per run, median')
-    rows = [('side', 'fwd+bwd s (median)', 'peak MB above baseline'),
-            ('naive conv + F.cross_entropy', f"{med['naive']:.2f}", f"{mem['naive']:.0f}"),
-            ('ours: chunked token_cross_entropy', f"{med['ours']:.2f}", f"{mem['ours']:.0f}"),
-            ('ratio ours / naive', f"{figures['time_ratio']:.3f}", f"{figures['memory_ratio']:.3f}")]
-    report(f"token-loss: batch {B}, {h}x{w} positions, {C} -> {V}, {args.repeats} interleaved rounds, "
-           f"{args.threads} threads; peak RSS per fresh subprocess (bench.run_side); max rel diff of loss and grads {rel:.1e}",
-           rows, figures)
+    print(f"max relative difference of the loss and gradients: {rel:.1e}")
+    return dict(shape=dict(batch=B, positions=f'{h}x{w}', channels=C, vocab=V), threads=args.threads,
+                seconds_naive=round(m['naive']['seconds'], 2), seconds_ours=round(m['ours']['seconds'], 2),
+                time_ratio=round(m['ours']['time_ratio'], 3), peak_mb_naive=round(m['naive']['peak_mb']),
+                peak_mb_ours=round(m['ours']['peak_mb']), memory_ratio=round(m['ours']['mem_ratio'], 3),
+                max_rel_diff_loss_and_grads=rel,
+                memory_method='bench.run_side: VmHWM above the RSS after setup, fresh subprocess per run, median')
 
 
-# ----------------------------------------------------------------------------------------------------
-# stage I: inverse and tokenizer
-
-def _table(title, header, rows):
-    print(title)
-    rows = [header] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for r in rows:
-        print('  '.join(c.ljust(w) for c, w in zip(r, widths)))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# inverse: X^-1 accuracy (nearest colour vs least squares vs FF-R) and the cost of nearest-colour decoding
+# ---- inverse: X^-1 accuracy (nearest colour vs least squares vs FF-R) and the cost of nearest-colour decoding
 
 def blobs(B, S, K, seed):
     """Label maps (B, S, S) covering all K classes with random rectangles."""
@@ -322,12 +275,6 @@ def blobs(B, S, K, seed):
         h, w = (int(torch.randint(8, S // 3, (), generator=g)) for _ in range(2))
         labels[b, y:y + h, x:x + w] = int(torch.randint(0, K, (), generator=g))
     return labels
-
-
-def _miou(pred, labels, K):
-    inter = torch.bincount(labels[pred == labels], minlength=K).double()
-    union = torch.bincount(labels.flatten(), minlength=K).double() + torch.bincount(pred.flatten(), minlength=K) - inter
-    return (inter / union)[union > 0].mean().item() * 100
 
 
 def _nearest_setup(side, S, K):
@@ -342,49 +289,40 @@ def _nearest_setup(side, S, K):
 
 
 def bench_inverse(args):
-    K = 150
-    full = gss.official_palette('ade20k')
-    palettes = {'official ADE20K': full[:-1], 'random (FF-R)': gss.random_palette(K)}
+    K, S = 150, 1024
+    palettes = {'ade': gss.official_palette('ade20k')[:-1], 'ffr': gss.random_palette(K)}  # official ADE20K, FF-R
     labels = blobs(4, 256, K, seed=0)
-    g = torch.Generator().manual_seed(1)
-    noise = 0.1 * torch.randn(4, 3, 256, 256, generator=g)
-    rows, figures = [], {}
+    noise = 0.1 * torch.randn(4, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    rows, figures = [('palette', 'inverse', 'maskige (noisy: + N(0, 0.1))', 'acc', 'mIoU')], {}
     for pname, palette in palettes.items():
         clean = gss.paint(labels, palette, gss.ignore_colour_for(palette))  # (4, 3, 256, 256), no ignore pixels
-        inverses = {'nearest': gss.NearestColour(palette), 'lstsq': gss.LeastSquares(palette)}
-        for iname, inverse in inverses.items():
-            for nname, m in (('clean', clean), ('noisy', (clean + noise).clamp(0, 1))):
+        for iname, inverse in {'nearest': gss.NearestColour(palette), 'lstsq': gss.LeastSquares(palette)}.items():
+            for nname, maskige in (('clean', clean), ('noisy', (clean + noise).clamp(0, 1))):
                 with torch.no_grad():
-                    pred = inverse(m).argmax(1)  # (4, 256, 256)
-                acc = (pred == labels).float().mean().item() * 100
-                miou = _miou(pred, labels, K)
-                rows.append([pname, iname, nname, acc, miou])
-                key = f"{'ade' if pname.startswith('official') else 'ffr'}_{iname}_{nname}"
-                figures.update({f"{key}_acc": round(acc, 2), f"{key}_miou": round(miou, 2)})
-    _table(f"X^-1 accuracy, K={K}, 4 blob label maps 256x256 with all classes (pixel accuracy %, mIoU %)",
-           ['palette', 'inverse', 'maskige (noisy: + N(0, 0.1))', 'acc', 'mIoU'], rows)
-
-    S = 1024
+                    pred = inverse(maskige).argmax(1)  # (4, 256, 256)
+                metric = evaluate.SegMetric(K)
+                metric.update(pred, labels)
+                r = metric.compute()  # no ignored pixels here: aAcc is the pixel accuracy
+                rows.append([pname, iname, nname, r['aAcc'], r['mIoU']])
+                key = f"{pname}_{iname}_{nname}"
+                figures.update({f"{key}_acc": round(r['aAcc'], 2), f"{key}_miou": round(r['mIoU'], 2)})
+    table(f"X^-1 accuracy, K={K}, 4 blob label maps 256x256 with all classes (pixel accuracy %, mIoU %; ade: the "
+          f"official ADE20K palette, ffr: a random one)", rows)
     same = torch.equal(_nearest_setup('ours', S, K)(), _nearest_setup('naive', S, K)())
-    m = interleaved({s: (_nearest_setup, (s, S, K)) for s in ('naive', 'ours')}, args.repeats, args.threads)
-    t_ratio = m['ours']['seconds'] / m['naive']['seconds']
-    mem_ratio = max(m['ours']['peak_mb'], 1.0) / m['naive']['peak_mb']
-    _table(f"\nnearest-colour decode of a {S}x{S} maskige, K={K}: ours (chunked 2x.p - |p|^2 matmul + argmax) vs the "
-           f"naive (1, K, 3, H, W) broadcast; medians of {args.repeats} interleaved runs, each side in its own process "
-           f"(peak RSS above the warm process's RSS; peaks under 1 MB count as 1 MB)",
-           ['side', 'seconds', 'cpu s', 'peak MB'],
-           [[s, m[s]['seconds'], m[s]['cpu_seconds'], m[s]['peak_mb']] for s in ('naive', 'ours')])
+    m = compare(f"\nnearest-colour decode of a {S}x{S} maskige, K={K}: ours (chunked 2x.p - |p|^2 matmul + argmax) vs "
+                f"the naive (1, K, 3, H, W) broadcast; medians of {args.repeats} interleaved rounds",
+                {s: (_nearest_setup, (s, S, K)) for s in ('naive', 'ours')}, args)
+    t_ratio = m['ours']['time_ratio']
+    mem_ratio = max(m['ours']['peak_mb'], 1.0) / m['naive']['peak_mb']  # a peak under 1 MB counts as 1 MB
     print(f"ratios ours/naive: time {t_ratio:.3f} (target <= 0.2), memory {mem_ratio:.4f} (target <= 0.1), "
           f"identical labels: {same}")
-    figures.update(nearest_time_ratio=round(t_ratio, 4), nearest_mem_ratio=round(mem_ratio, 4),
-                   nearest_identical=same, nearest_naive_s=round(m['naive']['seconds'], 3),
-                   nearest_ours_s=round(m['ours']['seconds'], 4), nearest_naive_mb=round(m['naive']['peak_mb'], 1),
-                   nearest_ours_mb=round(m['ours']['peak_mb'], 1))
-    print("BENCH " + json.dumps(figures))
+    return dict(figures, nearest_time_ratio=round(t_ratio, 4), nearest_mem_ratio=round(mem_ratio, 4),
+                nearest_identical=same, nearest_naive_s=round(m['naive']['seconds'], 3),
+                nearest_ours_s=round(m['ours']['seconds'], 4), nearest_naive_mb=round(m['naive']['peak_mb'], 1),
+                nearest_ours_mb=round(m['ours']['peak_mb'], 1))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# tokenizer: the DALL-E-size dVAE, ours vs the naive use of the dall_e package
+# ---- tokenizer: the DALL-E-size dVAE, ours vs the naive use of the dall_e package
 
 DALLE_ARCH = dict(n_hid=256, vocab_size=8192, n_init=128, n_blk_per_group=2)  # DALL-E's dVAE shapes
 
@@ -400,84 +338,66 @@ def _dalle_size():
     return tok
 
 
-def _tokenizer_setup(side, op, S):
+def _naive(tok, op, x):
+    """The official code's dall_e usage: get_codebook_indices (argmax of the Encoder's logits) and Dalle_VAE.decode
+    (a one-hot over the vocabulary into the Decoder)."""
     import dall_e
+    with torch.no_grad():
+        if op == 'encode':
+            return tok.encoder(dall_e.utils.map_pixels(x)).argmax(1)  # logits (1, 8192, S/8, S/8)
+        onehot = F.one_hot(x, tok.vocab_size).permute(0, 3, 1, 2).float()  # (1, 8192, S/8, S/8)
+        return dall_e.utils.unmap_pixels(torch.sigmoid(tok.decoder(onehot)[:, :3].float()))
+
+
+def _tokenizer_setup(side, op, S):
     tok = _dalle_size()
     maskige = gss.paint(blobs(1, S, 150, seed=0), gss.make_palette(150), torch.tensor([0, 0, 0]))  # (1, 3, S, S)
-    tokens = tok.encode(maskige) if op == 'decode' else None
+    x = tok.encode(maskige) if op == 'decode' else maskige
     if side == 'naive':
         tok.to(memory_format=torch.contiguous_format)  # the dall_e modules as they are (ours: channels-last)
+        return lambda: _naive(tok, op, x)
     if op == 'encode':
-        if side == 'naive':  # the official get_codebook_indices: argmax of the dall_e Encoder's logits
-            def naive():
-                with torch.no_grad():
-                    return tok.encoder(dall_e.utils.map_pixels(maskige)).argmax(1)  # logits (1, 8192, S/8, S/8)
-            return naive
-        return lambda: tok.encode(maskige)
-    if side == 'naive':  # the official Dalle_VAE.decode: one-hot over the vocabulary into the dall_e Decoder
-        def naive():
-            with torch.no_grad():
-                onehot = F.one_hot(tokens, tok.vocab_size).permute(0, 3, 1, 2).float()  # (1, 8192, S/8, S/8)
-                return dall_e.utils.unmap_pixels(torch.sigmoid(tok.decoder(onehot)[:, :3].float()))
-        return naive
-    return lambda: tok.decode(tokens, dtype=torch.bfloat16 if side == 'ours bf16' else torch.float32)
+        return lambda: tok.encode(x)
+    return lambda: tok.decode(x, dtype=torch.bfloat16 if side == 'ours bf16' else torch.float32)
 
 
 def bench_tokenizer(args):
-    import dall_e
-    rows, figures = [], {}
+    print(f"DALL-E-size dVAE (n_hid 256, vocab 8192, random weights), batch 1, float32 unless bf16; medians of "
+          f"{args.repeats} interleaved rounds")
+    figures = {}
     for S in (256, 512):
         for op in ('encode', 'decode'):
             sides = ['naive', 'ours'] + (['ours bf16'] if op == 'decode' else [])
-            m = interleaved({s: (_tokenizer_setup, (s, op, S)) for s in sides}, args.repeats, args.threads)
-            for s in sides:
-                t_ratio = m[s]['seconds'] / m['naive']['seconds']
-                mem_ratio = m[s]['peak_mb'] / m['naive']['peak_mb']
-                rows.append([f"{op} {S}", s, m[s]['seconds'], m[s]['cpu_seconds'], m[s]['peak_mb'], t_ratio, mem_ratio])
+            m = compare(f'{op} {S}x{S}', {s: (_tokenizer_setup, (s, op, S)) for s in sides}, args)
+            for s, v in m.items():
                 key = f"{op}{S}" + ('' if s == 'naive' else '_' + s.replace(' ', '_'))
-                figures.update({f"{key}_s": round(m[s]['seconds'], 2), f"{key}_mb": round(m[s]['peak_mb'], 1)})
+                figures.update({f"{key}_s": round(v['seconds'], 2), f"{key}_mb": round(v['peak_mb'], 1)})
                 if s != 'naive':
-                    figures.update({f"{key}_time_ratio": round(t_ratio, 3), f"{key}_mem_ratio": round(mem_ratio, 3)})
-    _table(f"DALL-E-size dVAE (n_hid 256, vocab 8192, random weights), batch 1, float32 unless bf16; medians of "
-           f"{args.repeats} interleaved runs, each side in its own process after a warm-up call; peak memory = peak "
-           f"RSS of the timed call above the RSS before it (model and inputs built)",
-           ['op', 'side', 'seconds', 'cpu s', 'peak MB', 'time ratio', 'mem ratio'], rows)
-
+                    figures.update({f"{key}_time_ratio": round(v['time_ratio'], 3),
+                                    f"{key}_mem_ratio": round(v['mem_ratio'], 3)})
     # outputs, in this process: ours vs naive (float32), and bf16 classes after nearest colour
     tok = _dalle_size()
     palette = gss.make_palette(150)
-    maskige = gss.paint(blobs(1, 512, 150, seed=0), palette, torch.tensor([0, 0, 0]))
-    with torch.no_grad():
-        tokens = tok.encode(maskige)
-        same_tokens = torch.equal(tokens, tok.encoder(dall_e.utils.map_pixels(maskige)).argmax(1))
-        onehot = F.one_hot(tokens, tok.vocab_size).permute(0, 3, 1, 2).float()
-        naive = dall_e.utils.unmap_pixels(torch.sigmoid(tok.decoder(onehot)[:, :3]))
-        del onehot
-    ours = tok.decode(tokens)
-    bf16 = tok.decode(tokens, dtype=torch.bfloat16)
+    maskige = gss.paint(blobs(1, 512, 150, seed=0), palette, torch.tensor([0, 0, 0]))  # (1, 3, 512, 512)
+    tokens = tok.encode(maskige)
+    same_tokens = torch.equal(tokens, _naive(tok, 'encode', maskige))
+    ours, bf16 = tok.decode(tokens), tok.decode(tokens, dtype=torch.bfloat16)
+    diff = (ours - _naive(tok, 'decode', tokens)).abs().max().item()
     nc = gss.NearestColour(palette)
-    diff = (ours - naive).abs().max().item()
     agree = (nc.labels(bf16) == nc.labels(ours)).float().mean().item() * 100
     print(f"\n512x512: encode tokens identical to the naive argmax: {same_tokens}; decode max |ours - naive| = "
           f"{diff:.2e} (target <= 1e-5); bf16 vs float32: {agree:.3f}% of pixels decode to the same class after "
           f"nearest colour (K=150, target >= 99.9), max |bf16 - float32| = {(bf16 - ours).abs().max().item():.3f}")
-    figures.update(encode512_tokens_identical=same_tokens, decode512_max_abs_diff=diff,
-                   decode512_bf16_same_class_pct=round(agree, 3))
-    print("BENCH " + json.dumps(figures))
+    return dict(figures, encode512_tokens_identical=same_tokens, decode512_max_abs_diff=diff,
+                decode512_bf16_same_class_pct=round(agree, 3))
 
 
-# ----------------------------------------------------------------------------------------------------
-# train: one stage-II step split into its parts
-
-# One stage-II training step on CPU as train_prior.py runs it, split into its parts:
-#   synthetic:   the synthetic preset as `python train_prior.py --dataset synthetic` trains it (swin_mini, the CPU-sized
-#                head train_prior.SYNTHETIC_HEAD, batch 16 of 64x64 crops), with the tokenizer that train_posterior.py
-#                trains for it (train_posterior.TOKENIZER_ARCH: 64 wide, 512 codes, 1 block per group);
-#   synthetic-paper-head: the same with the paper's head widths (384/512/2048, 16 heads), the cost it avoids;
-#   swin_t:      Swin-T and the paper's head (vocabulary 8192) with the DALL-E-size tokenizer (n_hid 256, 8192 codes),
-#                the ADE20K pipeline and K = 150, batch 1 at 256x256. The issue's 512x512 crop has 4x the FLOPs of every
-#                part (all scale with the pixel count): 6.8 TFLOP, about 85 s per step on one core here, too slow to
-#                repeat in a benchmark.
+# ---- train: one stage-II step on CPU as train_prior.py runs it, split into its parts
+#   synthetic: the synthetic preset as `python train_prior.py --dataset synthetic` trains it (swin_mini, the CPU-sized
+#       head train_prior.SYNTHETIC_HEAD, batch 16 of 64x64 crops) with the tokenizer train_posterior.py trains for it;
+#   synthetic-paper-head: the same with the paper's head widths (384/512/2048, 16 heads), the cost that head avoids;
+#   swin_t: Swin-T, the paper's head and the DALL-E-size tokenizer, the ADE20K pipeline, K = 150, batch 1 at 256x256
+#       (a 512x512 crop has 4x the FLOPs of every part: about 85 s per step on one core, too slow to repeat).
 TRAIN_BENCH_CONFIGS = {
     'synthetic': dict(backbone='swin_mini', head=train_prior.SYNTHETIC_HEAD, dataset='synthetic', num_classes=10,
                       crop=64, batch=16, tok=train_posterior.TOKENIZER_ARCH),
@@ -488,154 +408,126 @@ TRAIN_BENCH_CONFIGS = {
 }
 
 
-def _wall_and_cpu():
-    """(wall seconds, CPU seconds of this process): the second is robust to other load on the machine."""
-    return np.array([time.perf_counter(), time.process_time()])
-
-
-class _TimedForward(torch.nn.Module):
-    """model(images), timed into times['encoder forward']; gss.compute_loss reaches the model through .module."""
-
-    def __init__(self, module, times):
-        super().__init__()
-        self.module, self.times = module, times
-
-    def forward(self, images):
+def _timed(fn, times, key):
+    """fn, adding the (wall, CPU) seconds of each call to times[key]."""
+    def timed(*args):
         t0 = _wall_and_cpu()
-        out = self.module(images)
-        self.times['encoder forward'] += _wall_and_cpu() - t0
+        out = fn(*args)
+        times[key] += _wall_and_cpu() - t0
         return out
+    return timed
 
 
-def _train_step_child(name, steps, threads, queue):
-    """Build the configuration; run a warm-up step (its FLOPs counted) and `steps` timed ones; put the per-part
-    (wall, CPU) seconds (lists over steps), FLOPs and the matmul FLOP/s of this process in `queue`."""
+def _train_setup(name, steps):
+    """run_side() setup of one configuration; its call runs a warm-up step (its FLOPs counted) and `steps` timed
+    ones -> per-part (wall, CPU) seconds (lists over steps), FLOPs, matmul FLOP/s and peak RSS of the process."""
     c = TRAIN_BENCH_CONFIGS[name]
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        if c['dataset'] == 'ade20k':  # two 512x512 scenes in the ADE20K layout, read through the real ADE20K pipeline
-            for i in range(2):
-                img, lab = datasets.synthetic_scene(np.random.default_rng(i), 512)
-                for sub, array, ext in (('images', img, 'jpg'), ('annotations', lab, 'png')):
-                    os.makedirs(f'{tmp}/{sub}/training', exist_ok=True)
-                    Image.fromarray(array).save(f'{tmp}/{sub}/training/ADE_train_{i:08d}.{ext}', quality=90)
-            dataset = datasets.build_dataset('ade20k', 'train', root=tmp)
-            dataset.preset = dict(dataset.preset, crop_size=c['crop'])
-        else:
-            dataset = datasets.build_dataset('synthetic', 'train')
-        model = gss.GSS(c['backbone'], num_classes=c['num_classes'], vocab_size=c['tok']['vocab_size'], **c['head'])
-        tokenizer = gss.build_tokenizer(**c['tok'])
-        palette = gss.make_palette(c['num_classes'])  # (K, 3)
-        optimizer = torch.optim.AdamW(train_prior.param_groups(model), lr=1e-4, weight_decay=0.01, fused=True)
-        times = {}
-        timed_model, encode = _TimedForward(model, times), tokenizer.encode
-        def timed_encode(maskige):
-            t0 = _wall_and_cpu()
-            tokens = encode(maskige)
-            times['tokenizer'] += _wall_and_cpu() - t0
-            return tokens
-        tokenizer.encode = timed_encode
+    tmp = tempfile.TemporaryDirectory()
+    if c['dataset'] == 'ade20k':  # two 512x512 scenes in the ADE20K layout, read through the real ADE20K pipeline
+        _write_ade(tmp.name, (datasets.synthetic_scene(np.random.default_rng(i), 512) for i in range(2)))
+        dataset = datasets.build_dataset('ade20k', 'train', root=tmp.name)
+        dataset.preset = dict(dataset.preset, crop_size=c['crop'])
+    else:
+        dataset = datasets.build_dataset('synthetic', 'train')
+    model = gss.GSS(c['backbone'], num_classes=c['num_classes'], vocab_size=c['tok']['vocab_size'], **c['head'])
+    tokenizer = gss.build_tokenizer(**c['tok'])
+    palette = gss.make_palette(c['num_classes'])  # (K, 3)
+    optimizer = torch.optim.AdamW(train_prior.param_groups(model), lr=1e-4, weight_decay=0.01, fused=True)
+    times, encode = {}, tokenizer.encode
+    model.forward = _timed(model.forward, times, 'encoder forward')  # what gss.compute_loss calls, timed
+    tokenizer.encode = _timed(encode, times, 'tokenizer')
 
-        def step(i):
-            times['encoder forward'] = times['tokenizer'] = 0.0
-            marks = [_wall_and_cpu()]
-            batch = [dataset[(i * c['batch'] + j) % len(dataset)] for j in range(c['batch'])]
-            images = torch.stack([b['image'] for b in batch])  # (B, 3, crop, crop)
-            labels = torch.stack([b['label'] for b in batch])  # (B, crop, crop)
-            marks.append(_wall_and_cpu())
-            loss, _ = gss.compute_loss(timed_model, tokenizer, palette, images, labels)
-            marks.append(_wall_and_cpu())
-            loss.backward()
-            marks.append(_wall_and_cpu())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            marks.append(_wall_and_cpu())
-            data, loss_s, backward, opt = (marks[k + 1] - marks[k] for k in range(4))
-            return {'data': data, 'encoder forward': times['encoder forward'], 'tokenizer': times['tokenizer'],
-                    'token CE (conv_seg fwd+grads), aux CE': loss_s - times['encoder forward'] - times['tokenizer'],
-                    'backward': backward, 'optimizer': opt}
+    def step(i):
+        times['encoder forward'] = times['tokenizer'] = 0.0
+        marks = [_wall_and_cpu()]
+        batch = [dataset[(i * c['batch'] + j) % len(dataset)] for j in range(c['batch'])]
+        images = torch.stack([b['image'] for b in batch])  # (B, 3, crop, crop)
+        labels = torch.stack([b['label'] for b in batch])  # (B, crop, crop)
+        marks.append(_wall_and_cpu())
+        loss, _ = gss.compute_loss(model, tokenizer, palette, images, labels)
+        marks.append(_wall_and_cpu())
+        loss.backward()
+        marks.append(_wall_and_cpu())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        marks.append(_wall_and_cpu())
+        data, loss_s, backward, opt = (marks[k + 1] - marks[k] for k in range(4))
+        return {'data': data, 'encoder forward': times['encoder forward'], 'tokenizer': times['tokenizer'],
+                'token CE (conv_seg fwd+grads), aux CE': loss_s - times['encoder forward'] - times['tokenizer'],
+                'backward': backward, 'optimizer': opt}
 
+    def run():
         with FlopCounterMode(display=False) as counter:
             step(0)
         step_flops = counter.get_total_flops()
         parts = [step(i) for i in range(1, 1 + steps)]
+        tmp.cleanup()  # the ADE20K scenes the steps read
         with FlopCounterMode(display=False) as counter:
             encode(torch.rand(c['batch'], 3, 2 * c['crop'], 2 * c['crop']))  # the 2x maskige (B, 3, 2H, 2W)
-        tokenizer_flops = counter.get_total_flops()
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)  # dense fp32 matmul FLOP/s in this process
-    mm = []
-    for _ in range(11):
-        t0 = _wall_and_cpu()
-        a @ b
-        mm.append(2 * 2048 ** 3 / (_wall_and_cpu() - t0))  # (wall, CPU) FLOP/s
-    queue.put({'parts': {k: [p[k] for p in parts] for k in parts[0]}, 'step_flops': step_flops,
-               'tokenizer_flops': tokenizer_flops, 'matmul_flops': np.max(mm[1:], axis=0),  # the peak: best of 10
-               'params': sum(p.numel() for p in model.parameters()),
-               'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)  # dense fp32 matmul FLOP/s in this process
+        mm = []
+        for _ in range(11):
+            t0 = _wall_and_cpu()
+            a @ b
+            mm.append(2 * 2048 ** 3 / (_wall_and_cpu() - t0))  # (wall, CPU) FLOP/s
+        return {'parts': {k: [p[k] for p in parts] for k in parts[0]}, 'step_flops': step_flops,
+                'tokenizer_flops': counter.get_total_flops(), 'matmul_flops': np.max(mm[1:], axis=0),  # best of 10
+                'params': sum(p.numel() for p in model.parameters()),
+                'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    run.details = lambda result, base: result
+    return run
 
 
 def bench_train(args):
-    """One stage-II step on CPU per configuration, each in a fresh process: wall and CPU seconds per part (median
-    of args.repeats steps after a warm-up step; 1 for swin_t), images/s, FLOPs per step (FlopCounterMode) and the
-    achieved FLOP/s as a fraction of a dense 2048^3 fp32 matmul's peak FLOP/s (best of 10) in the same process. CPU
-    seconds (all threads of the process) are robust to other load on a shared machine, wall seconds are not; with other
-    processes busy use --threads 1: OpenMP threads then wait for each other at every op (measured here at load 6:
-    the synthetic step takes 2.3 s on 1 thread, 20 s on 2)."""
-    ctx = mp.get_context('spawn')
+    """Per configuration, in run_side's fresh process: wall and CPU seconds per part (median of args.repeats steps
+    after a warm-up step; 1 for swin_t), images/s, FLOPs per step (FlopCounterMode) and the achieved FLOP/s as a
+    fraction of a dense 2048^3 fp32 matmul's (best of 10, same process). CPU seconds are robust to other load on a
+    shared machine, wall seconds are not; with other processes busy use --threads 1: OpenMP threads then wait for
+    each other at every op (measured at load 6: the synthetic step takes 2.3 s on 1 thread, 20 s on 2)."""
     figures = {}
     for name, c in TRAIN_BENCH_CONFIGS.items():
-        queue = ctx.Queue()
         steps = c.get('steps', args.repeats)
-        p = ctx.Process(target=_train_step_child, args=(name, steps, args.threads, queue))
-        p.start()
-        r = queue.get()
-        p.join()
+        r = run_side(_train_setup, (name, steps), args.threads, warmup=False)['details']
         med = {k: np.median(v, axis=0) for k, v in r['parts'].items()}  # part -> (wall, CPU) seconds
         total = sum(med.values())
         achieved = r['step_flops'] / (total - med['data'])  # (wall, CPU) FLOP/s outside data loading
-        print(f"\n{name}: {c['backbone']} ({r['params'] / 1e6:.1f} M parameters), batch {c['batch']} x "
-              f"{c['crop']}x{c['crop']}, tokenizer n_hid {c['tok']['n_hid']} / {c['tok']['vocab_size']} codes / "
-              f"{c['tok']['n_blk_per_group']} block(s) per group, {args.threads} threads, "
-              f"median of {steps} step(s) after a warm-up step")
-        print(f"  {'part':<38} {'wall s':>8} {'share':>6} {'CPU s':>8} {'share':>6}")
-        for k, (wall, cpu) in med.items():
-            print(f"  {k:<38} {wall:>8.3f} {100 * wall / total[0]:>5.1f}% {cpu:>8.3f} {100 * cpu / total[1]:>5.1f}%")
-        print(f"  {'step':<38} {total[0]:>8.3f} {'':>6} {total[1]:>8.3f}   {c['batch'] / total[0]:.2f} images/s")
-        print(f"  FLOPs per step {r['step_flops'] / 1e12:.3f} T: tokenizer {r['tokenizer_flops'] / 1e12:.3f} T, "
-              f"model forward + backward {(r['step_flops'] - r['tokenizer_flops']) / 1e12:.3f} T")
-        print(f"  achieved {achieved[0] / 1e9:.1f} GFLOP/s = {100 * achieved[0] / r['matmul_flops'][0]:.0f}% of "
-              f"the {r['matmul_flops'][0] / 1e9:.1f} GFLOP/s of a 2048^3 fp32 matmul, best of 10 (per CPU-second: "
-              f"{100 * achieved[1] / r['matmul_flops'][1]:.0f}%); peak RSS {r['peak_rss_mb']:.0f} MB")
+        peak = r['matmul_flops']
+        rows = [('part', 'wall s', 'share %', 'CPU s', 'share %')]
+        rows += [(k, wall, 100 * wall / total[0], cpu, 100 * cpu / total[1]) for k, (wall, cpu) in med.items()]
+        table(f"\n{name}: {c['backbone']} ({r['params'] / 1e6:.1f} M parameters), batch {c['batch']} x {c['crop']}^2, "
+              f"tokenizer {c['tok']}, {args.threads} threads, median of {steps} step(s) after a warm-up step",
+              rows + [('step', total[0], 100.0, total[1], 100.0)])
+        print(f"  {c['batch'] / total[0]:.2f} images/s; FLOPs per step {r['step_flops'] / 1e12:.3f} T (tokenizer "
+              f"{r['tokenizer_flops'] / 1e12:.3f} T); achieved {achieved[0] / 1e9:.1f} GFLOP/s = "
+              f"{100 * achieved[0] / peak[0]:.0f}% of a 2048^3 fp32 matmul's {peak[0] / 1e9:.1f} (per CPU-second: "
+              f"{100 * achieved[1] / peak[1]:.0f}%); peak RSS {r['peak_rss_mb']:.0f} MB")
         figures[name] = {'wall_s': {k: round(v[0], 4) for k, v in med.items()},
                          'cpu_s': {k: round(v[1], 4) for k, v in med.items()},
                          'step_wall_s': round(total[0], 3), 'step_cpu_s': round(total[1], 3),
                          'images_per_s': round(c['batch'] / total[0], 3),
                          'step_tflops': round(r['step_flops'] / 1e12, 4),
                          'tokenizer_tflops': round(r['tokenizer_flops'] / 1e12, 4),
-                         'fraction_of_matmul_peak': round(achieved[0] / r['matmul_flops'][0], 3),
-                         'fraction_of_matmul_peak_per_cpu_s': round(achieved[1] / r['matmul_flops'][1], 3),
-                         'matmul_gflops': round(r['matmul_flops'][0] / 1e9, 1), 'peak_rss_mb': round(r['peak_rss_mb'])}
+                         'fraction_of_matmul_peak': round(achieved[0] / peak[0], 3),
+                         'fraction_of_matmul_peak_per_cpu_s': round(achieved[1] / peak[1], 3),
+                         'matmul_gflops': round(peak[0] / 1e9, 1), 'peak_rss_mb': round(r['peak_rss_mb'])}
     paper, ours, swin_t = figures['synthetic-paper-head'], figures['synthetic'], figures['swin_t']
-    figures['synthetic_paper_head_over_cpu_head_cpu_s'] = round(paper['step_cpu_s'] / ours['step_cpu_s'], 2)
-    print(f"\nbiggest avoidable cost: on the synthetic preset, the paper-size head (its step takes "
-          f"{paper['step_cpu_s'] / ours['step_cpu_s']:.1f}x the CPU seconds of the CPU-sized head train_prior now "
-          f"uses there). With the paper's model (swin_t) the largest part is the frozen float32 tokenizer on the "
-          f"2H x 2W maskige ({100 * swin_t['cpu_s']['tokenizer'] / swin_t['step_cpu_s']:.0f}% of the step's CPU "
-          f"seconds, {100 * swin_t['tokenizer_tflops'] / swin_t['step_tflops']:.0f}% of its FLOPs): the method's "
-          f"own cost (bf16 would change the targets).")
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; torch {torch.__version__}")
-    print("BENCH " + json.dumps(figures))
+    over = figures['synthetic_paper_head_over_cpu_head_cpu_s'] = round(paper['step_cpu_s'] / ours['step_cpu_s'], 2)
+    print(f"\nbiggest avoidable cost: the paper-size head on the synthetic preset ({over}x the CPU-sized head's CPU "
+          f"seconds). With swin_t the frozen float32 tokenizer on the 2H x 2W maskige takes "
+          f"{100 * swin_t['cpu_s']['tokenizer'] / swin_t['step_cpu_s']:.0f}% of the CPU seconds, "
+          f"{100 * swin_t['tokenizer_tflops'] / swin_t['step_tflops']:.0f}% of the FLOPs: the method's own cost (bf16 "
+          f"would change the targets). {_load()}")
+    return figures
 
 
-# ----------------------------------------------------------------------------------------------------
-# infer: end-to-end generative inference (gss.predict with nearest colour), random weights, float32, batch 1
+# ---- infer: end-to-end generative inference (gss.predict with nearest colour), random weights, float32, batch 1
 
-# name -> (backbone, K, image (H, W), mode, crop, stride). The paper's head (vocabulary 8192) and the DALL-E-size
-# tokenizer (_dalle_size) everywhere. ADE20K-like: Swin-T, whole 512x512, and mmseg's slide 512/341, which is one
-# window there (the same computation plus the slide canvas). Cityscapes' test setting: Swin-L on 1024x2048, slide
-# 768/512 = 2 x 4 windows of 768x768, the project's 8 GB target. Whole mode at 1024x2048 is not run: 3.6x the
-# pixels of a 768 window (its peak would be about 17-20 GB by that scaling, too much for this shared machine).
+# name -> (backbone, K, image (H, W), mode, crop, stride), the paper's head (vocabulary 8192) and the DALL-E-size
+# tokenizer everywhere. ADE20K-like: Swin-T, whole 512x512, and mmseg's slide 512/341, one window there (the same
+# computation plus the slide canvas). Cityscapes' test setting: Swin-L on 1024x2048, slide 768/512 = 2 x 4 windows of
+# 768x768, the 8 GB target. Whole mode at 1024x2048 is not run: 3.6x the pixels of a 768 window (a peak of about
+# 17-20 GB by that scaling, too much for a shared machine).
 INFER_CASES = {
     'swin_t_512_whole': ('swin_t', 150, (512, 512), 'whole', None, None),
     'swin_t_512_slide': ('swin_t', 150, (512, 512), 'slide', 512, 341),
@@ -713,8 +605,7 @@ def _infer_setup(name, windows):
 
 
 def bench_infer(args):
-    """gss.predict(model, tokenizer, NearestColour, image) per case in its own process, no warm-up call (a call
-    takes minutes), `--repeats` rounds (default 1), medians."""
+    """gss.predict per case, no warm-up call (a call takes minutes), `--repeats` rounds (default 1), medians."""
     runs = {name: [] for name in INFER_CASES}
     for _ in range(args.repeats):
         for name in INFER_CASES:
@@ -723,53 +614,44 @@ def bench_infer(args):
                'tokenizer': 'DALL-E size (n_hid 256, vocab 8192, 2 blocks per group), random weights',
                'memory_method': 'bench.run_side: VmHWM of the timed call above the RSS before it (model, tokenizer, '
                                 'image built), fresh subprocess per case, no warm-up call'}
-    rows = [('case', 'backbone', 'image', 'mode', 'windows', 'wall s', 'CPU s', 'TFLOP', 'GFLOP/s', 'peak MB',
-             'base MB', 'wall s/window')]
+    rows = [('case', 'image', 'mode', 'windows', 'wall s', 'CPU s', 'TFLOP', 'GFLOP/s', 'peak MB', 'base MB')]
     for name, rs in runs.items():
         backbone, K, (H, W), mode, crop, stride = INFER_CASES[name]
         med = {k: statistics.median(r[k] for r in rs) for k in ('seconds', 'cpu_seconds', 'peak_mb')}
         d = min(rs, key=lambda r: abs(r['seconds'] - med['seconds']))['details']
         n, total = d['windows_timed'], d['windows_total']
         tflop = _infer_tflop(name) * n / total  # windows are equal-sized in every case here
-        f = dict(backbone=backbone, num_classes=K, image=[H, W], mode=mode, crop=crop, stride=stride,
-                 seconds=round(med['seconds'], 2), cpu_seconds=round(med['cpu_seconds'], 2),
-                 peak_mb=round(med['peak_mb']), tflop=round(tflop, 2),
-                 gflops_per_s=round(1e3 * tflop / med['seconds'], 1),
-                 **{k: [round(v, 1) for v in d[k]] if isinstance(d[k], list) else d[k] for k in d})
+        f = figures[name] = dict(backbone=backbone, num_classes=K, image=[H, W], mode=mode, crop=crop, stride=stride,
+                                 seconds=round(med['seconds'], 2), cpu_seconds=round(med['cpu_seconds'], 2),
+                                 peak_mb=round(med['peak_mb']), tflop=round(tflop, 2),
+                                 gflops_per_s=round(1e3 * tflop / med['seconds'], 1),
+                                 **{k: [round(v, 1) for v in d[k]] if isinstance(d[k], list) else d[k] for k in d})
         if n < total:  # ESTIMATE: the remaining windows cost what the timed ones did on average
             f['estimate_all_windows_seconds'] = round(med['seconds'] * total / n, 1)
-        figures[name] = f
-        rows.append((name, backbone, f'{H}x{W}', mode if mode == 'whole' else f'slide {crop}/{stride}', f'{n}/{total}',
-                     f"{med['seconds']:.1f}", f"{med['cpu_seconds']:.1f}", f'{tflop:.2f}', f"{f['gflops_per_s']:.0f}",
-                     f"{med['peak_mb']:.0f}", f"{d['baseline_rss_mb']:.0f}", f"{med['seconds'] / n:.1f}"))
-    _table(f"infer: gss.predict with nearest colour, batch 1, float32, random weights, {args.threads} threads, "
-           f"{args.repeats} round(s) (median), each case in its own process without a warm-up call; peak MB = peak "
-           f"RSS of the call above its process's RSS before it (base MB: model, tokenizer and image built); "
-           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", rows[0], rows[1:])
+        window = mode if mode == 'whole' else f'slide {crop}/{stride}'
+        rows.append((name, f'{H}x{W}', window, f'{n}/{total}', med['seconds'], med['cpu_seconds'], tflop,
+                     f['gflops_per_s'], med['peak_mb'], d['baseline_rss_mb']))
+    table(f"infer: gss.predict with nearest colour, batch 1, float32, random weights, {args.threads} threads, "
+          f"{args.repeats} round(s) (median), run_side without a warm-up call (base MB: model, tokenizer and image "
+          f"built); {_load()}", rows)
     big = figures['swin_l_1024x2048_slide']
-    print('\nswin_l 1024x2048 slide 768/512, window by window (MB above the RSS before the call; peak = running '
-          'VmHWM, so a flat peak means no window used more than the ones before it):')
-    for i, (s, c, pk, r) in enumerate(zip(big['per_window_s'], big['per_window_cpu_s'], big['peak_mb_after_window'],
-                                          big['rss_mb_after_window'])):
-        print(f'  window {i + 1}: {s:7.1f} s wall {c:7.1f} s CPU   peak so far {pk:7.0f} MB   RSS after {r:7.0f} MB')
     n, total = big['windows_timed'], big['windows_total']
+    table('\nswin_l 1024x2048 slide 768/512, window by window (MB above the RSS before the call; a flat running peak '
+          'means no window used more than the ones before it):', [('window', 'wall s', 'CPU s', 'peak so far MB',
+          'RSS after MB')] + list(zip(range(1, n + 1), big['per_window_s'], big['per_window_cpu_s'],
+                                      big['peak_mb_after_window'], big['rss_mb_after_window'])))
     met = big['peak_mb'] <= INFER_TARGET_MB
-    scope = 'the whole call' if n == total else (f'{n} of its {total} windows (--windows 0 runs all); all windows '
-                                                 f'have the same shapes and run one after another')
-    print(f"target: peak {big['peak_mb']} MB vs {INFER_TARGET_MB} MB on CPU, float32: "
-          f"{'met' if met else 'NOT met'} (measured over {scope})")
+    print(f"target: peak {big['peak_mb']} MB vs {INFER_TARGET_MB} MB on CPU, float32: {'met' if met else 'NOT met'} "
+          f"(measured over {n} of {total} windows, all of the same shapes, one after another; --windows 0 runs all)")
     if n < total:
-        print(f"ESTIMATE, not measured: all {total} windows take about {big['estimate_all_windows_seconds']:.0f} s "
-              f"wall at this load ({big['seconds'] / n:.0f} s per window)")
+        print(f"ESTIMATE, not measured: all {total} windows take about {big['estimate_all_windows_seconds']:.0f} s")
     weights_mb = 2 * (big['params_model'] + big['params_tokenizer_decoder']) / 2 ** 20
     gpu = round(big['peak_mb'] / 2 + weights_mb)
-    print(f"ESTIMATE, not measured: on a GPU in bf16 (weights and activations), about {gpu} MB = half the float32 "
-          f"activation peak ({big['peak_mb'] / 2:.0f} MB) + the bf16 weights of the model and the tokenizer decoder "
-          f"({weights_mb:.0f} MB), before the CUDA context and allocator slack (gss's own bf16 decode keeps its "
-          f"float32 residual stream, which holds most of that peak: expect more there)")
-    figures.update(target_peak_mb=INFER_TARGET_MB, target_met=met, target_measured_windows=f'{n}/{total}',
-                   estimate_gpu_bf16_peak_mb=gpu)
-    print('BENCH ' + json.dumps(figures))
+    print(f"ESTIMATE, not measured: on a GPU in bf16, about {gpu} MB = half the float32 activation peak + the bf16 "
+          f"weights of the model and tokenizer decoder ({weights_mb:.0f} MB), before the CUDA context and allocator "
+          f"slack (gss's bf16 decode keeps its float32 residual stream, which holds most of that peak: expect more)")
+    return dict(figures, target_peak_mb=INFER_TARGET_MB, target_met=met, target_measured_windows=f'{n}/{total}',
+                estimate_gpu_bf16_peak_mb=gpu)
 
 
 BENCHES = {'swin': bench_swin, 'data': bench_data, 'inverse': bench_inverse, 'tokenizer': bench_tokenizer,
@@ -786,7 +668,7 @@ def main():
     args = parser.parse_args()
     if args.repeats is None:
         args.repeats = 1 if args.name == 'infer' else 3
-    BENCHES[args.name](args)
+    print('BENCH ' + json.dumps(BENCHES[args.name](args)))
 
 
 if __name__ == '__main__':

@@ -1,7 +1,7 @@
 """
-Evaluation for GSS: segmentation metrics with mmsegmentation's exact semantics (aAcc, mIoU, mAcc and the
-per-class table), generative inference over a dataset split side by side with the auxiliary head's per-pixel
-baseline, the stage-I reconstruction oracle, and the demo that segments arbitrary images.
+Evaluation for GSS: SegMetric (mmseg's IoUMetric) -> evaluate_split (generative inference beside the auxiliary
+head) -> reconstruction_oracle (stage I) -> save_outputs -> load_stage2 (ours or an official release) -> the CLI,
+which also segments arbitrary images (the demo).
 
     python evaluate.py --checkpoint runs/synthetic/prior/latest.pt                    # GSS-FF + aux head
     python evaluate.py --checkpoint CKPT --posterior runs/synthetic/posterior.pt \
@@ -73,16 +73,8 @@ class SegMetric:
 
 def nanmean(x):
     """np.nanmean without the empty-slice warning (NaN when every entry is NaN)."""
-    x = np.asarray(x, np.float64)
-    x = x[~np.isnan(x)]
+    x = x[~np.isnan(x)]  # x: a float64 array
     return float(x.mean()) if x.size else math.nan
-
-def segmentation_metrics(preds, labels, num_classes, ignore_index=255):
-    """Metrics over lists (or any iterables, e.g. a stream) of integer label maps; see SegMetric.compute."""
-    metric = SegMetric(num_classes, ignore_index)
-    for pred, label in zip(preds, labels, strict=True):
-        metric.update(pred, label)
-    return metric.compute()
 
 def format_table(metrics, class_names):
     """A per-class IoU / Acc table (percent, 2 decimals, nan for absent classes) with the summary below."""
@@ -92,13 +84,6 @@ def format_table(metrics, class_names):
         lines.append(f"{name:<{w}} | {iou:6.2f} | {acc:6.2f}")
     lines += ['-' * (w + 18), f"aAcc {metrics['aAcc']:.2f}  mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}"]
     return '\n'.join(lines)
-
-def harmonic_mean(values):
-    """Harmonic mean, e.g. of per-dataset mIoUs in cross-domain tables (MSeg 'h.mean', GSS Table 6); 0 if any is 0."""
-    values = [float(v) for v in values]
-    if any(v == 0 for v in values):
-        return 0.0
-    return len(values) / sum(1 / v for v in values)
 
 
 # -----------------------------------------------------------------------------
@@ -143,7 +128,7 @@ def labels_and_test_sizes(dataset, indices):
 
 @torch.no_grad()
 def reconstruction_oracle(tokenizer, inverse, palette, ignore_colour, items, num_classes, upsample=False):
-    """The stage-I oracle (official dalle_reconstruction configs, facts 5; gss.recon_scores) over (label, test size)
+    """The stage-I oracle (the official dalle_reconstruction configs; gss.recon_scores) over (label, test size)
     pairs (labels_and_test_sizes): each ground truth resized to its test size, painted (255 with the ignore colour),
     tokenized at 1/8 (upsample=True: stage II's 2x path), decoded, X^-1, scores resized back to the label -> SegMetric.
     Consecutive labels of one size go in batches of up to 2^18 pixels (the metric sums histograms: the same numbers)."""
@@ -183,7 +168,8 @@ def save_outputs(save_dir, image_path, pred, palette, maskige=None, cityscapes_i
         train_to_id = np.zeros(256, np.uint8)  # trainId -> label id; 255 -> 0 (unlabeled)
         for label_id, train_id in datasets.CITYSCAPES_ID_TO_TRAINID.items():
             train_to_id[train_id] = label_id
-        Image.fromarray(train_to_id[labels]).save(os.path.join(save_dir, stem.replace('_leftImg8bit', '') + '_labelIds.png'))
+        ids_path = os.path.join(save_dir, stem.replace('_leftImg8bit', '') + '_labelIds.png')
+        Image.fromarray(train_to_id[labels]).save(ids_path)
 
 
 # -----------------------------------------------------------------------------
@@ -195,6 +181,7 @@ def load_stage2(path, posterior_paths, dataset, device, tokenizer=None):
     file, overrides its tokenizer); official releases carry the DALL-E weights and, for GSS-FT-W, the inverse; their
     palette is the official one of `dataset` (not stored in them)."""
     ckpt = gss.load_file(path, 'checkpoint')
+    keys = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else {}  # an official release's parameter names
     if isinstance(ckpt, dict) and ckpt.get('kind') == 'gss-prior':
         posteriors = [gss.load_posterior(p) for p in posterior_paths or []] or \
             [gss.checkpoint_posterior(ckpt, path, tokenizer)]
@@ -205,7 +192,7 @@ def load_stage2(path, posterior_paths, dataset, device, tokenizer=None):
         tokenizer = gss.load_tokenizer(tokenizer or posteriors[0]['tokenizer'])
         inverses = {f"GSS-{post['variant'].upper()}": gss.build_inverse(post) for post in posteriors}
         palette, ignore = torch.tensor(posteriors[0]['palette']), torch.tensor(posteriors[0]['ignore_colour'])
-    elif isinstance(ckpt, dict) and any(k.startswith(('decode_head.', 'backbone.')) for k in ckpt.get('state_dict', ckpt)):
+    elif any(k.startswith(('decode_head.', 'backbone.')) for k in keys):
         if dataset not in gss.OFFICIAL_PALETTES:
             raise gss.UserError(f"--dataset {dataset}: official checkpoints use the official palette of the dataset "
                                 f"they were trained on; expected one of {', '.join(gss.OFFICIAL_PALETTES)}")
