@@ -1789,16 +1789,21 @@ def test_nan_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(env, mo
     assert it == 2 and all(v.isfinite().all() for v in w.values() if v.is_floating_point())
 
 
-def test_failed_write_keeps_the_previous_checkpoint(env, monkeypatch, capsys):
-    out = env / 'full'
+def disk_full_at_second_write(monkeypatch):
+    """torch.save writes half the bytes of the second checkpoint, then the disk is full."""
     calls, save = [0], torch.save
-    def full_disk(obj, f):  # the second checkpoint write: half the bytes, then the disk is full
+    def full_disk(obj, f):
         calls[0] += 1
         if calls[0] == 2:
             f.write(b'\0' * 4096)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         save(obj, f)
     monkeypatch.setattr(torch, 'save', full_disk)
+
+
+def test_failed_write_keeps_the_previous_checkpoint(env, monkeypatch, capsys):
+    out = env / 'full'
+    disk_full_at_second_write(monkeypatch)
     assert train_prior.main(flags(env, out)) == 2
     err = capsys.readouterr().err
     assert err == (f"error: {out}/latest.pt: could not write the checkpoint (No space left on device); "
@@ -1949,14 +1954,7 @@ def test_stage1_nan_loss_and_full_disk_keep_the_last_checkpoint(env, monkeypatch
     assert ckpt['iter'] == 3 and all(v.isfinite().all() for v in stage1_weights(latest).values())
     monkeypatch.undo()
     out = env / 'stage1-full' / 'tokenizer.pt'
-    calls, save = [0], torch.save
-    def full_disk(obj, f):  # the second checkpoint write: half the bytes, then the disk is full
-        calls[0] += 1
-        if calls[0] == 2:
-            f.write(b'\0' * 4096)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        save(obj, f)
-    monkeypatch.setattr(torch, 'save', full_disk)
+    disk_full_at_second_write(monkeypatch)
     assert train_posterior.main(stage1_flags(env, out)) == 2
     latest = out.with_name('tokenizer.latest.pt')
     assert capsys.readouterr().err == (f"error: {latest}: could not write the checkpoint (No space left on device); "
