@@ -1,14 +1,10 @@
 """
-Swin Transformer as a segmentation backbone, from scratch; imports only torch, so the file can be copied alone.
+Swin Transformer backbone (Liu et al., ICCV 2021, arXiv:2103.14030), from scratch; imports only torch, so the file can
+be copied alone. Attention inside M x M windows (Sec. 3.2), shifted by M/2 in every other block (Fig. 2), with a
+learned relative position bias (Eq. 4); matches torchvision's swin_t once loaded with load_pretrained.
 
-Liu et al., "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows", ICCV 2021 (arXiv:2103.14030):
-self-attention inside M x M windows (Sec. 3.2), shifted by M/2 in every other block (Fig. 2), with a learned relative
-position bias (Eq. 4). Numerically matches torchvision.models.swin_t once its weights are loaded with load_pretrained.
-
-In order: window helpers (window_partition, window_layout, attention), the modules (WindowAttention, SwinBlock,
-PatchMerging, SwinStage, PatchEmbed, SwinTransformer, build_swin), then load_pretrained for official (Microsoft),
-torchvision and mmsegmentation checkpoints. Tensors flow channels-last, (B, H, W, C), and any H, W works: maps are
-zero-padded to window multiples, as officially, but in one cached gather with the cyclic shift (window_layout).
+In order: window helpers, the modules (SwinBlock ... SwinTransformer, build_swin), then load_pretrained for official,
+torchvision and mmsegmentation checkpoints. Tensors flow channels-last, (B, H, W, C), and any H, W works.
 
     model = build_swin('swin_t')
     load_pretrained(model, 'swin_tiny_patch4_window7_224.pth')  # official, torchvision or mmseg file
@@ -18,6 +14,7 @@ import functools
 import math
 import os
 import re
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -99,8 +96,7 @@ def init_weights(m):
 # modules
 
 class WindowAttention(nn.Module):
-    """Multi-head self-attention within windows plus a relative position bias (paper Sec. 3.2, Eq. 4); SwinBlock
-    applies qkv and proj per token and attend() within the windows."""
+    """Window self-attention with a relative position bias (Eq. 4): SwinBlock runs qkv, attend(), proj."""
 
     def __init__(self, dim, window_size, num_heads):
         super().__init__()
@@ -123,17 +119,6 @@ class WindowAttention(nn.Module):
         return attention(q, k, v, bias[:, None] + (0.0 if mask is None else mask))  # mask (h, nW or 1, N, N)
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class SwinBlock(nn.Module):
     """x + (S)W-MSA(LN(x)), then x + MLP(LN(x)) (paper Eq. 3); shift_size > 0 makes it SW-MSA."""
 
@@ -143,7 +128,8 @@ class SwinBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, window_size, num_heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
 
     def shifted_window_attention(self, x):
         """(S)W-MSA of a normalised map x (B, H, W, C) -> (B, H, W, C)."""
@@ -270,22 +256,18 @@ def _from_torchvision(key):
     return f'layers.{i // 2}.blocks.{rest}'.replace('.mlp.0.', '.mlp.fc1.').replace('.mlp.3.', '.mlp.fc2.')
 
 
-def _from_mmseg(key):
-    """Inverse of mmseg's tools/model_converters/swin2mmseg.py renames."""
+def _from_mmseg(key, t):
+    """Inverse of mmseg's tools/model_converters/swin2mmseg.py: its renames, and its correct_unfold_*_order, since
+    mmseg merges with nn.Unfold: 4C channels c*4 + (0,0),(0,1),(1,0),(1,1), official (0,0),(1,0),(0,1),(1,1)."""
     key = re.sub(r'^stages\.', 'layers.', key).replace('patch_embed.projection.', 'patch_embed.proj.')
-    return key.replace('.attn.w_msa.', '.attn.').replace('.ffn.layers.0.0.', '.mlp.fc1.').replace(
-        '.ffn.layers.1.', '.mlp.fc2.')
-
-
-def _unfold_to_official(key, t):
-    """mmseg merges with nn.Unfold: 4C channels are c*4 + (0,0),(0,1),(1,0),(1,1) (channel-major, dh then
-    dw); official is position-major (0,0),(1,0),(0,1),(1,1). Undo swin2mmseg's correct_unfold_*_order."""
+    key = key.replace('.attn.w_msa.', '.attn.').replace('.ffn.layers.0.0.', '.mlp.fc1.')
+    key = key.replace('.ffn.layers.1.', '.mlp.fc2.')
     if key.endswith('downsample.reduction.weight'):
         out, c4 = t.shape
-        return t.reshape(out, c4 // 4, 4).transpose(1, 2)[:, [0, 2, 1, 3]].reshape(out, c4)
-    if re.search(r'downsample\.norm\.(weight|bias)$', key):
-        return t.reshape(-1, 4).t()[[0, 2, 1, 3]].reshape(-1)
-    return t
+        t = t.reshape(out, c4 // 4, 4).transpose(1, 2)[:, [0, 2, 1, 3]].reshape(out, c4)
+    elif re.search(r'downsample\.norm\.(weight|bias)$', key):
+        t = t.reshape(-1, 4).t()[[0, 2, 1, 3]].reshape(-1)
+    return key, t
 
 
 def _resize_bias_table(t, n):
@@ -297,11 +279,8 @@ def _resize_bias_table(t, n):
 
 
 def load_pretrained(model, checkpoint):
-    """Load an official / torchvision / mmseg Swin checkpoint (path or state dict) into a SwinTransformer.
-
-    Recomputable buffers and classifier heads are dropped, bias tables resized to the model's window,
-    a classifier's final norm goes to norm3. Returns load_state_dict(strict=False)'s (missing, unexpected).
-    """
+    """Load an official / torchvision / mmseg Swin checkpoint (path or state dict): heads and buffers dropped, bias
+    tables resized to the model's window. -> load_state_dict(strict=False)'s (missing, unexpected)."""
     sd = checkpoint
     if isinstance(checkpoint, (str, os.PathLike)):
         sd = torch.load(checkpoint, map_location='cpu', weights_only=True)
@@ -310,21 +289,16 @@ def load_pretrained(model, checkpoint):
             sd = sd[wrapper]
     prefixes = r'^((module|backbone|_orig_mod)\.)+'  # DDP, segmentor, torch.compile
     clean = {re.sub(prefixes, '', key): t for key, t in sd.items()}
-    layout = next((name for prefix, name in (('layers.', 'official'), ('features.', 'torchvision'),
-                                             ('stages.', 'mmseg')) if any(k.startswith(prefix) for k in clean)), None)
-    if layout is None:
+    if not any(k.startswith(('layers.', 'features.', 'stages.')) for k in clean):
         raise ValueError(f"swin checkpoint: not an official (layers.*), torchvision (features.*) or mmseg "
                          f"(stages.*) Swin state dict; first unrecognised keys: {', '.join(list(clean)[:5])}")
+    mmseg = any(k.startswith('stages.') for k in clean)
     own = model.state_dict()
     out = {}
     for key, t in clean.items():
         if key.startswith('head.') or key.endswith(('relative_position_index', 'attn_mask', 'relative_coords_table')):
             continue
-        if layout == 'torchvision':
-            key = _from_torchvision(key)
-        elif layout == 'mmseg':
-            key = _from_mmseg(key)
-            t = _unfold_to_official(key, t)
+        key, t = _from_mmseg(key, t) if mmseg else (_from_torchvision(key), t)  # official names pass unchanged
         if key.startswith('norm.'):  # the classifier's final norm sits where our last output norm is
             key = 'norm3.' + key[len('norm.'):]
         if key.endswith('relative_position_bias_table') and key in own and t.shape[0] != own[key].shape[0]:
