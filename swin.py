@@ -41,9 +41,8 @@ def window_partition(x, ws):
 @functools.lru_cache(maxsize=16)  # shared by all blocks; a few sizes at a time (training crops, test images)
 @torch.inference_mode(False)  # cached, so must stay usable by autograd after an inference_mode pass
 def window_layout(H, W, ws, shift, device):
-    """Where the tokens of an (H, W) map go in (shifted) windows of size ws:
-    index (nW*N,) the token id in each window slot, H*W for padding; inverse (H*W,) the slot of each token;
-    mask (nW, N, N) additive, -100 between tokens from different regions of the rolled map, or None."""
+    """Where an (H, W) map's tokens go in (shifted) windows: index (nW*N,) the token id of each window slot, H*W for
+    padding; inverse (H*W,) each token's slot; mask (nW, N, N), -100 across regions of the rolled map, or None."""
     Hp, Wp = H + (-H) % ws, W + (-W) % ws
     # no shift along an axis that one window already covers (torchvision and Microsoft's code;
     # mmsegmentation keeps the shift there, which splits that single window into masked regions)
@@ -84,14 +83,6 @@ def drop_path(x, p, training):
     keep = x.new_empty(x.shape[0], *(1,) * (x.dim() - 1)).bernoulli_(1.0 - p)  # (B, 1, 1, 1)
     return x * (keep / (1.0 - p))
 
-
-def init_weights(m):
-    """Official init: truncated normal(0.02) Linear weights, zero biases (LayerNorm keeps 1, 0)."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-
 # -----------------------------------------------------------------------------
 # modules
 
@@ -106,8 +97,7 @@ class WindowAttention(nn.Module):
         # one learned scalar per head for each of the (2M-1)^2 relative offsets
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        # index[i, j] = (dh + M-1) * (2M-1) + (dw + M-1) for tokens i, j of a window (official formula);
-        # recomputable, so not saved in state dicts (persistent=False)
+        # index[i, j] = (dh + M-1) * (2M-1) + (dw + M-1) for tokens i, j of a window; recomputable, so not saved
         ij = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing='ij'))
         ij = ij.flatten(1)  # (2, N), N = M*M
         rel = ij[:, :, None] - ij[:, None, :] + window_size - 1  # (2, N, N), each in [0, 2M-2]
@@ -136,10 +126,10 @@ class SwinBlock(nn.Module):
         B, H, W, C = x.shape
         h, N = self.attn.num_heads, self.window_size ** 2
         index, inverse, mask = window_layout(H, W, self.window_size, self.shift_size, x.device)
-        # Official order: zero-pad to window multiples, roll, partition, attention, and back. qkv and proj
-        # act per token, so here they see only the H*W real tokens (plus one zero token that every padded
-        # slot points at: its q, k, v are the qkv biases, as with official zero padding), and
-        # pad + roll + partition is one gather by `index` (a 256x256 input pads stage 4 to 3x its tokens)
+        # Official order: zero-pad to window multiples, roll, partition, attend, and back. qkv and proj act per token,
+        # so they see only the H*W real tokens plus one zero token (q, k, v = the qkv biases, as with official zero
+        # padding) that every padded slot points at; pad + roll + partition is one gather by `index` (a 256x256
+        # input pads stage 4 to 3x its tokens)
         qkv = self.attn.qkv(F.pad(x.reshape(B, H * W, C), (0, 0, 0, 1)))  # (B, H*W+1, 3C)
         qkv = qkv.view(B, H * W + 1, 3, h, C // h).permute(2, 0, 3, 1, 4).index_select(3, index)  # (3, B, h, nW*N, d)
         x = self.attn.attend(*qkv.view(3, B, h, -1, N, C // h), mask)  # (B, h, nW, N, d)
@@ -182,7 +172,11 @@ class SwinStage(nn.Module):
             SwinBlock(dim, num_heads, window_size, 0 if i % 2 == 0 else window_size // 2, mlp_ratio, rates[i])
             for i in range(depth)])
         self.downsample = PatchMerging(dim) if downsample else None
-        self.apply(init_weights)
+        for m in self.modules():  # official init: truncated normal(0.02) Linear weights, zero biases
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x):
         """x (B, H, W, C) -> (out (B, H, W, C), next (B, H/2, W/2, 2C) or None)."""
