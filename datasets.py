@@ -1,15 +1,9 @@
 """
 Datasets for GSS with mmsegmentation 0.x's pipelines (configs/_base_/datasets/*.py); imports only torch, numpy and
-pillow, so the file can be copied alone.
-
-In order: class names and label tables (raw PNG value -> train id), DATASET_PRESETS (the official GSS configs plus
-our synthetic and folder sets), file reading with one-line UserErrors, the training and test pipelines (mmseg Resize,
-RandomCrop, RandomFlip, PhotoMetricDistortion, Normalize, Pad), the layouts (ADE20K, Cityscapes, a folder with
-classes.txt) behind build_dataset, then the synthetic scene generator (the default dataset, made on first use).
-
-Every dataset yields dicts:
-  train: {'image': (3, crop, crop) float normalised, 'label': (crop, crop) long, 255 = ignore}
-  test:  {'image': (3, h, w) float at the test scale, 'label': (H, W) long at ORIGINAL size, 'path': str}
+pillow, so the file can be copied alone. In order: class names and label tables, DATASET_PRESETS, file reading, the
+train and test pipelines, the layouts (ADE20K, Cityscapes, a folder) behind build_dataset, the synthetic scenes.
+Items: train {'image': (3, crop, crop) normalised, 'label': (crop, crop) long, 255 = ignore}; test {'image': (3, h, w)
+at the test scale, 'label': (H, W) long at the ORIGINAL size, 'path': str}.
 
     train_set = build_dataset('ade20k', 'train', root='data/ade')  # or ('synthetic', 'train'): nothing to download
     item = train_set[0]  # {'image': (3, 512, 512), 'label': (512, 512)}
@@ -58,7 +52,7 @@ CITYSCAPES_ID_TO_TRAINID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7
 SYNTHETIC_CLASSES = ('sky', 'building', 'grass', 'road', 'water', 'sand', 'ball', 'crate', 'sign', 'fence')
 
 def label_lut(train_ids, default=-1):
-    """Lookup table raw PNG value -> train id (256,) from {raw: train id}; other values get default (-1 = invalid)."""
+    """(256,) lookup table raw PNG value -> train id; values not in train_ids get default (-1 = invalid)."""
     lut = np.full(256, default, np.int16)
     lut[list(train_ids)] = list(train_ids.values())
     return lut
@@ -84,19 +78,16 @@ DATASET_PRESETS = {
                       warmup=50, crop_size=64, img_scale=(128, 128), test_scale=(128, 128), batch_size=16,
                       iters=280, eval_interval=0, long=dict(iters=1000, eval_interval=500, warmup=100), lr=1e-3,
                       test_mode='whole', test_crop=128, test_stride=96),
-    # ours: the user's own data (classes.txt), ADE20K-like pipeline
-    'folder': dict(_COMMON, num_classes=None, classes=None, root=None, crop_size=512, img_scale=(2048, 512),
-                   test_scale=(2048, 512), batch_size=16, iters=80000, lr=1.2e-4, test_mode='whole',
-                   test_crop=512, test_stride=341),
 }
+DATASET_PRESETS['folder'] = dict(DATASET_PRESETS['ade20k'], num_classes=None, classes=None, root=None, batch_size=16,
+                                 iters=80000)
 
 # -----------------------------------------------------------------------------
 # file I/O with one-line UserErrors
 
 def read_image(path):
-    """-> (H, W, 3) uint8 RGB. 8-bit modes (greyscale, palette, CMYK, 1-bit, ...) convert as PIL does, alpha and
-    transparency dropped; 16-bit greyscale keeps the high byte, as cv2.imread (mmcv) does and PIL does for 16-bit RGB,
-    also in 32-bit integer images (older Pillow's mode for 16-bit PNGs); other integer and float images are refused."""
+    """-> (H, W, 3) uint8 RGB: 8-bit modes convert as PIL does (alpha dropped); 16-bit greyscale (also stored as 32-bit
+    integers, older Pillow's mode) keeps the high byte, as cv2.imread (mmcv); float and wider images are refused."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such image file")
     try:
@@ -112,27 +103,21 @@ def read_image(path):
                         f"{grey.max()}); expected 8- or 16-bit greyscale, RGB(A), palette or CMYK")
     return np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2)  # (H, W, 3)
 
-def read_label(path):
-    """-> (H, W) uint8 raw label values from a single-channel (or palette) PNG."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such label file")
-    try:
-        with Image.open(path) as im:
-            mode = im.mode
-            lab = np.asarray(im)
-    except Exception as e:
-        raise UserError(f"{path}: not a readable label image ({type(e).__name__}: {e}); expected a PNG") from None
-    if lab.ndim != 2:
-        raise UserError(f"{path}: label is a {mode} image; expected a single-channel PNG of class indices")
-    if lab.dtype != np.uint8:
-        if lab.min() < 0 or lab.max() > 255:
-            raise UserError(f"{path}: label value {lab.max()} out of range; expected 8-bit class indices")
-        lab = lab.astype(np.uint8)
-    return lab
-
 def load_pair(img_path, lab_path, lut, expected):
-    """Read an image and its label mapped through lut; -> (H, W, 3) uint8, (H, W) uint8 train ids."""
-    img, raw = read_image(img_path), read_label(lab_path)
+    """An image and its single-channel (or palette) PNG label mapped through lut -> (H, W, 3) uint8, (H, W) uint8."""
+    img = read_image(img_path)
+    if not os.path.isfile(lab_path):
+        raise UserError(f"{lab_path}: no such label file")
+    try:
+        with Image.open(lab_path) as im:
+            mode, raw = im.mode, np.asarray(im)  # (H, W) raw label values
+    except Exception as e:
+        raise UserError(f"{lab_path}: not a readable label image ({type(e).__name__}: {e}); expected a PNG") from None
+    if raw.ndim != 2:
+        raise UserError(f"{lab_path}: label is a {mode} image; expected a single-channel PNG of class indices")
+    if raw.dtype != np.uint8 and (raw.min() < 0 or raw.max() > 255):
+        raise UserError(f"{lab_path}: label value {raw.max()} out of range; expected 8-bit class indices")
+    raw = raw.astype(np.uint8, copy=False)
     if img.shape[:2] != raw.shape:
         raise UserError(f"{lab_path}: label is {raw.shape[1]}x{raw.shape[0]} but its image {img_path} is "
                         f"{img.shape[1]}x{img.shape[0]}; expected equal sizes")
@@ -154,8 +139,8 @@ def rescale_size(h, w, scale):
     return int(h * f + 0.5), int(w * f + 0.5)
 
 def _linear(a, m, sl, axis):
-    """Axis `axis` of array a resized bilinearly from n to m samples, only outputs sl, as cv2 INTER_LINEAR
-    (align_corners=False, clamped at the border, no antialiasing) -> float32."""
+    """Outputs sl of axis `axis` of a resized from n to m samples as cv2 INTER_LINEAR (half-pixel centres, clamped,
+    no antialiasing) -> float32."""
     n = a.shape[axis]
     x = ((np.arange(sl.start, sl.stop) + 0.5) * (n / m) - 0.5).clip(0, n - 1)  # (len(sl),) source coordinates
     i = x.astype(int)
@@ -164,8 +149,8 @@ def _linear(a, m, sl, axis):
     return first + (a.take(np.minimum(i + 1, n - 1), axis) - first) * w
 
 def resize_image(img, size, box=None):
-    """(H, W, 3) uint8 resized to size (h, w) bilinearly without antialiasing, as mmcv (cv2 INTER_LINEAR; within 1
-    grey level of it); box = (y slice, x slice) of the resized image computes only that region (resize-then-crop)."""
+    """(H, W, 3) uint8 resized to (h, w) as mmcv (cv2 INTER_LINEAR, within 1 grey level); only the region box =
+    (y slice, x slice) of the result is computed (resize-then-crop)."""
     (H, W), (h, w) = img.shape[:2], size
     ys, xs = box or (slice(0, h), slice(0, w))
     if (H, W) == (h, w):
@@ -224,8 +209,7 @@ def normalize(img):
     return x.sub_(MEAN).div_(STD)
 
 def train_transform(img, lab, p, rng):
-    """Training pipeline (configs/_base_/datasets/*.py): resize x U[ratio_range], crop, flip, photometric, normalise,
-    pad."""
+    """Resize x U[ratio_range], crop, flip, photometric distortion, normalise, pad (configs/_base_/datasets/*.py)."""
     r = rng.uniform(*p['ratio_range'])
     size = rescale_size(*lab.shape, (int(p['img_scale'][0] * r), int(p['img_scale'][1] * r)))
     lab = resize_label(lab, size)
@@ -241,7 +225,7 @@ def train_transform(img, lab, p, rng):
     return {'image': image, 'label': label}
 
 def test_transform(img, lab, p):
-    """Test pipeline: keep-ratio resize to test_scale and normalise; the label stays at the original size."""
+    """Keep-ratio resize to test_scale and normalise; the label stays at the original size."""
     img = resize_image(img, rescale_size(*lab.shape, p['test_scale']))
     return {'image': normalize(img), 'label': torch.from_numpy(lab.astype(np.int64))}
 
@@ -249,7 +233,7 @@ def test_transform(img, lab, p):
 # datasets
 
 class SegDataset(torch.utils.data.Dataset):
-    """A list of (image, label, lut) files plus a preset; items as in the module docstring."""
+    """(image, label, lut) files plus a preset; items as in the module docstring."""
 
     def __init__(self, files, preset, train, expected):
         self.files, self.preset, self.train, self.expected = files, preset, train, expected
@@ -273,8 +257,8 @@ def _need_dir(path, what):
         raise UserError(f"{path}: no such directory; expected {what}")
 
 def split_files(root, split, lut, layout):
-    """Images in root/images/<split> (recursively; train/training and val/validation both accepted) with their .png
-    labels at the same relative path in root/annotations/<split>; layout says what images/ should hold."""
+    """Images under root/images/<split> (train/training, val/validation) with the .png labels at the same relative
+    paths under root/annotations/<split>."""
     images = os.path.join(root, 'images')
     _need_dir(images, layout)
     for s in (split, SPLIT_ALIASES.get(split)):
@@ -324,8 +308,7 @@ def cityscapes_files(root, split):
     return files
 
 def folder_files(root, split):
-    """The user's layout: root/classes.txt (one class name per line, label 0 first), images/<split>, annotations/<split>
-    with labels 0..K-1 and 255 (ignore) -> (files, class names)."""
+    """root/classes.txt (one name per line, label 0 first), images/<split>, annotations/<split> -> (files, names)."""
     if root is None:
         raise UserError("--data-root: required for the folder dataset; expected a directory with "
                         "images/<split>, annotations/<split> and classes.txt")
@@ -515,8 +498,8 @@ def synthetic_scene(rng, S=128):
     return np.clip(img, 0, 255).astype(np.uint8), lab
 
 def synthetic_root(root=None, seed=0, size=128, num_train=2000, num_val=200):
-    """Directory of the synthetic set (ADE20K layout), generated once: default ~/.cache/gss/synthetic-v2-...
-    Scene i of a split depends only on (seed, split, i), so smaller sets are prefixes of larger ones."""
+    """Directory of the synthetic set (ADE20K layout), generated once under ~/.cache/gss by default; scene i of a split
+    depends only on (seed, split, i), so smaller sets are prefixes of larger ones."""
     base = Path(root) if root else Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'gss'
     out = base / f'synthetic-{SYNTHETIC_VERSION}-seed{seed}-{size}px-{num_train}-{num_val}'
     if out.is_dir():
