@@ -159,8 +159,7 @@ def resize_image(img, size, box=None):
     return np.rint(_linear(rows, h, ys, axis=0)).astype(np.uint8)  # (h', w', 3)
 
 def resize_label(lab, size):
-    """(H, W) uint8 resized to size (h, w) by nearest neighbour as mmcv (cv2 INTER_NEAREST): output i takes input
-    floor(i * H / h), computed as OpenCV does (PIL and torch 'nearest-exact' take floor((i + 0.5) * H / h))."""
+    """(H, W) -> (h, w) as cv2 INTER_NEAREST: output i takes input floor(i * H / h) (PIL: floor((i + .5) * H / h))."""
     (H, W), (h, w) = lab.shape, size
     ys, xs = ((np.arange(m) * (1 / (m / n))).astype(int) for n, m in ((H, h), (W, w)))
     return lab.take(ys, axis=0).take(xs, axis=1)  # (h, w)
@@ -409,8 +408,7 @@ def _border(mask):
     return mask & ~(p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:])
 
 def _stuff(rng, yy, xx, put, lab):
-    """Sky above a tilted wavy horizon, an optional skyline of buildings, ground below, maybe a patch of another
-    ground type, a road and an unlabeled band along the horizon; -> the mean horizon row h0."""
+    """Sky over a wavy horizon, maybe buildings, ground, another ground's patch, a road, an unlabeled band -> row h0."""
     S = yy.shape[0]
     h0 = S * rng.uniform(0.25, 0.6)
     horizon = h0 + rng.uniform(-0.15, 0.15) * (xx - S / 2) + 0.03 * S * np.sin(xx / S * 6 + rng.uniform(0, 6))
@@ -461,8 +459,7 @@ def _thing(rng, cls, yy, xx, cy, cx):
     return dist < r, np.where((dist > r - 2)[..., None], _colour(rng, SIGN), _colour(rng, SIGN))
 
 def _things(rng, yy, xx, h0, put, lab):
-    """Things standing on the ground below row h0, later ones occluding earlier ones: maybe a fence, 1-3 balls,
-    crates or signs (maybe with unlabeled rims), maybe an "other" object."""
+    """Things on the ground below row h0, later over earlier: maybe a fence, 1-3 balls, crates or signs, an "other"."""
     S = yy.shape[0]
     if rng.random() < 0.45:  # fence: 2 px bars and rails over a band, the background visible in the gaps
         y0, h = rng.uniform(h0 - 0.1 * S, 0.9 * S), rng.uniform(0.12, 0.3) * S
