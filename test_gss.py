@@ -118,6 +118,15 @@ def stage_outputs(model, x):
     return outs, final
 
 
+def noisy_block(*args, **kwargs):
+    """A swin.SwinBlock(*args, **kwargs) in eval mode with N(0, 0.3) weights: no default init hides a mistake."""
+    block = swin.SwinBlock(*args, **kwargs).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+    return block
+
+
 def loaded_swin_t(sd):
     model = swin.build_swin('swin_t').eval()
     missing, unexpected = swin.load_pretrained(model, sd)
@@ -152,11 +161,8 @@ def test_blocks_match_torchvision_on_any_size():
     not window multiples, exactly one window, or one window along one axis only."""
     torch.manual_seed(0)
     for shift in (0, 3):
-        ours = swin.SwinBlock(32, 2, window_size=7, shift_size=shift).eval()
+        ours = noisy_block(32, 2, window_size=7, shift_size=shift)
         tv = TVSwinBlock(32, 2, [7, 7], [shift, shift], stochastic_depth_prob=0.0).eval()
-        with torch.no_grad():
-            for p in ours.parameters():
-                p.normal_(0, 0.3)
         sd = {k.replace('mlp.fc1', 'mlp.0').replace('mlp.fc2', 'mlp.3'): v for k, v in ours.state_dict().items()}
         tv.load_state_dict(sd, strict=False)
         for H, W in [(13, 20), (7, 7), (7, 15), (8, 8), (14, 14), (1, 30)]:
@@ -184,10 +190,7 @@ def test_block_is_plain_attention_on_one_window():
     """A block on a map that is exactly one window, written out as plain attention math."""
     torch.manual_seed(0)
     C, h, ws = 16, 2, 7
-    block = swin.SwinBlock(C, h, window_size=ws, shift_size=0).eval()
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.3)
+    block = noisy_block(C, h, window_size=ws, shift_size=0)
     x = torch.randn(3, ws, ws, C)
     t = block.norm1(x).reshape(3, ws * ws, C)
     q, k, v = block.attn.qkv(t).reshape(3, ws * ws, 3, h, C // h).permute(2, 0, 3, 1, 4)  # (B, h, N, d) each
@@ -225,10 +228,7 @@ def test_window_attention_on_windows_is_the_official_pipeline():
     """Attention on explicit windows (pad, roll, window_partition, attention, unpartition, roll back,
     crop: the official order) equals the block's gather-based path."""
     torch.manual_seed(0)
-    block = swin.SwinBlock(32, 2, window_size=7, shift_size=3).eval()
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.3)
+    block = noisy_block(32, 2, window_size=7, shift_size=3)
     x = torch.randn(2, 13, 20, 32)
     _, _, mask = swin.window_layout(13, 20, 7, 3, x.device)
     y = torch.roll(F.pad(x, (0, 0, 0, 1, 0, 1)), (-3, -3), (1, 2))  # (2, 14, 21, 32)
@@ -551,13 +551,6 @@ def test_rescale_size_matches_mmcv():
 # -----------------------------------------------------------------------------
 # bad input: one-line UserError naming the file
 
-def ade_set(tmp_path, n=1, size=(8, 8)):
-    root = tmp_path / 'ADEChallengeData2016'
-    for i in range(n):
-        save(root / f'images/training/ADE_train_{i:08d}.jpg', np.zeros((*size, 3)))
-        save(root / f'annotations/training/ADE_train_{i:08d}.png', np.ones(size))
-    return root
-
 def expect_error(fn, *fragments):
     with pytest.raises(datasets.UserError) as e:
         fn()
@@ -567,7 +560,9 @@ def expect_error(fn, *fragments):
 def test_user_errors(tmp_path):
     expect_error(lambda: datasets.build_dataset('ade20k', 'train', root=str(tmp_path / 'nope')), 'nope', 'no such')
     expect_error(lambda: datasets.build_dataset('imagenet', 'train'), 'imagenet', 'ade20k')
-    root = ade_set(tmp_path)
+    root = tmp_path / 'ADEChallengeData2016'
+    save(root / 'images/training/ADE_train_00000000.jpg', np.zeros((8, 8, 3)))
+    save(root / 'annotations/training/ADE_train_00000000.png', np.ones((8, 8)))
     expect_error(lambda: datasets.build_dataset('ade20k', 'test', root=str(root)), 'test', 'training')
     (root / 'images/validation').mkdir()
     expect_error(lambda: datasets.build_dataset('ade20k', 'val', root=str(root)), 'validation', 'no images')
@@ -831,15 +826,6 @@ def test_bench_peak_memory_counts_what_setup_and_warm_up_freed():
     assert peak >= 60, peak  # measured 64.2 (0.004 before bench trimmed the allocator)
 
 
-def test_nearest_colour_matches_the_official_golden_vectors(golden_ff):
-    palette = golden_ff['palette'][:-1]
-    nc = gss.NearestColour(palette)
-    m = golden_ff['nearest_colour']['maskige']
-    scale = 1.0 if m.max() <= 1 else 255.0
-    assert torch.equal(nc.labels(m / scale), golden_ff['nearest_colour']['label'][:, 0])
-    assert torch.equal(nc.labels(golden_ff['test']['maskige_pred_0_255'] / 255), golden_ff['test']['labels_2x'])
-
-
 def test_resize_one_hot_equals_interpolating_the_one_hot():
     g = torch.Generator().manual_seed(0)
     for (H, W), size in (((16, 12), (8, 6)), ((17, 13), (9, 20)), ((7, 9), (31, 5)), ((6, 6), (6, 6))):
@@ -951,26 +937,6 @@ def test_missing_tokenizer_is_a_user_error(tmp_path):
     msg = str(e.value)
     assert 'https://cdn.openai.com/dall-e/encoder.pkl' in msg and 'decoder.pkl' in msg and '--convert-dalle' in msg
     assert '\n' not in msg
-
-
-def test_reconstruct_matches_the_official_oracle_golden_vectors(golden_ff):
-    sd = golden_ff['state_dict']
-    tok = gss.build_tokenizer(n_hid=64, vocab_size=8192, n_init=128, n_blk_per_group=2)
-    tok.encoder.load_state_dict({k[len('d_vae.encoder.'):]: v for k, v in sd.items() if k.startswith('d_vae.encoder.')})
-    tok.decoder.load_state_dict({k[len('d_vae.decoder.'):]: v for k, v in sd.items() if k.startswith('d_vae.decoder.')})
-    decoded = tok.decode(golden_ff['test']['vq_tokens'])
-    ref = gss._unmap(torch.sigmoid(golden_ff['test']['dvae_decoder_out'][:, :3]))
-    assert (decoded - ref).abs().max() < 5e-6  # measured 1.5e-6 (1 thread), 0 (2 to 4)
-    palette = golden_ff['palette']
-    labels = golden_ff['inputs']['gt'][:, 0]
-    scores = gss.recon_scores(tok, gss.NearestColour(palette[:-1]), labels, palette[:-1], palette[-1])
-    assert torch.equal(scores.argmax(1), golden_ff['recon_eval']['labels'])
-    assert torch.equal(scores, golden_ff['recon_eval']['scores'])
-    target = golden_ff['train_eval_mode']  # the official token targets: encoder argmax of the 2x maskige
-    assert torch.equal(tok.encode(target['maskige_target_0_255'].float() / 255), target['token_targets_raw'])
-    scores = gss.recon_scores(tok, gss.NearestColour(palette[:-1]), labels, palette[:-1], palette[-1], size=(32, 40),
-                              upsample=True)  # test resolution 32x40, stage II's 2x path: tokens 8x10
-    assert scores.shape == (2, 10, 64, 64)
 
 
 # ---- GSS-TF / GSS-TT: beta through the frozen tokenizer
@@ -1374,35 +1340,32 @@ def test_golden_inference(golden_ff):
 
 
 def test_golden_nearest_colour_and_reconstruction(golden_ff):
-    model, tokenizer = golden_ff_model(golden_ff)
+    _, tokenizer = golden_ff_model(golden_ff)
     rec, palette, gt = golden_ff['nearest_colour'], golden_ff['palette'], golden_ff['inputs']['gt'][:, 0]
+    nc = gss.NearestColour(palette[:10])
     maskige = rec['maskige'] / 255
-    assert torch.equal(gss.NearestColour(palette[:10]).labels(maskige), rec['label'][:, 0])
+    assert torch.equal(nc.labels(maskige), rec['label'][:, 0])
     assert torch.equal(gss.NearestColour(palette).labels(maskige), rec['label_keep_ignore'][:, 0])
+    assert torch.equal(nc.labels(golden_ff['test']['maskige_pred_0_255'] / 255), golden_ff['test']['labels_2x'])
     assert torch.equal((gss.paint(gt, palette[:10], palette[10]) * 255).round().long(), rec['encode_to_segmap_of_gt'])
-    recon = gss.reconstruct(tokenizer, gt, palette[:10], palette[10])  # tokens at 1/8, no 2x upsampling
-    scores = gss.maskige_scores(gss.NearestColour(palette[:10]), recon, (64, 64))
-    assert torch.equal(scores, golden_ff['recon_eval']['scores'])
-    assert torch.equal(scores.argmax(1), golden_ff['recon_eval']['labels'])
-
-
-def to_mmseg_swin(sd):
-    """Our (official Microsoft) Swin keys -> mmseg's (swin2mmseg.py: renames, unfold order of patch merging)."""
-    out = {}
-    for k, v in sd.items():
-        k = k.replace('layers.', 'stages.', 1).replace('patch_embed.proj.', 'patch_embed.projection.')
-        k = k.replace('.attn.', '.attn.w_msa.').replace('.mlp.fc1.', '.ffn.layers.0.0.').replace('.mlp.fc2.', '.ffn.layers.1.')
-        if k.endswith('downsample.reduction.weight'):  # correct_unfold_reduction_order
-            v = v.reshape(v.shape[0], 4, -1)[:, [0, 2, 1, 3]].transpose(1, 2).reshape(v.shape[0], -1)
-        elif 'downsample.norm.' in k:  # correct_unfold_norm_order
-            v = v.reshape(4, -1)[[0, 2, 1, 3]].transpose(0, 1).reshape(-1)
-        out[k] = v
-    return out
+    decoded = tokenizer.decode(golden_ff['test']['vq_tokens'])
+    ref = gss._unmap(torch.sigmoid(golden_ff['test']['dvae_decoder_out'][:, :3]))
+    assert (decoded - ref).abs().max() < 5e-6  # measured 1.5e-6 (1 thread), 0 (2 to 4)
+    target = golden_ff['train_eval_mode']  # the official token targets: encoder argmax of the 2x maskige
+    assert torch.equal(tokenizer.encode(target['maskige_target_0_255'].float() / 255), target['token_targets_raw'])
+    # the tokenizer oracle: tokens at 1/8, no 2x upsampling, by hand and by recon_scores
+    recon = gss.reconstruct(tokenizer, gt, palette[:10], palette[10])
+    by_hand = gss.maskige_scores(nc, recon, (64, 64))
+    for scores in (by_hand, gss.recon_scores(tokenizer, nc, gt, palette[:10], palette[10])):
+        assert torch.equal(scores, golden_ff['recon_eval']['scores'])
+        assert torch.equal(scores.argmax(1), golden_ff['recon_eval']['labels'])
+    scores = gss.recon_scores(tokenizer, nc, gt, palette[:10], palette[10], size=(32, 40), upsample=True)
+    assert scores.shape == (2, 10, 64, 64)  # test resolution 32x40, stage II's 2x path: tokens 8x10
 
 
 def official_state_dict(model, tokenizer, inverse=None):
     """Our modules renamed to an official mmseg GSS segmentor state dict (the reverse of the loader's mapping)."""
-    sd = {'backbone.' + k: v for k, v in to_mmseg_swin(model.backbone.state_dict()).items()}
+    sd = {'backbone.' + k: v for k, v in official_to_mmseg(model.backbone.state_dict()).items()}
     for prefix, module in (('head', model.head), ('tokenizer', tokenizer), ('inverse', inverse)):
         for k, v in (module.state_dict().items() if module is not None else ()):
             if k.endswith('fusion.conv.weight'):  # in_index=[1, 0, 2, 3]: the column blocks of levels 0, 1 swap
@@ -1482,7 +1445,7 @@ def test_mmseg_swin_layouts_load_into_swin_py():
     assert missing == [] and unexpected == []  # relative_position_index (recomputed) is dropped
     assert torch.equal(model.layers[2].blocks[1].attn.qkv.weight, sd['stages.2.blocks.1.attn.w_msa.qkv.weight'])
     assert torch.equal(model.layers[0].blocks[0].mlp.fc2.bias, sd['stages.0.blocks.0.ffn.layers.1.bias'])
-    assert torch.equal(to_mmseg_swin(model.state_dict())['stages.0.downsample.reduction.weight'],
+    assert torch.equal(official_to_mmseg(model.state_dict())['stages.0.downsample.reduction.weight'],
                        sd['stages.0.downsample.reduction.weight'])  # unfold order undone and redone
     with torch.no_grad():
         shapes = [list(f.shape) for f in model.eval()(torch.randn(1, 3, 64, 96))]
@@ -1534,13 +1497,17 @@ def env(tmp_path_factory):
     return root
 
 
+def cli_args(**f):
+    """--key=value for each f[key] that is not None."""
+    return [f"--{k.replace('_', '-')}={v}" for k, v in f.items() if v is not None]
+
+
 def flags(env, out, **overrides):
     """Command-line flags of a tiny deterministic CPU run (checkpoint every iteration, no validation)."""
     f = dict(dataset='synthetic', data_root=env / 'data', posterior=env / 'posterior.pt', out=out, iters=ITERS,
              batch_size=2, micro_batch=1, lr=1e-3, warmup_iters=3, eval_interval=0, log_interval=1, ckpt_interval=1,
              workers=0, device='cpu', seed=0, model_config=TINY_MODEL)
-    f.update(overrides)
-    return [f"--{k.replace('_', '-')}={v}" for k, v in f.items() if v is not None] + ['--deterministic']
+    return cli_args(**{**f, **overrides}) + ['--deterministic']
 
 
 def weights(out, name='latest.pt'):
@@ -1769,19 +1736,22 @@ def test_moved_runs_folder_still_evaluates(env, tmp_path, monkeypatch, capsys):
 # ----------------------------------------------------------------------------------------------------------
 # crash safety (issue 8 item 2)
 
-def fail_at_call(monkeypatch, n, action):
-    """Wrap gss.compute_loss so that its n-th call (1-based) runs action(loss) first and returns what it returns."""
-    calls, compute_loss = [0], gss.compute_loss
+def on_call(monkeypatch, module, name, n, action):
+    """Wrap module.<name>, a loss function, so that its n-th call (1-based) returns action(loss) for its loss (the
+    first of gss.compute_loss's (loss, logs))."""
+    calls, fn = [0], getattr(module, name)
     def wrapped(*args):
-        loss, logs = compute_loss(*args)
+        out = fn(*args)
         calls[0] += 1
-        return (action(loss) if calls[0] == n else loss), logs
-    monkeypatch.setattr(gss, 'compute_loss', wrapped)
+        if calls[0] != n:
+            return out
+        return (action(out[0]), out[1]) if isinstance(out, tuple) else action(out)
+    monkeypatch.setattr(module, name, wrapped)
 
 
 def test_nan_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(env, monkeypatch, capsys):
     out = env / 'nan'
-    fail_at_call(monkeypatch, 5, lambda loss: loss * float('nan'))  # iteration 3, first micro-step
+    on_call(monkeypatch, gss, 'compute_loss', 5, lambda loss: loss * float('nan'))  # iteration 3, first micro-step
     assert train_prior.main(flags(env, out)) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: non-finite loss at iteration 3;') and 'iteration 2) is intact' in err
@@ -1814,7 +1784,7 @@ def test_failed_write_keeps_the_previous_checkpoint(env, monkeypatch, capsys):
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_at_the_iteration_boundary_and_resumes_exactly(env, ref1, monkeypatch, capsys, sig):
     out = env / f'signal{sig}'
-    fail_at_call(monkeypatch, 6, lambda loss: os.kill(os.getpid(), sig) or loss)  # during iteration 3
+    on_call(monkeypatch, gss, 'compute_loss', 6, lambda loss: os.kill(os.getpid(), sig) or loss)  # during iteration 3
     assert train_prior.main(flags(env, out, ckpt_interval=100)) == 128 + sig  # 143 SIGTERM, 130 SIGINT
     assert f'stopped by signal {int(sig)} after iteration 3' in capsys.readouterr().out
     assert weights(out)[0] == 3
@@ -1893,8 +1863,7 @@ STAGE1_ITERS = 6
 def stage1_flags(env, out, variant='tokenizer', **overrides):
     f = dict(variant=variant, dataset='synthetic', data_root=env / 'data', iters=STAGE1_ITERS, batch_size=2,
              ckpt_interval=1, seed=0, out=out)
-    f.update(overrides)
-    return [f"--{k.replace('_', '-')}={v}" for k, v in f.items() if v is not None]
+    return cli_args(**{**f, **overrides})
 
 
 def stage1_weights(path):
@@ -1902,16 +1871,6 @@ def stage1_weights(path):
     f = gss.load_file(path, 'file')
     parts = f['trained'] if 'trained' in f else {'inverse': f['inverse']} if 'inverse' in f else f
     return {f'{p}.{k}': v for p, sd in parts.items() if isinstance(sd, dict) for k, v in sd.items() if torch.is_tensor(v)}
-
-
-def on_call(monkeypatch, name, n, action):
-    """Wrap train_posterior.<name> (a loss function) so that its n-th call runs action(loss) on its result."""
-    calls, fn = [0], getattr(train_posterior, name)
-    def wrapped(*args):
-        loss = fn(*args)
-        calls[0] += 1
-        return action(loss) if calls[0] == n else loss
-    monkeypatch.setattr(train_posterior, name, wrapped)
 
 
 @pytest.fixture(scope='module')
@@ -1925,7 +1884,7 @@ def stage1_ref(env):
 
 def test_stage1_signal_saves_and_resumes_exactly(env, stage1_ref, monkeypatch, capsys):
     out = env / 'stage1-signal' / 'tokenizer.pt'
-    on_call(monkeypatch, 'tokenizer_loss', 3, lambda loss: os.kill(os.getpid(), signal.SIGTERM) or loss)
+    on_call(monkeypatch, train_posterior, 'tokenizer_loss', 3, lambda loss: os.kill(os.getpid(), signal.SIGTERM) or loss)
     assert train_posterior.main(stage1_flags(env, out, ckpt_interval=100)) == 143
     assert 'stopped by signal 15 after iteration 3' in capsys.readouterr().out and not out.exists()
     latest = out.with_name('tokenizer.latest.pt')
@@ -1945,7 +1904,7 @@ def test_stage1_signal_saves_and_resumes_exactly(env, stage1_ref, monkeypatch, c
 
 def test_stage1_nan_loss_and_full_disk_keep_the_last_checkpoint(env, monkeypatch, capsys):
     out = env / 'stage1-nan' / 'tokenizer.pt'
-    on_call(monkeypatch, 'tokenizer_loss', 4, lambda loss: loss * float('nan'))
+    on_call(monkeypatch, train_posterior, 'tokenizer_loss', 4, lambda loss: loss * float('nan'))
     assert train_posterior.main(stage1_flags(env, out)) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: non-finite loss at iteration 4;') and 'iteration 3) is intact' in err
@@ -1970,8 +1929,9 @@ def test_stage1_kill_and_resume_reaches_identical_weights(env):
     assert train_posterior.main(stage1_flags(env, ref, iters=iters)) == 0
     out = env / 'stage1-kill' / 'tokenizer.pt'
     console, kills, latest = env / 'stage1-kill.txt', 0, out.with_name('tokenizer.latest.pt')
+    args = (stage1_flags(env, out, iters=iters, resume='auto'), {}, console, train_posterior.main)
     for target in (2, 3):  # checkpoints written by this run before the kill (one per iteration)
-        p = FORKSERVER.Process(target=run_stage1, args=(stage1_flags(env, out, iters=iters, resume='auto'), console))
+        p = FORKSERVER.Process(target=run_rank, args=args)
         p.start()
         def version():  # each atomic write is a new file; inode numbers alone get reused, so add the mtime
             with contextlib.suppress(FileNotFoundError):
@@ -1987,7 +1947,7 @@ def test_stage1_kill_and_resume_reaches_identical_weights(env):
         p.join()
         kills += p.exitcode == -signal.SIGKILL
     resumed_from = gss.load_file(latest, 'checkpoint')['iter']
-    p = FORKSERVER.Process(target=run_stage1, args=(stage1_flags(env, out, iters=iters, resume='auto'), console))
+    p = FORKSERVER.Process(target=run_rank, args=args)
     p.start()
     p.join(120)
     assert p.exitcode == 0 and kills == 2 and 0 < resumed_from < iters, open(console).read()
@@ -1995,13 +1955,6 @@ def test_stage1_kill_and_resume_reaches_identical_weights(env):
     print(f"stage-I kill test: {iters} iterations, {kills} SIGKILLs, last resume from iteration {resumed_from}, "
           f"max abs difference of the final weights {diff}")
     assert diff == 0
-
-
-def run_stage1(argv, console):
-    fd = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    os.dup2(fd, 1), os.dup2(fd, 2)
-    torch.set_num_threads(1)
-    sys.exit(train_posterior.main(argv))
 
 
 def test_ftw_trains_on_a_frozen_prior_and_resumes_exactly(env, ref1, monkeypatch, capsys):
@@ -2018,7 +1971,7 @@ def test_ftw_trains_on_a_frozen_prior_and_resumes_exactly(env, ref1, monkeypatch
     assert post['settings']['prior_iter'] == ITERS and isinstance(gss.build_inverse(post), gss.FTWInverse)
     # the maskiges come from the prior: a prior that generates something else gives another inverse
     out = env / 'ftw' / 'sig.pt'
-    on_call(monkeypatch, 'inverse_loss', 2, lambda loss: os.kill(os.getpid(), signal.SIGTERM) or loss)
+    on_call(monkeypatch, train_posterior, 'inverse_loss', 2, lambda loss: os.kill(os.getpid(), signal.SIGTERM) or loss)
     assert train_posterior.main(stage1_flags(env, out, **common)) == 143
     monkeypatch.undo()
     assert train_posterior.main(stage1_flags(env, out, resume='auto', **common)) == 0
