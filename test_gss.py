@@ -654,7 +654,8 @@ def test_synthetic_deterministic_with_promised_properties(tmp_path):
 
 def test_presets():
     ade, city = datasets.DATASET_PRESETS['ade20k'], datasets.DATASET_PRESETS['cityscapes']
-    assert [ade[k] for k in ('crop_size', 'batch_size', 'iters', 'lr', 'test_mode')] == [512, 32, 160000, 1.2e-4, 'whole']
+    assert [ade[k] for k in ('crop_size', 'batch_size', 'iters', 'lr')] == [512, 32, 160000, 1.2e-4]
+    assert ade['test_mode'] == 'whole'
     assert [city[k] for k in ('crop_size', 'batch_size', 'iters', 'lr')] == [768, 16, 80000, 1.5e-3]
     assert city['img_scale'] == (2049, 1025) and city['test_scale'] == (2048, 1024)
     assert (city['test_mode'], city['test_crop'], city['test_stride']) == ('slide', 768, 512)
@@ -1059,14 +1060,11 @@ def test_load_posterior_validates(tmp_path):
     palette = gss.make_palette(3)
     gss.make_posterior(tmp_path / 'p.pt', 'ff', palette, gss.ignore_colour_for(palette), tmp_path / 'tok.pt', 512)
     post = torch.load(tmp_path / 'p.pt', weights_only=True)
-    post['palette'][2] = post['palette'][0]
-    gss.save_atomic(post, tmp_path / 'dup.pt')
-    with pytest.raises(gss.UserError, match='used by two classes'):
-        gss.load_posterior(tmp_path / 'dup.pt')
-    post['palette'] = post['palette'][:2]
-    gss.save_atomic(post, tmp_path / 'short.pt')
-    with pytest.raises(gss.UserError, match='2 entries for 3 classes'):
-        gss.load_posterior(tmp_path / 'short.pt')
+    for palette, message in ((post['palette'][:2] + post['palette'][:1], 'used by two classes'),
+                             (post['palette'][:2], '2 entries for 3 classes')):
+        gss.save_atomic({**post, 'palette': palette}, tmp_path / 'bad.pt')
+        with pytest.raises(gss.UserError, match=message):
+            gss.load_posterior(tmp_path / 'bad.pt')
 
 
 TINY_GSS = dict(backbone='swin_mini', num_classes=5, vocab_size=512, mla_channels=16, fused_channels=32,
@@ -1385,7 +1383,8 @@ def test_official_checkpoint_round_trip(tmp_path):
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)
             m.running_var.uniform_(0.5, 2)
-    torch.save({'meta': {'CLASSES': ['a'] * 5}, 'state_dict': official_state_dict(model, tokenizer, inverse)}, tmp_path / 'ftw.pth')
+    sd = official_state_dict(model, tokenizer, inverse)
+    torch.save({'meta': {'CLASSES': ['a'] * 5}, 'state_dict': sd}, tmp_path / 'ftw.pth')
     model2, tokenizer2, inverse2 = gss.load_official_checkpoint(tmp_path / 'ftw.pth')
     assert model2.config == model.config  # read back from the shapes (swin_mini preset)
     model.eval(), model2.eval(), inverse.eval(), inverse2.eval()
@@ -1398,7 +1397,7 @@ def test_official_checkpoint_round_trip(tmp_path):
         assert torch.equal(gss.predict(model, tokenizer, inverse, images), gss.predict(model2, tokenizer2, inverse2, images))
     sd = official_state_dict(model, tokenizer)  # GSS-FF file
     assert gss.load_official_checkpoint(sd)[2] is None
-    with pytest.raises(gss.UserError, match=r'decode_head\.conv_seg\.weight \(512, 64, 1, 1\) vs ours \(1024, 64, 1, 1\)'):
+    with pytest.raises(gss.UserError, match=r'conv_seg\.weight \(512, 64, 1, 1\) vs ours \(1024, 64, 1, 1\)'):
         gss.load_official_checkpoint(sd, model=tiny_gss(vocab_size=1024))
     with pytest.raises(gss.UserError, match=r'unexpected keys decode_head\.extra\.weight'):
         gss.load_official_checkpoint({**sd, 'decode_head.extra.weight': torch.zeros(1)})
@@ -1514,6 +1513,14 @@ def weights(out, name='latest.pt'):
     """(iteration, model state dict) of a checkpoint, loaded as users load it (weights_only)."""
     ckpt = gss.load_file(os.path.join(out, name), 'checkpoint')
     return ckpt['iter'], ckpt['model']
+
+
+def cli_error(main, argv, capture):
+    """main(argv) fails with exit code 2 -> its stderr, checked to be one line (no traceback)."""
+    assert main(argv) == 2
+    err = capture.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1, err
+    return err
 
 
 def max_diff(a, b):
@@ -1717,20 +1724,18 @@ def test_moved_runs_folder_still_evaluates(env, tmp_path, monkeypatch, capsys):
     assert evaluate.main(argv) == 0, capsys.readouterr().err  # the tokenizer found relative to the checkpoint
     os.rename(moved / 'tokenizer.pt', tmp_path / 'tok.pt')
     capsys.readouterr()
-    assert evaluate.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count('\n') == 1 and 'its tokenizer file is neither at' in err and 'expected --tokenizer FILE' in err
+    err = cli_error(evaluate.main, argv, capsys)
+    assert 'its tokenizer file is neither at' in err and 'expected --tokenizer FILE' in err
     assert evaluate.main(argv + ['--tokenizer', str(tmp_path / 'tok.pt')]) == 0
     post['palette'][:2] = post['palette'][1::-1]  # an explicit --posterior still overrides and is checked
     gss.make_posterior(tmp_path / 'swapped.pt', 'ff', post['palette'], post['ignore_colour'], tmp_path / 'tok.pt', 512)
-    assert evaluate.main(argv + ['--posterior', str(tmp_path / 'swapped.pt')]) == 2
-    assert 'does not match the stage-I artifact: palette (first at class 0' in capsys.readouterr().err
+    err = cli_error(evaluate.main, argv + ['--posterior', str(tmp_path / 'swapped.pt')], capsys)
+    assert 'does not match the stage-I artifact: palette (first at class 0' in err
     ckpt = torch.load(moved / 'prior' / 'latest.pt', weights_only=True)  # an older checkpoint: the artifact's path only
     ckpt['posterior'] = {k: ckpt['posterior'][k] for k in ('path', 'num_classes', 'palette', 'vocab_size')}
     torch.save(ckpt, moved / 'prior' / 'latest.pt')
-    assert evaluate.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count('\n') == 1 and 'records only the path of its stage-I artifact' in err and '--posterior' in err
+    err = cli_error(evaluate.main, argv, capsys)
+    assert 'records only the path of its stage-I artifact' in err and '--posterior' in err
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1749,16 +1754,6 @@ def on_call(monkeypatch, module, name, n, action):
     monkeypatch.setattr(module, name, wrapped)
 
 
-def test_nan_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(env, monkeypatch, capsys):
-    out = env / 'nan'
-    on_call(monkeypatch, gss, 'compute_loss', 5, lambda loss: loss * float('nan'))  # iteration 3, first micro-step
-    assert train_prior.main(flags(env, out)) == 2
-    err = capsys.readouterr().err
-    assert err.startswith('error: non-finite loss at iteration 3;') and 'iteration 2) is intact' in err
-    it, w = weights(out)
-    assert it == 2 and all(v.isfinite().all() for v in w.values() if v.is_floating_point())
-
-
 def disk_full_at_second_write(monkeypatch):
     """torch.save writes half the bytes of the second checkpoint, then the disk is full."""
     calls, save = [0], torch.save
@@ -1771,13 +1766,19 @@ def disk_full_at_second_write(monkeypatch):
     monkeypatch.setattr(torch, 'save', full_disk)
 
 
-def test_failed_write_keeps_the_previous_checkpoint(env, monkeypatch, capsys):
+def test_nan_loss_and_full_disk_keep_the_last_checkpoint(env, monkeypatch, capsys):
+    out = env / 'nan'
+    on_call(monkeypatch, gss, 'compute_loss', 5, lambda loss: loss * float('nan'))  # iteration 3, first micro-step
+    err = cli_error(train_prior.main, flags(env, out), capsys)
+    assert err.startswith('error: non-finite loss at iteration 3;') and 'iteration 2) is intact' in err
+    it, w = weights(out)
+    assert it == 2 and all(v.isfinite().all() for v in w.values() if v.is_floating_point())
+    monkeypatch.undo()
     out = env / 'full'
     disk_full_at_second_write(monkeypatch)
-    assert train_prior.main(flags(env, out)) == 2
-    err = capsys.readouterr().err
-    assert err == (f"error: {out}/latest.pt: could not write the checkpoint (No space left on device); "
-                   f"the previous checkpoint there is intact\n")
+    assert cli_error(train_prior.main, flags(env, out), capsys) == (
+        f"error: {out}/latest.pt: could not write the checkpoint (No space left on device); "
+        f"the previous checkpoint there is intact\n")
     assert weights(out)[0] == 1 and sorted(os.listdir(out)) == ['latest.pt', 'log.jsonl']  # no temp file left
 
 
@@ -1870,7 +1871,13 @@ def stage1_weights(path):
     """The trained tensors of a tokenizer file, a stage-I artifact or a stage-I checkpoint, flattened."""
     f = gss.load_file(path, 'file')
     parts = f['trained'] if 'trained' in f else {'inverse': f['inverse']} if 'inverse' in f else f
-    return {f'{p}.{k}': v for p, sd in parts.items() if isinstance(sd, dict) for k, v in sd.items() if torch.is_tensor(v)}
+    return {f'{p}.{k}': v for p, sd in parts.items() if isinstance(sd, dict)
+            for k, v in sd.items() if torch.is_tensor(v)}
+
+
+def sigterm(loss):
+    os.kill(os.getpid(), signal.SIGTERM)  # handled at the end of the iteration
+    return loss
 
 
 @pytest.fixture(scope='module')
@@ -1884,7 +1891,7 @@ def stage1_ref(env):
 
 def test_stage1_signal_saves_and_resumes_exactly(env, stage1_ref, monkeypatch, capsys):
     out = env / 'stage1-signal' / 'tokenizer.pt'
-    on_call(monkeypatch, train_posterior, 'tokenizer_loss', 3, lambda loss: os.kill(os.getpid(), signal.SIGTERM) or loss)
+    on_call(monkeypatch, train_posterior, 'tokenizer_loss', 3, sigterm)
     assert train_posterior.main(stage1_flags(env, out, ckpt_interval=100)) == 143
     assert 'stopped by signal 15 after iteration 3' in capsys.readouterr().out and not out.exists()
     latest = out.with_name('tokenizer.latest.pt')
@@ -1893,20 +1900,19 @@ def test_stage1_signal_saves_and_resumes_exactly(env, stage1_ref, monkeypatch, c
     assert train_posterior.main(stage1_flags(env, out, resume='auto')) == 0
     assert 'resumed from' in capsys.readouterr().out
     assert max_diff(stage1_weights(out), stage1_weights(stage1_ref)) == 0
-    assert gss.load_tokenizer(str(out)).info['final']['mIoU'] == gss.load_tokenizer(str(stage1_ref)).info['final']['mIoU']
+    final = [gss.load_tokenizer(str(f)).info['final']['mIoU'] for f in (out, stage1_ref)]
+    assert final[0] == final[1]
     ckpt = gss.load_file(latest, 'checkpoint')  # an optimizer of other parameter groups (an older FT-W checkpoint)
     ckpt['optimizer']['param_groups'].append(dict(ckpt['optimizer']['param_groups'][0], params=[]))
     torch.save(ckpt, out.with_name('other.pt'))
-    assert train_posterior.main(stage1_flags(env, out, resume=out.with_name('other.pt'))) == 2
-    err = capsys.readouterr().err
-    assert err.count('\n') == 1 and 'does not match the flags or this version' in err
+    err = cli_error(train_posterior.main, stage1_flags(env, out, resume=out.with_name('other.pt')), capsys)
+    assert 'does not match the flags or this version' in err
 
 
 def test_stage1_nan_loss_and_full_disk_keep_the_last_checkpoint(env, monkeypatch, capsys):
     out = env / 'stage1-nan' / 'tokenizer.pt'
     on_call(monkeypatch, train_posterior, 'tokenizer_loss', 4, lambda loss: loss * float('nan'))
-    assert train_posterior.main(stage1_flags(env, out)) == 2
-    err = capsys.readouterr().err
+    err = cli_error(train_posterior.main, stage1_flags(env, out), capsys)
     assert err.startswith('error: non-finite loss at iteration 4;') and 'iteration 3) is intact' in err
     latest = out.with_name('tokenizer.latest.pt')
     ckpt = gss.load_file(latest, 'checkpoint')
@@ -1914,10 +1920,10 @@ def test_stage1_nan_loss_and_full_disk_keep_the_last_checkpoint(env, monkeypatch
     monkeypatch.undo()
     out = env / 'stage1-full' / 'tokenizer.pt'
     disk_full_at_second_write(monkeypatch)
-    assert train_posterior.main(stage1_flags(env, out)) == 2
     latest = out.with_name('tokenizer.latest.pt')
-    assert capsys.readouterr().err == (f"error: {latest}: could not write the checkpoint (No space left on device); "
-                                       f"the previous checkpoint there is intact\n")
+    assert cli_error(train_posterior.main, stage1_flags(env, out), capsys) == (
+        f"error: {latest}: could not write the checkpoint (No space left on device); "
+        f"the previous checkpoint there is intact\n")
     assert gss.load_file(latest, 'checkpoint')['iter'] == 1
     assert os.listdir(out.parent) == ['tokenizer.latest.pt']  # no temp file left
 
@@ -1971,7 +1977,7 @@ def test_ftw_trains_on_a_frozen_prior_and_resumes_exactly(env, ref1, monkeypatch
     assert post['settings']['prior_iter'] == ITERS and isinstance(gss.build_inverse(post), gss.FTWInverse)
     # the maskiges come from the prior: a prior that generates something else gives another inverse
     out = env / 'ftw' / 'sig.pt'
-    on_call(monkeypatch, train_posterior, 'inverse_loss', 2, lambda loss: os.kill(os.getpid(), signal.SIGTERM) or loss)
+    on_call(monkeypatch, train_posterior, 'inverse_loss', 2, sigterm)
     assert train_posterior.main(stage1_flags(env, out, **common)) == 143
     monkeypatch.undo()
     assert train_posterior.main(stage1_flags(env, out, resume='auto', **common)) == 0
@@ -1981,8 +1987,8 @@ def test_ftw_trains_on_a_frozen_prior_and_resumes_exactly(env, ref1, monkeypatch
     other = env / 'ftw' / 'other.pt'
     assert train_posterior.main(stage1_flags(env, other, **common)) == 0 and len(calls) == 3
     assert max_diff(stage1_weights(other), stage1_weights(ref)) > 0
-    assert train_posterior.main(stage1_flags(env, other, variant='tf', prior=prior)) == 2
-    assert capsys.readouterr().err.startswith('error: --prior: only for --variant ft-w or ft')
+    err = cli_error(train_posterior.main, stage1_flags(env, other, variant='tf', prior=prior), capsys)
+    assert err.startswith('error: --prior: only for --variant ft-w or ft')
 
 
 def test_prior_maskige_runs_the_backbone_in_eval_and_the_head_in_train_mode():
@@ -2065,8 +2071,8 @@ def test_stage1_two_ranks_equal_one_rank_at_the_same_total_batch(env, tmp_path, 
     assert [(g['weight_decay'], len(g['params'])) for g in groups] == [(g['weight_decay'], len(g['params']))
                                                                        for g in expected]
     monkeypatch.setattr(train_posterior, 'setup_distributed', lambda: (0, 2, 0, torch.device('cpu')))  # 2 ranks
-    assert train_posterior.main(stage1_flags(env, tmp_path / 'odd.pt', batch_size=3)) == 2
-    assert capsys.readouterr().err == "error: --batch-size 3 is not divisible by 2 ranks; expected a multiple of 2\n"
+    err = cli_error(train_posterior.main, stage1_flags(env, tmp_path / 'odd.pt', batch_size=3), capsys)
+    assert err == "error: --batch-size 3 is not divisible by 2 ranks; expected a multiple of 2\n"
 
 
 def test_stage1_collectives_get_tensors_on_the_training_device(tmp_path, monkeypatch):
@@ -2094,23 +2100,21 @@ def test_cli_errors_are_one_line(env, capsys):
                           env=dict(os.environ, WORLD_SIZE='2'), capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr == "error: --batch-size 5 is not divisible by 2 ranks; expected a multiple of 2\n"
-    assert train_prior.main(['--dataset=ade21k']) == 2
-    assert capsys.readouterr().err == ("error: --dataset ade21k: unknown dataset; expected one of "
-                                       f"{', '.join(datasets.DATASET_PRESETS)}\n")
-    assert train_prior.main(['--dataset', 'synthetic', '--backbone', 'swin_xl']) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: --backbone swin_xl: unknown backbone; expected one of swin_t,") and 'resnet101' in err
-    assert train_prior.main(flags(env, env / 'bad', model_config='widths=3')) == 2
-    assert 'KEY one of mla_channels' in capsys.readouterr().err
-    assert train_prior.main(flags(env, env / 'bad', posterior=env / 'none.pt')) == 2
+    err = lambda argv, main=train_prior.main: cli_error(main, argv, capsys)
+    assert err(['--dataset=ade21k']) == ("error: --dataset ade21k: unknown dataset; expected one of "
+                                         f"{', '.join(datasets.DATASET_PRESETS)}\n")
+    backbone = err(['--dataset', 'synthetic', '--backbone', 'swin_xl'])
+    assert backbone.startswith("error: --backbone swin_xl: unknown backbone; expected one of swin_t,")
+    assert 'resnet101' in backbone
+    assert 'KEY one of mla_channels' in err(flags(env, env / 'bad', model_config='widths=3'))
     assert "none.pt: no such stage-I artifact; expected the file of `python train_posterior.py --variant ff" in \
-        capsys.readouterr().err and not (env / 'bad').exists()
-    assert train_prior.main(flags(env, env / 'bad', resume=env / 'missing.pt')) == 2
-    assert capsys.readouterr().err == f"error: {env / 'missing.pt'}: no such checkpoint\n"
-    assert train_prior.main(['--dataset', 'ade20k', '--long']) == 2
-    assert capsys.readouterr().err == "error: --long: --dataset ade20k has no longer schedule; expected --iters N\n"
-    assert train_posterior.main(['--variant', 'ft', '--dataset', 'synthetic', '--long']) == 2
-    assert capsys.readouterr().err.startswith("error: --long: only --variant tokenizer on --dataset synthetic has")
+        err(flags(env, env / 'bad', posterior=env / 'none.pt')) and not (env / 'bad').exists()
+    missing = env / 'missing.pt'
+    assert err(flags(env, env / 'bad', resume=missing)) == f"error: {missing}: no such checkpoint\n"
+    assert err(['--dataset', 'ade20k', '--long']) == ("error: --long: --dataset ade20k has no longer schedule; "
+                                                     "expected --iters N\n")
+    assert err(['--variant', 'ft', '--dataset', 'synthetic', '--long'], train_posterior.main).startswith(
+        "error: --long: only --variant tokenizer on --dataset synthetic has")
 
 
 def test_data_errors_in_loader_workers_are_one_line(env, tmp_path, capfd):
@@ -2118,9 +2122,9 @@ def test_data_errors_in_loader_workers_are_one_line(env, tmp_path, capfd):
     shutil.copytree(env / 'data', data)
     bad = sorted(data.glob('*/images/training/*.png'))[0]
     bad.write_bytes(b'not an image')
-    assert train_prior.main(flags(env, tmp_path / 'out', data_root=data, workers=1)) == 2
-    assert capfd.readouterr().err == (f"error: {bad}: not a readable image (UnidentifiedImageError: cannot identify "
-                                      f"image file '{bad}'); expected a JPEG or PNG\n")
+    assert cli_error(train_prior.main, flags(env, tmp_path / 'out', data_root=data, workers=1), capfd) == (
+        f"error: {bad}: not a readable image (UnidentifiedImageError: cannot identify "
+        f"image file '{bad}'); expected a JPEG or PNG\n")
 
 
 def test_long_settings_are_the_ones_that_reach_the_targets(env):
@@ -2179,18 +2183,14 @@ def test_evaluate_cli_saves_labels_that_reload_to_its_predictions(env, ref1, tmp
     # a checkpoint that is not one gives a one-line error
     bad = tmp_path / 'bad.pt'
     torch.save({'weights': torch.zeros(1)}, bad)
-    assert evaluate.main(['--checkpoint', str(bad), '--data-root', data]) == 2
-    assert capsys.readouterr().err.count('\n') == 1
+    cli_error(evaluate.main, ['--checkpoint', str(bad), '--data-root', data], capsys)
 
 
 def test_bad_artifacts_and_checkpoints_get_one_line_errors(env, ref1, tmp_path, capsys):
     """README's bad-input table: a checkpoint of another model, palettes of the wrong size or with duplicates."""
-    def error(argv):
-        assert train_prior.main(argv) == 2
-        err = capsys.readouterr().err
-        assert err.count('\n') == 1 and 'Traceback' not in err
-        return err
-    resume = flags(env, tmp_path / 'o', resume=ref1 / 'latest.pt', model_config=TINY_MODEL.replace('mla_channels=16', 'mla_channels=8'))
+    error = functools.partial(cli_error, train_prior.main, capture=capsys)
+    other_model = TINY_MODEL.replace('mla_channels=16', 'mla_channels=8')
+    resume = flags(env, tmp_path / 'o', resume=ref1 / 'latest.pt', model_config=other_model)
     assert 'checkpoint of a different model (mla_channels 16 vs 8; checkpoint vs flags)' in error(resume)
     post = gss.load_file(env / 'posterior.pt', 'artifact')
     for name, edit, message in [
