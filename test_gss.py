@@ -1002,12 +1002,10 @@ def write_folder_dataset(root, K=4, n=6, size=32):
     root.mkdir()
     (root / 'classes.txt').write_text('\n'.join(f'class{i}' for i in range(K)))
     for split in ('training', 'validation'):
-        (root / 'images' / split).mkdir(parents=True)
-        (root / 'annotations' / split).mkdir(parents=True)
-        labels = blob_labels(n, size, size, K, seed=len(split)).numpy().astype(np.uint8)
+        labels = blob_labels(n, size, size, K, seed=len(split)).numpy()
         for i in range(n):
-            Image.fromarray(np.full((size, size, 3), 128, np.uint8)).save(root / 'images' / split / f'{i}.png')
-            Image.fromarray(labels[i]).save(root / 'annotations' / split / f'{i}.png')
+            save(root / 'images' / split / f'{i}.png', np.full((size, size, 3), 128))
+            save(root / 'annotations' / split / f'{i}.png', labels[i])
 
 
 def test_train_posterior_cli_writes_artifacts_and_reports_user_errors(tmp_path, tiny_tok, monkeypatch):
