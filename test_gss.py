@@ -118,6 +118,15 @@ def stage_outputs(model, x):
     return outs, final
 
 
+def noisy_block(*args, **kwargs):
+    """A swin.SwinBlock(*args, **kwargs) in eval mode with N(0, 0.3) weights: no default init hides a mistake."""
+    block = swin.SwinBlock(*args, **kwargs).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+    return block
+
+
 def loaded_swin_t(sd):
     model = swin.build_swin('swin_t').eval()
     missing, unexpected = swin.load_pretrained(model, sd)
@@ -152,11 +161,8 @@ def test_blocks_match_torchvision_on_any_size():
     not window multiples, exactly one window, or one window along one axis only."""
     torch.manual_seed(0)
     for shift in (0, 3):
-        ours = swin.SwinBlock(32, 2, window_size=7, shift_size=shift).eval()
+        ours = noisy_block(32, 2, window_size=7, shift_size=shift)
         tv = TVSwinBlock(32, 2, [7, 7], [shift, shift], stochastic_depth_prob=0.0).eval()
-        with torch.no_grad():
-            for p in ours.parameters():
-                p.normal_(0, 0.3)
         sd = {k.replace('mlp.fc1', 'mlp.0').replace('mlp.fc2', 'mlp.3'): v for k, v in ours.state_dict().items()}
         tv.load_state_dict(sd, strict=False)
         for H, W in [(13, 20), (7, 7), (7, 15), (8, 8), (14, 14), (1, 30)]:
@@ -184,10 +190,7 @@ def test_block_is_plain_attention_on_one_window():
     """A block on a map that is exactly one window, written out as plain attention math."""
     torch.manual_seed(0)
     C, h, ws = 16, 2, 7
-    block = swin.SwinBlock(C, h, window_size=ws, shift_size=0).eval()
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.3)
+    block = noisy_block(C, h, window_size=ws, shift_size=0)
     x = torch.randn(3, ws, ws, C)
     t = block.norm1(x).reshape(3, ws * ws, C)
     q, k, v = block.attn.qkv(t).reshape(3, ws * ws, 3, h, C // h).permute(2, 0, 3, 1, 4)  # (B, h, N, d) each
@@ -225,10 +228,7 @@ def test_window_attention_on_windows_is_the_official_pipeline():
     """Attention on explicit windows (pad, roll, window_partition, attention, unpartition, roll back,
     crop: the official order) equals the block's gather-based path."""
     torch.manual_seed(0)
-    block = swin.SwinBlock(32, 2, window_size=7, shift_size=3).eval()
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.3)
+    block = noisy_block(32, 2, window_size=7, shift_size=3)
     x = torch.randn(2, 13, 20, 32)
     _, _, mask = swin.window_layout(13, 20, 7, 3, x.device)
     y = torch.roll(F.pad(x, (0, 0, 0, 1, 0, 1)), (-3, -3), (1, 2))  # (2, 14, 21, 32)
@@ -551,13 +551,6 @@ def test_rescale_size_matches_mmcv():
 # -----------------------------------------------------------------------------
 # bad input: one-line UserError naming the file
 
-def ade_set(tmp_path, n=1, size=(8, 8)):
-    root = tmp_path / 'ADEChallengeData2016'
-    for i in range(n):
-        save(root / f'images/training/ADE_train_{i:08d}.jpg', np.zeros((*size, 3)))
-        save(root / f'annotations/training/ADE_train_{i:08d}.png', np.ones(size))
-    return root
-
 def expect_error(fn, *fragments):
     with pytest.raises(datasets.UserError) as e:
         fn()
@@ -567,7 +560,9 @@ def expect_error(fn, *fragments):
 def test_user_errors(tmp_path):
     expect_error(lambda: datasets.build_dataset('ade20k', 'train', root=str(tmp_path / 'nope')), 'nope', 'no such')
     expect_error(lambda: datasets.build_dataset('imagenet', 'train'), 'imagenet', 'ade20k')
-    root = ade_set(tmp_path)
+    root = tmp_path / 'ADEChallengeData2016'
+    save(root / 'images/training/ADE_train_00000000.jpg', np.zeros((8, 8, 3)))
+    save(root / 'annotations/training/ADE_train_00000000.png', np.ones((8, 8)))
     expect_error(lambda: datasets.build_dataset('ade20k', 'test', root=str(root)), 'test', 'training')
     (root / 'images/validation').mkdir()
     expect_error(lambda: datasets.build_dataset('ade20k', 'val', root=str(root)), 'validation', 'no images')
@@ -659,7 +654,8 @@ def test_synthetic_deterministic_with_promised_properties(tmp_path):
 
 def test_presets():
     ade, city = datasets.DATASET_PRESETS['ade20k'], datasets.DATASET_PRESETS['cityscapes']
-    assert [ade[k] for k in ('crop_size', 'batch_size', 'iters', 'lr', 'test_mode')] == [512, 32, 160000, 1.2e-4, 'whole']
+    assert [ade[k] for k in ('crop_size', 'batch_size', 'iters', 'lr')] == [512, 32, 160000, 1.2e-4]
+    assert ade['test_mode'] == 'whole'
     assert [city[k] for k in ('crop_size', 'batch_size', 'iters', 'lr')] == [768, 16, 80000, 1.5e-3]
     assert city['img_scale'] == (2049, 1025) and city['test_scale'] == (2048, 1024)
     assert (city['test_mode'], city['test_crop'], city['test_stride']) == ('slide', 768, 512)
@@ -831,15 +827,6 @@ def test_bench_peak_memory_counts_what_setup_and_warm_up_freed():
     assert peak >= 60, peak  # measured 64.2 (0.004 before bench trimmed the allocator)
 
 
-def test_nearest_colour_matches_the_official_golden_vectors(golden_ff):
-    palette = golden_ff['palette'][:-1]
-    nc = gss.NearestColour(palette)
-    m = golden_ff['nearest_colour']['maskige']
-    scale = 1.0 if m.max() <= 1 else 255.0
-    assert torch.equal(nc.labels(m / scale), golden_ff['nearest_colour']['label'][:, 0])
-    assert torch.equal(nc.labels(golden_ff['test']['maskige_pred_0_255'] / 255), golden_ff['test']['labels_2x'])
-
-
 def test_resize_one_hot_equals_interpolating_the_one_hot():
     g = torch.Generator().manual_seed(0)
     for (H, W), size in (((16, 12), (8, 6)), ((17, 13), (9, 20)), ((7, 9), (31, 5)), ((6, 6), (6, 6))):
@@ -953,26 +940,6 @@ def test_missing_tokenizer_is_a_user_error(tmp_path):
     assert '\n' not in msg
 
 
-def test_reconstruct_matches_the_official_oracle_golden_vectors(golden_ff):
-    sd = golden_ff['state_dict']
-    tok = gss.build_tokenizer(n_hid=64, vocab_size=8192, n_init=128, n_blk_per_group=2)
-    tok.encoder.load_state_dict({k[len('d_vae.encoder.'):]: v for k, v in sd.items() if k.startswith('d_vae.encoder.')})
-    tok.decoder.load_state_dict({k[len('d_vae.decoder.'):]: v for k, v in sd.items() if k.startswith('d_vae.decoder.')})
-    decoded = tok.decode(golden_ff['test']['vq_tokens'])
-    ref = gss._unmap(torch.sigmoid(golden_ff['test']['dvae_decoder_out'][:, :3]))
-    assert (decoded - ref).abs().max() < 5e-6  # measured 1.5e-6 (1 thread), 0 (2 to 4)
-    palette = golden_ff['palette']
-    labels = golden_ff['inputs']['gt'][:, 0]
-    scores = gss.recon_scores(tok, gss.NearestColour(palette[:-1]), labels, palette[:-1], palette[-1])
-    assert torch.equal(scores.argmax(1), golden_ff['recon_eval']['labels'])
-    assert torch.equal(scores, golden_ff['recon_eval']['scores'])
-    target = golden_ff['train_eval_mode']  # the official token targets: encoder argmax of the 2x maskige
-    assert torch.equal(tok.encode(target['maskige_target_0_255'].float() / 255), target['token_targets_raw'])
-    scores = gss.recon_scores(tok, gss.NearestColour(palette[:-1]), labels, palette[:-1], palette[-1], size=(32, 40),
-                              upsample=True)  # test resolution 32x40, stage II's 2x path: tokens 8x10
-    assert scores.shape == (2, 10, 64, 64)
-
-
 # ---- GSS-TF / GSS-TT: beta through the frozen tokenizer
 
 def test_tf_moves_beta_through_the_frozen_tokenizer(tiny_tok):
@@ -1035,12 +1002,10 @@ def write_folder_dataset(root, K=4, n=6, size=32):
     root.mkdir()
     (root / 'classes.txt').write_text('\n'.join(f'class{i}' for i in range(K)))
     for split in ('training', 'validation'):
-        (root / 'images' / split).mkdir(parents=True)
-        (root / 'annotations' / split).mkdir(parents=True)
-        labels = blob_labels(n, size, size, K, seed=len(split)).numpy().astype(np.uint8)
+        labels = blob_labels(n, size, size, K, seed=len(split)).numpy()
         for i in range(n):
-            Image.fromarray(np.full((size, size, 3), 128, np.uint8)).save(root / 'images' / split / f'{i}.png')
-            Image.fromarray(labels[i]).save(root / 'annotations' / split / f'{i}.png')
+            save(root / 'images' / split / f'{i}.png', np.full((size, size, 3), 128))
+            save(root / 'annotations' / split / f'{i}.png', labels[i])
 
 
 def test_train_posterior_cli_writes_artifacts_and_reports_user_errors(tmp_path, tiny_tok, monkeypatch):
@@ -1093,14 +1058,11 @@ def test_load_posterior_validates(tmp_path):
     palette = gss.make_palette(3)
     gss.make_posterior(tmp_path / 'p.pt', 'ff', palette, gss.ignore_colour_for(palette), tmp_path / 'tok.pt', 512)
     post = torch.load(tmp_path / 'p.pt', weights_only=True)
-    post['palette'][2] = post['palette'][0]
-    gss.save_atomic(post, tmp_path / 'dup.pt')
-    with pytest.raises(gss.UserError, match='used by two classes'):
-        gss.load_posterior(tmp_path / 'dup.pt')
-    post['palette'] = post['palette'][:2]
-    gss.save_atomic(post, tmp_path / 'short.pt')
-    with pytest.raises(gss.UserError, match='2 entries for 3 classes'):
-        gss.load_posterior(tmp_path / 'short.pt')
+    for palette, message in ((post['palette'][:2] + post['palette'][:1], 'used by two classes'),
+                             (post['palette'][:2], '2 entries for 3 classes')):
+        gss.save_atomic({**post, 'palette': palette}, tmp_path / 'bad.pt')
+        with pytest.raises(gss.UserError, match=message):
+            gss.load_posterior(tmp_path / 'bad.pt')
 
 
 TINY_GSS = dict(backbone='swin_mini', num_classes=5, vocab_size=512, mla_channels=16, fused_channels=32,
@@ -1374,35 +1336,32 @@ def test_golden_inference(golden_ff):
 
 
 def test_golden_nearest_colour_and_reconstruction(golden_ff):
-    model, tokenizer = golden_ff_model(golden_ff)
+    _, tokenizer = golden_ff_model(golden_ff)
     rec, palette, gt = golden_ff['nearest_colour'], golden_ff['palette'], golden_ff['inputs']['gt'][:, 0]
+    nc = gss.NearestColour(palette[:10])
     maskige = rec['maskige'] / 255
-    assert torch.equal(gss.NearestColour(palette[:10]).labels(maskige), rec['label'][:, 0])
+    assert torch.equal(nc.labels(maskige), rec['label'][:, 0])
     assert torch.equal(gss.NearestColour(palette).labels(maskige), rec['label_keep_ignore'][:, 0])
+    assert torch.equal(nc.labels(golden_ff['test']['maskige_pred_0_255'] / 255), golden_ff['test']['labels_2x'])
     assert torch.equal((gss.paint(gt, palette[:10], palette[10]) * 255).round().long(), rec['encode_to_segmap_of_gt'])
-    recon = gss.reconstruct(tokenizer, gt, palette[:10], palette[10])  # tokens at 1/8, no 2x upsampling
-    scores = gss.maskige_scores(gss.NearestColour(palette[:10]), recon, (64, 64))
-    assert torch.equal(scores, golden_ff['recon_eval']['scores'])
-    assert torch.equal(scores.argmax(1), golden_ff['recon_eval']['labels'])
-
-
-def to_mmseg_swin(sd):
-    """Our (official Microsoft) Swin keys -> mmseg's (swin2mmseg.py: renames, unfold order of patch merging)."""
-    out = {}
-    for k, v in sd.items():
-        k = k.replace('layers.', 'stages.', 1).replace('patch_embed.proj.', 'patch_embed.projection.')
-        k = k.replace('.attn.', '.attn.w_msa.').replace('.mlp.fc1.', '.ffn.layers.0.0.').replace('.mlp.fc2.', '.ffn.layers.1.')
-        if k.endswith('downsample.reduction.weight'):  # correct_unfold_reduction_order
-            v = v.reshape(v.shape[0], 4, -1)[:, [0, 2, 1, 3]].transpose(1, 2).reshape(v.shape[0], -1)
-        elif 'downsample.norm.' in k:  # correct_unfold_norm_order
-            v = v.reshape(4, -1)[[0, 2, 1, 3]].transpose(0, 1).reshape(-1)
-        out[k] = v
-    return out
+    decoded = tokenizer.decode(golden_ff['test']['vq_tokens'])
+    ref = gss._unmap(torch.sigmoid(golden_ff['test']['dvae_decoder_out'][:, :3]))
+    assert (decoded - ref).abs().max() < 5e-6  # measured 1.5e-6 (1 thread), 0 (2 to 4)
+    target = golden_ff['train_eval_mode']  # the official token targets: encoder argmax of the 2x maskige
+    assert torch.equal(tokenizer.encode(target['maskige_target_0_255'].float() / 255), target['token_targets_raw'])
+    # the tokenizer oracle: tokens at 1/8, no 2x upsampling, by hand and by recon_scores
+    recon = gss.reconstruct(tokenizer, gt, palette[:10], palette[10])
+    by_hand = gss.maskige_scores(nc, recon, (64, 64))
+    for scores in (by_hand, gss.recon_scores(tokenizer, nc, gt, palette[:10], palette[10])):
+        assert torch.equal(scores, golden_ff['recon_eval']['scores'])
+        assert torch.equal(scores.argmax(1), golden_ff['recon_eval']['labels'])
+    scores = gss.recon_scores(tokenizer, nc, gt, palette[:10], palette[10], size=(32, 40), upsample=True)
+    assert scores.shape == (2, 10, 64, 64)  # test resolution 32x40, stage II's 2x path: tokens 8x10
 
 
 def official_state_dict(model, tokenizer, inverse=None):
     """Our modules renamed to an official mmseg GSS segmentor state dict (the reverse of the loader's mapping)."""
-    sd = {'backbone.' + k: v for k, v in to_mmseg_swin(model.backbone.state_dict()).items()}
+    sd = {'backbone.' + k: v for k, v in official_to_mmseg(model.backbone.state_dict()).items()}
     for prefix, module in (('head', model.head), ('tokenizer', tokenizer), ('inverse', inverse)):
         for k, v in (module.state_dict().items() if module is not None else ()):
             if k.endswith('fusion.conv.weight'):  # in_index=[1, 0, 2, 3]: the column blocks of levels 0, 1 swap
@@ -1422,7 +1381,8 @@ def test_official_checkpoint_round_trip(tmp_path):
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)
             m.running_var.uniform_(0.5, 2)
-    torch.save({'meta': {'CLASSES': ['a'] * 5}, 'state_dict': official_state_dict(model, tokenizer, inverse)}, tmp_path / 'ftw.pth')
+    sd = official_state_dict(model, tokenizer, inverse)
+    torch.save({'meta': {'CLASSES': ['a'] * 5}, 'state_dict': sd}, tmp_path / 'ftw.pth')
     model2, tokenizer2, inverse2 = gss.load_official_checkpoint(tmp_path / 'ftw.pth')
     assert model2.config == model.config  # read back from the shapes (swin_mini preset)
     model.eval(), model2.eval(), inverse.eval(), inverse2.eval()
@@ -1435,7 +1395,7 @@ def test_official_checkpoint_round_trip(tmp_path):
         assert torch.equal(gss.predict(model, tokenizer, inverse, images), gss.predict(model2, tokenizer2, inverse2, images))
     sd = official_state_dict(model, tokenizer)  # GSS-FF file
     assert gss.load_official_checkpoint(sd)[2] is None
-    with pytest.raises(gss.UserError, match=r'decode_head\.conv_seg\.weight \(512, 64, 1, 1\) vs ours \(1024, 64, 1, 1\)'):
+    with pytest.raises(gss.UserError, match=r'conv_seg\.weight \(512, 64, 1, 1\) vs ours \(1024, 64, 1, 1\)'):
         gss.load_official_checkpoint(sd, model=tiny_gss(vocab_size=1024))
     with pytest.raises(gss.UserError, match=r'unexpected keys decode_head\.extra\.weight'):
         gss.load_official_checkpoint({**sd, 'decode_head.extra.weight': torch.zeros(1)})
@@ -1482,7 +1442,7 @@ def test_mmseg_swin_layouts_load_into_swin_py():
     assert missing == [] and unexpected == []  # relative_position_index (recomputed) is dropped
     assert torch.equal(model.layers[2].blocks[1].attn.qkv.weight, sd['stages.2.blocks.1.attn.w_msa.qkv.weight'])
     assert torch.equal(model.layers[0].blocks[0].mlp.fc2.bias, sd['stages.0.blocks.0.ffn.layers.1.bias'])
-    assert torch.equal(to_mmseg_swin(model.state_dict())['stages.0.downsample.reduction.weight'],
+    assert torch.equal(official_to_mmseg(model.state_dict())['stages.0.downsample.reduction.weight'],
                        sd['stages.0.downsample.reduction.weight'])  # unfold order undone and redone
     with torch.no_grad():
         shapes = [list(f.shape) for f in model.eval()(torch.randn(1, 3, 64, 96))]
@@ -1534,19 +1494,31 @@ def env(tmp_path_factory):
     return root
 
 
+def cli_args(**f):
+    """--key=value for each f[key] that is not None."""
+    return [f"--{k.replace('_', '-')}={v}" for k, v in f.items() if v is not None]
+
+
 def flags(env, out, **overrides):
     """Command-line flags of a tiny deterministic CPU run (checkpoint every iteration, no validation)."""
     f = dict(dataset='synthetic', data_root=env / 'data', posterior=env / 'posterior.pt', out=out, iters=ITERS,
              batch_size=2, micro_batch=1, lr=1e-3, warmup_iters=3, eval_interval=0, log_interval=1, ckpt_interval=1,
              workers=0, device='cpu', seed=0, model_config=TINY_MODEL)
-    f.update(overrides)
-    return [f"--{k.replace('_', '-')}={v}" for k, v in f.items() if v is not None] + ['--deterministic']
+    return cli_args(**{**f, **overrides}) + ['--deterministic']
 
 
 def weights(out, name='latest.pt'):
     """(iteration, model state dict) of a checkpoint, loaded as users load it (weights_only)."""
     ckpt = gss.load_file(os.path.join(out, name), 'checkpoint')
     return ckpt['iter'], ckpt['model']
+
+
+def cli_error(main, argv, capture):
+    """main(argv) fails with exit code 2 -> its stderr, checked to be one line (no traceback)."""
+    assert main(argv) == 2
+    err = capture.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1, err
+    return err
 
 
 def max_diff(a, b):
@@ -1750,43 +1722,34 @@ def test_moved_runs_folder_still_evaluates(env, tmp_path, monkeypatch, capsys):
     assert evaluate.main(argv) == 0, capsys.readouterr().err  # the tokenizer found relative to the checkpoint
     os.rename(moved / 'tokenizer.pt', tmp_path / 'tok.pt')
     capsys.readouterr()
-    assert evaluate.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count('\n') == 1 and 'its tokenizer file is neither at' in err and 'expected --tokenizer FILE' in err
+    err = cli_error(evaluate.main, argv, capsys)
+    assert 'its tokenizer file is neither at' in err and 'expected --tokenizer FILE' in err
     assert evaluate.main(argv + ['--tokenizer', str(tmp_path / 'tok.pt')]) == 0
     post['palette'][:2] = post['palette'][1::-1]  # an explicit --posterior still overrides and is checked
     gss.make_posterior(tmp_path / 'swapped.pt', 'ff', post['palette'], post['ignore_colour'], tmp_path / 'tok.pt', 512)
-    assert evaluate.main(argv + ['--posterior', str(tmp_path / 'swapped.pt')]) == 2
-    assert 'does not match the stage-I artifact: palette (first at class 0' in capsys.readouterr().err
+    err = cli_error(evaluate.main, argv + ['--posterior', str(tmp_path / 'swapped.pt')], capsys)
+    assert 'does not match the stage-I artifact: palette (first at class 0' in err
     ckpt = torch.load(moved / 'prior' / 'latest.pt', weights_only=True)  # an older checkpoint: the artifact's path only
     ckpt['posterior'] = {k: ckpt['posterior'][k] for k in ('path', 'num_classes', 'palette', 'vocab_size')}
     torch.save(ckpt, moved / 'prior' / 'latest.pt')
-    assert evaluate.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count('\n') == 1 and 'records only the path of its stage-I artifact' in err and '--posterior' in err
+    err = cli_error(evaluate.main, argv, capsys)
+    assert 'records only the path of its stage-I artifact' in err and '--posterior' in err
 
 
 # ----------------------------------------------------------------------------------------------------------
 # crash safety (issue 8 item 2)
 
-def fail_at_call(monkeypatch, n, action):
-    """Wrap gss.compute_loss so that its n-th call (1-based) runs action(loss) first and returns what it returns."""
-    calls, compute_loss = [0], gss.compute_loss
+def on_call(monkeypatch, module, name, n, action):
+    """Wrap module.<name>, a loss function, so that its n-th call (1-based) returns action(loss) for its loss (the
+    first of gss.compute_loss's (loss, logs))."""
+    calls, fn = [0], getattr(module, name)
     def wrapped(*args):
-        loss, logs = compute_loss(*args)
+        out = fn(*args)
         calls[0] += 1
-        return (action(loss) if calls[0] == n else loss), logs
-    monkeypatch.setattr(gss, 'compute_loss', wrapped)
-
-
-def test_nan_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(env, monkeypatch, capsys):
-    out = env / 'nan'
-    fail_at_call(monkeypatch, 5, lambda loss: loss * float('nan'))  # iteration 3, first micro-step
-    assert train_prior.main(flags(env, out)) == 2
-    err = capsys.readouterr().err
-    assert err.startswith('error: non-finite loss at iteration 3;') and 'iteration 2) is intact' in err
-    it, w = weights(out)
-    assert it == 2 and all(v.isfinite().all() for v in w.values() if v.is_floating_point())
+        if calls[0] != n:
+            return out
+        return (action(out[0]), out[1]) if isinstance(out, tuple) else action(out)
+    monkeypatch.setattr(module, name, wrapped)
 
 
 def disk_full_at_second_write(monkeypatch):
@@ -1801,20 +1764,26 @@ def disk_full_at_second_write(monkeypatch):
     monkeypatch.setattr(torch, 'save', full_disk)
 
 
-def test_failed_write_keeps_the_previous_checkpoint(env, monkeypatch, capsys):
+def test_nan_loss_and_full_disk_keep_the_last_checkpoint(env, monkeypatch, capsys):
+    out = env / 'nan'
+    on_call(monkeypatch, gss, 'compute_loss', 5, lambda loss: loss * float('nan'))  # iteration 3, first micro-step
+    err = cli_error(train_prior.main, flags(env, out), capsys)
+    assert err.startswith('error: non-finite loss at iteration 3;') and 'iteration 2) is intact' in err
+    it, w = weights(out)
+    assert it == 2 and all(v.isfinite().all() for v in w.values() if v.is_floating_point())
+    monkeypatch.undo()
     out = env / 'full'
     disk_full_at_second_write(monkeypatch)
-    assert train_prior.main(flags(env, out)) == 2
-    err = capsys.readouterr().err
-    assert err == (f"error: {out}/latest.pt: could not write the checkpoint (No space left on device); "
-                   f"the previous checkpoint there is intact\n")
+    assert cli_error(train_prior.main, flags(env, out), capsys) == (
+        f"error: {out}/latest.pt: could not write the checkpoint (No space left on device); "
+        f"the previous checkpoint there is intact\n")
     assert weights(out)[0] == 1 and sorted(os.listdir(out)) == ['latest.pt', 'log.jsonl']  # no temp file left
 
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_at_the_iteration_boundary_and_resumes_exactly(env, ref1, monkeypatch, capsys, sig):
     out = env / f'signal{sig}'
-    fail_at_call(monkeypatch, 6, lambda loss: os.kill(os.getpid(), sig) or loss)  # during iteration 3
+    on_call(monkeypatch, gss, 'compute_loss', 6, lambda loss: os.kill(os.getpid(), sig) or loss)  # during iteration 3
     assert train_prior.main(flags(env, out, ckpt_interval=100)) == 128 + sig  # 143 SIGTERM, 130 SIGINT
     assert f'stopped by signal {int(sig)} after iteration 3' in capsys.readouterr().out
     assert weights(out)[0] == 3
@@ -1893,25 +1862,20 @@ STAGE1_ITERS = 6
 def stage1_flags(env, out, variant='tokenizer', **overrides):
     f = dict(variant=variant, dataset='synthetic', data_root=env / 'data', iters=STAGE1_ITERS, batch_size=2,
              ckpt_interval=1, seed=0, out=out)
-    f.update(overrides)
-    return [f"--{k.replace('_', '-')}={v}" for k, v in f.items() if v is not None]
+    return cli_args(**{**f, **overrides})
 
 
 def stage1_weights(path):
     """The trained tensors of a tokenizer file, a stage-I artifact or a stage-I checkpoint, flattened."""
     f = gss.load_file(path, 'file')
     parts = f['trained'] if 'trained' in f else {'inverse': f['inverse']} if 'inverse' in f else f
-    return {f'{p}.{k}': v for p, sd in parts.items() if isinstance(sd, dict) for k, v in sd.items() if torch.is_tensor(v)}
+    return {f'{p}.{k}': v for p, sd in parts.items() if isinstance(sd, dict)
+            for k, v in sd.items() if torch.is_tensor(v)}
 
 
-def on_call(monkeypatch, name, n, action):
-    """Wrap train_posterior.<name> (a loss function) so that its n-th call runs action(loss) on its result."""
-    calls, fn = [0], getattr(train_posterior, name)
-    def wrapped(*args):
-        loss = fn(*args)
-        calls[0] += 1
-        return action(loss) if calls[0] == n else loss
-    monkeypatch.setattr(train_posterior, name, wrapped)
+def sigterm(loss):
+    os.kill(os.getpid(), signal.SIGTERM)  # handled at the end of the iteration
+    return loss
 
 
 @pytest.fixture(scope='module')
@@ -1925,7 +1889,7 @@ def stage1_ref(env):
 
 def test_stage1_signal_saves_and_resumes_exactly(env, stage1_ref, monkeypatch, capsys):
     out = env / 'stage1-signal' / 'tokenizer.pt'
-    on_call(monkeypatch, 'tokenizer_loss', 3, lambda loss: os.kill(os.getpid(), signal.SIGTERM) or loss)
+    on_call(monkeypatch, train_posterior, 'tokenizer_loss', 3, sigterm)
     assert train_posterior.main(stage1_flags(env, out, ckpt_interval=100)) == 143
     assert 'stopped by signal 15 after iteration 3' in capsys.readouterr().out and not out.exists()
     latest = out.with_name('tokenizer.latest.pt')
@@ -1934,20 +1898,19 @@ def test_stage1_signal_saves_and_resumes_exactly(env, stage1_ref, monkeypatch, c
     assert train_posterior.main(stage1_flags(env, out, resume='auto')) == 0
     assert 'resumed from' in capsys.readouterr().out
     assert max_diff(stage1_weights(out), stage1_weights(stage1_ref)) == 0
-    assert gss.load_tokenizer(str(out)).info['final']['mIoU'] == gss.load_tokenizer(str(stage1_ref)).info['final']['mIoU']
+    final = [gss.load_tokenizer(str(f)).info['final']['mIoU'] for f in (out, stage1_ref)]
+    assert final[0] == final[1]
     ckpt = gss.load_file(latest, 'checkpoint')  # an optimizer of other parameter groups (an older FT-W checkpoint)
     ckpt['optimizer']['param_groups'].append(dict(ckpt['optimizer']['param_groups'][0], params=[]))
     torch.save(ckpt, out.with_name('other.pt'))
-    assert train_posterior.main(stage1_flags(env, out, resume=out.with_name('other.pt'))) == 2
-    err = capsys.readouterr().err
-    assert err.count('\n') == 1 and 'does not match the flags or this version' in err
+    err = cli_error(train_posterior.main, stage1_flags(env, out, resume=out.with_name('other.pt')), capsys)
+    assert 'does not match the flags or this version' in err
 
 
 def test_stage1_nan_loss_and_full_disk_keep_the_last_checkpoint(env, monkeypatch, capsys):
     out = env / 'stage1-nan' / 'tokenizer.pt'
-    on_call(monkeypatch, 'tokenizer_loss', 4, lambda loss: loss * float('nan'))
-    assert train_posterior.main(stage1_flags(env, out)) == 2
-    err = capsys.readouterr().err
+    on_call(monkeypatch, train_posterior, 'tokenizer_loss', 4, lambda loss: loss * float('nan'))
+    err = cli_error(train_posterior.main, stage1_flags(env, out), capsys)
     assert err.startswith('error: non-finite loss at iteration 4;') and 'iteration 3) is intact' in err
     latest = out.with_name('tokenizer.latest.pt')
     ckpt = gss.load_file(latest, 'checkpoint')
@@ -1955,10 +1918,10 @@ def test_stage1_nan_loss_and_full_disk_keep_the_last_checkpoint(env, monkeypatch
     monkeypatch.undo()
     out = env / 'stage1-full' / 'tokenizer.pt'
     disk_full_at_second_write(monkeypatch)
-    assert train_posterior.main(stage1_flags(env, out)) == 2
     latest = out.with_name('tokenizer.latest.pt')
-    assert capsys.readouterr().err == (f"error: {latest}: could not write the checkpoint (No space left on device); "
-                                       f"the previous checkpoint there is intact\n")
+    assert cli_error(train_posterior.main, stage1_flags(env, out), capsys) == (
+        f"error: {latest}: could not write the checkpoint (No space left on device); "
+        f"the previous checkpoint there is intact\n")
     assert gss.load_file(latest, 'checkpoint')['iter'] == 1
     assert os.listdir(out.parent) == ['tokenizer.latest.pt']  # no temp file left
 
@@ -1970,8 +1933,9 @@ def test_stage1_kill_and_resume_reaches_identical_weights(env):
     assert train_posterior.main(stage1_flags(env, ref, iters=iters)) == 0
     out = env / 'stage1-kill' / 'tokenizer.pt'
     console, kills, latest = env / 'stage1-kill.txt', 0, out.with_name('tokenizer.latest.pt')
+    args = (stage1_flags(env, out, iters=iters, resume='auto'), {}, console, train_posterior.main)
     for target in (2, 3):  # checkpoints written by this run before the kill (one per iteration)
-        p = FORKSERVER.Process(target=run_stage1, args=(stage1_flags(env, out, iters=iters, resume='auto'), console))
+        p = FORKSERVER.Process(target=run_rank, args=args)
         p.start()
         def version():  # each atomic write is a new file; inode numbers alone get reused, so add the mtime
             with contextlib.suppress(FileNotFoundError):
@@ -1987,7 +1951,7 @@ def test_stage1_kill_and_resume_reaches_identical_weights(env):
         p.join()
         kills += p.exitcode == -signal.SIGKILL
     resumed_from = gss.load_file(latest, 'checkpoint')['iter']
-    p = FORKSERVER.Process(target=run_stage1, args=(stage1_flags(env, out, iters=iters, resume='auto'), console))
+    p = FORKSERVER.Process(target=run_rank, args=args)
     p.start()
     p.join(120)
     assert p.exitcode == 0 and kills == 2 and 0 < resumed_from < iters, open(console).read()
@@ -1995,13 +1959,6 @@ def test_stage1_kill_and_resume_reaches_identical_weights(env):
     print(f"stage-I kill test: {iters} iterations, {kills} SIGKILLs, last resume from iteration {resumed_from}, "
           f"max abs difference of the final weights {diff}")
     assert diff == 0
-
-
-def run_stage1(argv, console):
-    fd = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    os.dup2(fd, 1), os.dup2(fd, 2)
-    torch.set_num_threads(1)
-    sys.exit(train_posterior.main(argv))
 
 
 def test_ftw_trains_on_a_frozen_prior_and_resumes_exactly(env, ref1, monkeypatch, capsys):
@@ -2018,7 +1975,7 @@ def test_ftw_trains_on_a_frozen_prior_and_resumes_exactly(env, ref1, monkeypatch
     assert post['settings']['prior_iter'] == ITERS and isinstance(gss.build_inverse(post), gss.FTWInverse)
     # the maskiges come from the prior: a prior that generates something else gives another inverse
     out = env / 'ftw' / 'sig.pt'
-    on_call(monkeypatch, 'inverse_loss', 2, lambda loss: os.kill(os.getpid(), signal.SIGTERM) or loss)
+    on_call(monkeypatch, train_posterior, 'inverse_loss', 2, sigterm)
     assert train_posterior.main(stage1_flags(env, out, **common)) == 143
     monkeypatch.undo()
     assert train_posterior.main(stage1_flags(env, out, resume='auto', **common)) == 0
@@ -2028,8 +1985,8 @@ def test_ftw_trains_on_a_frozen_prior_and_resumes_exactly(env, ref1, monkeypatch
     other = env / 'ftw' / 'other.pt'
     assert train_posterior.main(stage1_flags(env, other, **common)) == 0 and len(calls) == 3
     assert max_diff(stage1_weights(other), stage1_weights(ref)) > 0
-    assert train_posterior.main(stage1_flags(env, other, variant='tf', prior=prior)) == 2
-    assert capsys.readouterr().err.startswith('error: --prior: only for --variant ft-w or ft')
+    err = cli_error(train_posterior.main, stage1_flags(env, other, variant='tf', prior=prior), capsys)
+    assert err.startswith('error: --prior: only for --variant ft-w or ft')
 
 
 def test_prior_maskige_runs_the_backbone_in_eval_and_the_head_in_train_mode():
@@ -2112,8 +2069,8 @@ def test_stage1_two_ranks_equal_one_rank_at_the_same_total_batch(env, tmp_path, 
     assert [(g['weight_decay'], len(g['params'])) for g in groups] == [(g['weight_decay'], len(g['params']))
                                                                        for g in expected]
     monkeypatch.setattr(train_posterior, 'setup_distributed', lambda: (0, 2, 0, torch.device('cpu')))  # 2 ranks
-    assert train_posterior.main(stage1_flags(env, tmp_path / 'odd.pt', batch_size=3)) == 2
-    assert capsys.readouterr().err == "error: --batch-size 3 is not divisible by 2 ranks; expected a multiple of 2\n"
+    err = cli_error(train_posterior.main, stage1_flags(env, tmp_path / 'odd.pt', batch_size=3), capsys)
+    assert err == "error: --batch-size 3 is not divisible by 2 ranks; expected a multiple of 2\n"
 
 
 def test_stage1_collectives_get_tensors_on_the_training_device(tmp_path, monkeypatch):
@@ -2141,23 +2098,21 @@ def test_cli_errors_are_one_line(env, capsys):
                           env=dict(os.environ, WORLD_SIZE='2'), capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr == "error: --batch-size 5 is not divisible by 2 ranks; expected a multiple of 2\n"
-    assert train_prior.main(['--dataset=ade21k']) == 2
-    assert capsys.readouterr().err == ("error: --dataset ade21k: unknown dataset; expected one of "
-                                       f"{', '.join(datasets.DATASET_PRESETS)}\n")
-    assert train_prior.main(['--dataset', 'synthetic', '--backbone', 'swin_xl']) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: --backbone swin_xl: unknown backbone; expected one of swin_t,") and 'resnet101' in err
-    assert train_prior.main(flags(env, env / 'bad', model_config='widths=3')) == 2
-    assert 'KEY one of mla_channels' in capsys.readouterr().err
-    assert train_prior.main(flags(env, env / 'bad', posterior=env / 'none.pt')) == 2
+    err = lambda argv, main=train_prior.main: cli_error(main, argv, capsys)
+    assert err(['--dataset=ade21k']) == ("error: --dataset ade21k: unknown dataset; expected one of "
+                                         f"{', '.join(datasets.DATASET_PRESETS)}\n")
+    backbone = err(['--dataset', 'synthetic', '--backbone', 'swin_xl'])
+    assert backbone.startswith("error: --backbone swin_xl: unknown backbone; expected one of swin_t,")
+    assert 'resnet101' in backbone
+    assert 'KEY one of mla_channels' in err(flags(env, env / 'bad', model_config='widths=3'))
     assert "none.pt: no such stage-I artifact; expected the file of `python train_posterior.py --variant ff" in \
-        capsys.readouterr().err and not (env / 'bad').exists()
-    assert train_prior.main(flags(env, env / 'bad', resume=env / 'missing.pt')) == 2
-    assert capsys.readouterr().err == f"error: {env / 'missing.pt'}: no such checkpoint\n"
-    assert train_prior.main(['--dataset', 'ade20k', '--long']) == 2
-    assert capsys.readouterr().err == "error: --long: --dataset ade20k has no longer schedule; expected --iters N\n"
-    assert train_posterior.main(['--variant', 'ft', '--dataset', 'synthetic', '--long']) == 2
-    assert capsys.readouterr().err.startswith("error: --long: only --variant tokenizer on --dataset synthetic has")
+        err(flags(env, env / 'bad', posterior=env / 'none.pt')) and not (env / 'bad').exists()
+    missing = env / 'missing.pt'
+    assert err(flags(env, env / 'bad', resume=missing)) == f"error: {missing}: no such checkpoint\n"
+    assert err(['--dataset', 'ade20k', '--long']) == ("error: --long: --dataset ade20k has no longer schedule; "
+                                                     "expected --iters N\n")
+    assert err(['--variant', 'ft', '--dataset', 'synthetic', '--long'], train_posterior.main).startswith(
+        "error: --long: only --variant tokenizer on --dataset synthetic has")
 
 
 def test_data_errors_in_loader_workers_are_one_line(env, tmp_path, capfd):
@@ -2165,9 +2120,9 @@ def test_data_errors_in_loader_workers_are_one_line(env, tmp_path, capfd):
     shutil.copytree(env / 'data', data)
     bad = sorted(data.glob('*/images/training/*.png'))[0]
     bad.write_bytes(b'not an image')
-    assert train_prior.main(flags(env, tmp_path / 'out', data_root=data, workers=1)) == 2
-    assert capfd.readouterr().err == (f"error: {bad}: not a readable image (UnidentifiedImageError: cannot identify "
-                                      f"image file '{bad}'); expected a JPEG or PNG\n")
+    assert cli_error(train_prior.main, flags(env, tmp_path / 'out', data_root=data, workers=1), capfd) == (
+        f"error: {bad}: not a readable image (UnidentifiedImageError: cannot identify "
+        f"image file '{bad}'); expected a JPEG or PNG\n")
 
 
 def test_long_settings_are_the_ones_that_reach_the_targets(env):
@@ -2226,18 +2181,14 @@ def test_evaluate_cli_saves_labels_that_reload_to_its_predictions(env, ref1, tmp
     # a checkpoint that is not one gives a one-line error
     bad = tmp_path / 'bad.pt'
     torch.save({'weights': torch.zeros(1)}, bad)
-    assert evaluate.main(['--checkpoint', str(bad), '--data-root', data]) == 2
-    assert capsys.readouterr().err.count('\n') == 1
+    cli_error(evaluate.main, ['--checkpoint', str(bad), '--data-root', data], capsys)
 
 
 def test_bad_artifacts_and_checkpoints_get_one_line_errors(env, ref1, tmp_path, capsys):
     """README's bad-input table: a checkpoint of another model, palettes of the wrong size or with duplicates."""
-    def error(argv):
-        assert train_prior.main(argv) == 2
-        err = capsys.readouterr().err
-        assert err.count('\n') == 1 and 'Traceback' not in err
-        return err
-    resume = flags(env, tmp_path / 'o', resume=ref1 / 'latest.pt', model_config=TINY_MODEL.replace('mla_channels=16', 'mla_channels=8'))
+    error = functools.partial(cli_error, train_prior.main, capture=capsys)
+    other_model = TINY_MODEL.replace('mla_channels=16', 'mla_channels=8')
+    resume = flags(env, tmp_path / 'o', resume=ref1 / 'latest.pt', model_config=other_model)
     assert 'checkpoint of a different model (mla_channels 16 vs 8; checkpoint vs flags)' in error(resume)
     post = gss.load_file(env / 'posterior.pt', 'artifact')
     for name, edit, message in [
