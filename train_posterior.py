@@ -9,7 +9,7 @@ and the frozen VQ tokenizer they go with -> the stage-I artifact that train_prio
     torchrun --nproc_per_node 8 train_posterior.py --variant ft-w --dataset ade20k --prior runs/ade20k/prior/iter.pt
 
 Contents: the settings (SETTINGS: appendix D, FTW_RECIPES: the official FT-W configs) and FLAGS; palettes; the
-objectives (tokenizer_loss; paint_soft, relaxed_roundtrip, tf_loss for TF / TT; inverse_loss); train, the loop of
+objectives (tokenizer_loss, inverse_loss; TF / TT through gss.paint_soft, relaxed_roundtrip, tf_loss); train, the loop of
 every trained variant, crash safe with train_prior.py's plumbing (--resume auto, exit 143 / 130 after a signal, a
 non-finite loss stops with exit 2); train_tokenizer, train_inverse; the command line (parse_args, stage1).
 GSS-FT-W as officially trained: X^-1 learns from what a frozen stage-II model (--prior) generates for augmented
@@ -118,17 +118,6 @@ def recon_metrics(tok, inverse, palette, ignore_colour, val, num_classes):
     return out
 
 
-def keyed(fn, seeds, tag, *batches):
-    """fn on each sample alone (batches of one), torch's RNG seeded by (the sample's seed, tag) -> the results
-    concatenated: the losses' random draws are keyed by the sample, so 2 ranks x b images draw what 1 rank x 2b
-    images draw, and a resumed run what the uninterrupted one drew."""
-    out = []
-    for seed, *samples in zip(seeds.tolist(), *batches):
-        torch.manual_seed(train_prior.seed_of(seed, tag))
-        out.append(fn(*(x[None] for x in samples)))
-    return torch.cat(out)
-
-
 def sync_grads(params, world_size):
     """Average gradients over DDP ranks (one all-reduce per tensor; these models are tiny)."""
     if world_size > 1:
@@ -153,9 +142,9 @@ def tokenizer_loss(tok, labels, seeds, palette, ignore_colour, crop, progress):
         label = gss.upsample_labels_2x(label) if torch.rand(()) < 0.5 else label
         y, x = (int(torch.randint(0, n - crop + 1, ())) for n in label.shape[1:])
         return label[:, y:y + crop, x:x + crop]
-    maskige = gss.paint(keyed(random_crop, seeds, 1, labels), palette, ignore_colour)  # (B, 3, crop, crop)
+    maskige = gss.paint(gss.keyed(random_crop, seeds, 1, labels), palette, ignore_colour)  # (B, 3, crop, crop)
     logits = tok.encoder_logits(maskige)  # (B, V, crop/8, crop/8)
-    gumbel = keyed(lambda x: -torch.empty_like(x).exponential_().log(), seeds, 2, logits)  # (B, V, crop/8, crop/8)
+    gumbel = gss.keyed(lambda x: -torch.empty_like(x).exponential_().log(), seeds, 2, logits)  # (B, V, crop/8, crop/8)
     z = ((logits + (1 - progress) * gumbel) / (1 / 16) ** progress).softmax(1)  # relaxed one-hots
     mean = torch.sigmoid(tok.decoder_logits(z))  # (B, 3, crop, crop)
     q = logits.softmax(1).mean((0, 2, 3))  # (V,) this rank's code distribution
@@ -166,19 +155,6 @@ def tokenizer_loss(tok, labels, seeds, palette, ignore_colour, crop, progress):
     diversity = math.log(len(q)) + (q * torch.log(q + 1e-10)).sum()  # log V - H(q) >= 0
     return F.mse_loss(mean, (1 - 2 * gss.LOGIT_LAPLACE_EPS) * maskige + gss.LOGIT_LAPLACE_EPS) + DIVERSITY * diversity
 
-
-def paint_soft(beta, ignore_colour, labels):
-    """X with a trainable beta (K, 3) in [0, 1]: labels (B, H, W) -> maskige (B, 3, H, W), differentiable in beta."""
-    table = torch.cat([beta, ignore_colour.to(beta)[None] / 255])  # (K+1, 3)
-    return F.embedding(labels.clamp(max=len(beta)), table).permute(0, 3, 1, 2)
-
-
-def relaxed_roundtrip(tok, maskige, seeds):
-    """Encoder logits -> hard Gumbel-softmax (argmax forward, straight-through gradients; Sec. 3.3; the paper gives no
-    temperature, we use 1), its noise keyed by the samples' seeds -> decode_soft."""
-    logits = tok.encoder_logits(maskige)  # (B, vocab, h, w)
-    z = keyed(lambda x: F.gumbel_softmax(x, tau=1.0, hard=True, dim=1), seeds, 2, logits)  # one-hots, same shape
-    return tok.decode_soft(z)  # (B, 3, H, W)
 
 
 def training_maskige(tok, labels, palette, ignore_colour):
@@ -195,19 +171,6 @@ def prior_maskige(prior, tok, images):
     return gss.generate(prior, tok, images)  # (B, 3, 2H, 2W), no gradients
 
 
-def tf_loss(beta, maskige, recon, labels):
-    """The GSS-TF objective of appendix A.2 (Eqs. 11-12, cascaded): (||X^ - C beta|| ||gamma_t|| +
-    ||C beta gamma_t - C||)^2 with gamma_t = (beta^T beta)^-1 beta^T (Eq. 15) held fixed for the step. Norms are
-    root-mean-squares over the labelled pixels, so the loss does not grow with the batch."""
-    K = len(beta)
-    valid = labels < K  # (B, H, W)
-    gamma = gss.LeastSquares(beta.detach() * 255).gamma  # (3, K); LeastSquares takes 0-255 colours
-    recon_err = ((recon - maskige) ** 2).sum(1)[valid].mean().sqrt()  # ||X^ - C beta||
-    per_class = ((beta @ gamma - torch.eye(K, device=beta.device)) ** 2).sum(1)  # (K,) ||beta_c gamma - e_c||^2
-    fit_err = per_class[labels[valid]].mean().sqrt()  # ||C beta gamma - C||
-    return (recon_err * gamma.norm() + fit_err) ** 2
-
-
 def inverse_loss(v, batch, tok, palette, ignore_colour, beta, inverse, prior):
     """GSS-FT / FT-W: CE of X^-1 on a maskige at 2H (reconstructed ground truth, or --prior's generation), logits
     resized to the label as the official FT-W head does. GSS-TF / TT: beta through the frozen tokenizer."""
@@ -219,12 +182,12 @@ def inverse_loss(v, batch, tok, palette, ignore_colour, beta, inverse, prior):
         logits = F.interpolate(inverse(maskige), labels.shape[-2:], mode='bilinear', align_corners=False)
         return F.cross_entropy(logits, labels, ignore_index=255)
     labels2 = gss.upsample_labels_2x(labels)
-    maskige = paint_soft(beta, ignore_colour, labels2)  # (B, 3, 2H, 2W)
-    recon = relaxed_roundtrip(tok, maskige, batch['seed'])
+    maskige = gss.paint_soft(beta, ignore_colour, labels2)  # (B, 3, 2H, 2W)
+    recon = gss.relaxed_roundtrip(tok, maskige, batch['seed'])
     if v == 'tt':  # beta and X^-1 jointly, CE through both
         logits = F.interpolate(inverse(recon), labels.shape[-2:], mode='bilinear', align_corners=False)
         return F.cross_entropy(logits, labels, ignore_index=255)
-    return tf_loss(beta, maskige, recon, labels2)  # TF, appendix A.2
+    return gss.tf_loss(beta, maskige, recon, labels2)  # TF, appendix A.2
 
 
 def current_stage1(beta, palette, inverse, device):
