@@ -8,14 +8,12 @@ and the frozen VQ tokenizer they go with -> the stage-I artifact that train_prio
     python train_posterior.py --variant ft-w --dataset synthetic --prior runs/synthetic/prior/latest.pt
     torchrun --nproc_per_node 8 train_posterior.py --variant ft-w --dataset ade20k --prior runs/ade20k/prior/iter.pt
 
-Contents: the settings (SETTINGS: appendix D, FTW_RECIPES: the official FT-W configs) and FLAGS; palettes; the
-objectives (tokenizer_loss, inverse_loss; TF / TT through gss.paint_soft, relaxed_roundtrip, tf_loss); train, the loop of
-every trained variant, crash safe with train_prior.py's plumbing (--resume auto, exit 143 / 130 after a signal, a
-non-finite loss stops with exit 2); train_tokenizer, train_inverse; the command line (parse_args, stage1).
+Contents: SETTINGS (appendix D), FTW_RECIPES (the official FT-W configs), FLAGS; palettes; the objectives
+(tokenizer_loss, inverse_loss; TF / TT through gss.paint_soft, relaxed_roundtrip, tf_loss); train, the loop of every
+trained variant, crash safe with train_prior.py's Checkpoints; train_tokenizer, train_inverse; parse_args, stage1.
 GSS-FT-W as officially trained: X^-1 learns from what a frozen stage-II model (--prior) generates for augmented
-training crops, with that model's palette and tokenizer; --dataset and its backbone pick the recipe (FTW_RECIPES).
-On a CPU shared with other jobs, prefix OMP_NUM_THREADS=1: OpenMP threads spin while they wait for each other
-(measured here: 2 threads on 2 loaded cores burnt ~8x the CPU time of 1 thread per tokenizer step).
+training crops. On a CPU shared with other jobs, prefix OMP_NUM_THREADS=1: OpenMP threads spin while they wait for
+each other (measured here: 2 threads on 2 loaded cores burnt ~8x the CPU time of 1 thread per tokenizer step).
 """
 import argparse
 import math
@@ -66,14 +64,11 @@ FLAGS = dict(
     dataset=(str, 'synthetic', "ade20k, cityscapes, synthetic or folder"),
     data_root=(str, None, "dataset directory (default: the preset's)"),
     tokenizer=(str, None, "tokenizer file (default runs/<dataset>/tokenizer.pt; with --prior, the prior's)"),
-    prior=(str, None, "ft-w / ft: train X^-1 on this stage-II checkpoint's generated maskiges (train_prior.py's "
-           "latest.pt or an official GSS-FF release with --tokenizer)"),
-    palette=(('maximal', 'official', 'random'), None, "maximal (appendix B, default), official (the official config "
-             "palette) or random"),
-    depth=(int, None, "Swin blocks in the FT-W inverse (default: the official recipe's, FTW_RECIPES: 2 ADE20K, 1 "
-           "Cityscapes)"),
+    prior=(str, None, "ft-w / ft: X^-1 learns this stage-II checkpoint's maskiges (official ones need --tokenizer)"),
+    palette=(('maximal', 'official', 'random'), None, "maximal (appendix B, default), official (config) or random"),
+    depth=(int, None, "Swin blocks in the FT-W inverse (default: the official recipe's, FTW_RECIPES)"),
     long=(bool, False, f"{train_prior.LONG_HELP} (tokenizer: {SYNTHETIC_SETTINGS['tokenizer']['long']['iters']} "
-          f"iterations instead of {SYNTHETIC_SETTINGS['tokenizer']['iters']})"),
+          "iterations)"),
     iters=(int, None, None),
     batch_size=(int, None, "TOTAL batch over all ranks (default: the variant's, e.g. 16 for ft-w)"),
     lr=(float, None, None),
@@ -130,14 +125,11 @@ def sync_grads(params, world_size):
 # the objectives
 
 def tokenizer_loss(tok, labels, seeds, palette, ignore_colour, crop, progress):
-    """Eq. 3 / the first term of Eq. 5 on a random crop of each 1x or 2x label map (the tokens of the oracle and of
-    stage II), ignore painted with the ignore colour: MSE between the decoder's sigmoid colour means and
-    map_pixels(maskige), the decoder fed relaxed one-hots, plus DIVERSITY x (log V - entropy of the batch's mean code
-    distribution, over all ranks), wav2vec 2.0's codebook-diversity term. Without it, training collapses onto a few
-    dozen codes that only say which class fills a token (measured: 22 of 512 codes in use), and reconstructions stay
-    blurred. The relaxation is DALL-E's Gumbel-softmax, its temperature annealed from 1 to 1/16, with the Gumbel noise
-    annealed from full to none as well (progress = fraction of training done): at the end the decoder sees the argmax
-    codes it will be given at test time. Crops and noise are keyed by the samples' seeds."""
+    """Eq. 3 on a random crop of each 1x or 2x label map: MSE between the decoder's sigmoid means (fed relaxed
+    one-hots) and map_pixels(maskige), plus DIVERSITY x (log V - entropy of the batch's mean code distribution),
+    wav2vec 2.0's codebook-diversity term: without it training collapses onto ~22 of 512 codes. DALL-E's Gumbel-softmax
+    temperature anneals from 1 to 1/16 and its noise from full to none (progress: fraction done), so the decoder ends
+    on the argmax codes of test time. Crops and noise are keyed by the samples' seeds."""
     def random_crop(label):  # (1, H, W) -> (1, crop, crop) of the 1x or the 2x map
         label = gss.upsample_labels_2x(label) if torch.rand(()) < 0.5 else label
         y, x = (int(torch.randint(0, n - crop + 1, ())) for n in label.shape[1:])
@@ -200,15 +192,12 @@ def current_stage1(beta, palette, inverse, device):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the training loop, crash safe as train_prior.py's
+# the training loop, crash safe with train_prior.py's plumbing; randomness keyed as there
 
 def train(args, s, trained, optimizer, loss_fn, validate, ds, log, rank, world_size, device, clip=None, clamp=None):
-    """Iterate loss_fn(batch, progress) -> loss with `optimizer` over the dict `trained` ({name: module or
-    Parameter}) for s['iters'] iterations of s['batch_size'] images in total over the ranks: lr poly with s['warmup'],
-    gradients averaged over ranks, optionally clipped (clip: max norm) and clamped (clamp: params to clamp to [0, 1]).
-    validate() -> dict of metrics, every s['eval'] iterations and at the end on rank 0. Randomness is keyed as in
-    train_prior.py: each sample's augmentation, crops and Gumbel noise by its seed (keyed), the rest (the --prior
-    model's dropout) by (seed, iteration, rank). -> (exit code: 0, or 128 + signal; the last logged stats)."""
+    """Minimise loss_fn(batch, progress) over `trained` ({name: module or Parameter}) for s['iters'] iterations of
+    s['batch_size'] images over all ranks; gradients clipped at norm `clip`, `clamp` kept in [0, 1]; validate() on
+    rank 0 every s['eval'] iterations. -> (exit code: 0, or 128 + signal; the last logged stats)."""
     params = [p for t in trained.values() for p in (t.parameters() if isinstance(t, nn.Module) else [t])]
     loader = train_prior.seeded_loader(ds, train_prior.per_rank(s['batch_size'], world_size), rank, world_size,
                                        args.seed, 4 if device.type == 'cuda' else 0, device)
@@ -254,8 +243,7 @@ def train(args, s, trained, optimizer, loss_fn, validate, ds, log, rank, world_s
 
 
 def resume(ckpts, args, trained, optimizer, log):
-    """The trained tensors and the optimizer from --resume -> (iteration, epoch, samples of this rank's share
-    consumed); a fresh start without one."""
+    """The trained tensors and the optimizer from --resume -> (iteration, epoch, samples consumed), or zeros."""
     ckpt, it, epoch, consumed = ckpts.load('gss-posterior')
     if ckpt is None:
         return 0, 0, 0
@@ -277,10 +265,8 @@ def resume(ckpts, args, trained, optimizer, log):
 
 
 def train_tokenizer(args, s, num_classes, palette, ignore_colour, device, rank, world_size, log):
-    """A dall_e-architecture encoder/decoder (TOKENIZER_ARCH) trained on the dataset's maskiges (tokenizer_loss) with
-    Adam, gradients clipped at norm 1, the learning rate decaying linearly to 0 as the temperature falls (without the
-    decay, low temperatures undo the training). Logs the oracle's reconstruction mIoU (1x) and stage II's (2x) on
-    validation images. -> (tokenizer, exit code, last logged stats)."""
+    """A dall_e-architecture tokenizer (TOKENIZER_ARCH) trained with Adam, clipped at norm 1, the lr decaying to 0 as
+    the temperature falls (without it, low temperatures undo the training). -> (tokenizer, exit code, stats)."""
     tok = gss.build_tokenizer(**TOKENIZER_ARCH).to(device)
     tok.requires_grad_(True)
     opt = torch.optim.Adam(tok.parameters(), lr=s['lr'])
@@ -354,9 +340,7 @@ def parse_args(argv=None):
     if args.variant is None:
         raise gss.UserError("--variant: required; expected one of ff, ff-r, lstsq, ft, ft-w, tf, tt, tokenizer "
                             "(or --convert-dalle)")
-    if args.dataset not in datasets.DATASET_PRESETS:
-        raise gss.UserError(f"--dataset {args.dataset}: unknown dataset; expected one of "
-                            f"{', '.join(datasets.DATASET_PRESETS)}")
+    train_prior.dataset_preset(args.dataset)
     if args.prior and args.variant not in ('ft', 'ft-w'):
         raise gss.UserError(f"--prior: only for --variant ft-w or ft (X^-1 on generated maskiges); got {args.variant}")
     train_prior.check_positive(args, ('iters', 'batch_size', 'depth', 'ckpt_interval'))
