@@ -149,12 +149,6 @@ def tokenizer_loss(tok, labels, seeds, palette, ignore_colour, crop, progress):
 
 
 
-def training_maskige(tok, labels, palette, ignore_colour):
-    """The maskige X^-1 learns from without --prior: the tokenizer's reconstruction of the 2x ground truth, as stage
-    II's inference produces it at 2H x 2W from perfect tokens."""
-    return gss.reconstruct(tok, gss.upsample_labels_2x(labels), palette, ignore_colour)  # (B, 3, 2H, 2W)
-
-
 def prior_maskige(prior, tok, images):
     """The noisy maskige of the official FT-W recipe (gss-ft-w_*.py): a frozen stage-II model's generation for augmented
     training crops, its backbone in eval mode as official frozen_stages=4 keeps it (no drop path, BatchNorm on running
@@ -169,8 +163,10 @@ def inverse_loss(v, batch, tok, palette, ignore_colour, beta, inverse, prior):
     labels = batch['label']  # (B, H, W), 255 = ignore
     if v in ('ft', 'ft-w'):
         with torch.no_grad():
-            maskige = prior_maskige(prior, tok, batch['image']) if prior is not None else \
-                training_maskige(tok, labels, palette, ignore_colour)
+            if prior is not None:
+                maskige = prior_maskige(prior, tok, batch['image'])  # (B, 3, 2H, 2W)
+            else:  # the tokenizer's reconstruction of the 2x ground truth, as stage II's inference from perfect tokens
+                maskige = gss.reconstruct(tok, gss.upsample_labels_2x(labels), palette, ignore_colour)
         logits = F.interpolate(inverse(maskige), labels.shape[-2:], mode='bilinear', align_corners=False)
         return F.cross_entropy(logits, labels, ignore_index=255)
     labels2 = gss.upsample_labels_2x(labels)
