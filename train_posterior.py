@@ -191,10 +191,10 @@ def current_stage1(beta, palette, inverse, device):
 # the training loop, crash safe with train_prior.py's plumbing; randomness keyed as there
 
 def train(args, s, trained, optimizer, loss_fn, validate, ds, log, rank, world_size, device, clip=None, clamp=None):
-    """Minimise loss_fn(batch, progress) over `trained` ({name: module or Parameter}) for s['iters'] iterations of
-    s['batch_size'] images over all ranks; gradients clipped at norm `clip`, `clamp` kept in [0, 1]; validate() on
-    rank 0 every s['eval'] iterations. -> (exit code: 0, or 128 + signal; the last logged stats)."""
-    params = [p for t in trained.values() for p in (t.parameters() if isinstance(t, nn.Module) else [t])]
+    """Minimise loss_fn(batch, progress) with `optimizer`, checkpointing `trained` ({name: module or Parameter}), for
+    s['iters'] iterations of s['batch_size'] images over all ranks; gradients clipped at norm `clip`, `clamp` kept in
+    [0, 1]; validate() on rank 0 every s['eval'] iterations. -> (exit code: 0 or 128 + signal, the last stats)."""
+    params = [p for group in optimizer.param_groups for p in group['params']]
     loader = train_prior.seeded_loader(ds, train_prior.per_rank(s['batch_size'], world_size), rank, world_size,
                                        args.seed, 4 if device.type == 'cuda' else 0, device)
     ckpts = train_prior.Checkpoints(args.checkpoint_path, args.resume, rank, world_size, device, log)
