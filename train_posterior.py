@@ -8,14 +8,12 @@ and the frozen VQ tokenizer they go with -> the stage-I artifact that train_prio
     python train_posterior.py --variant ft-w --dataset synthetic --prior runs/synthetic/prior/latest.pt
     torchrun --nproc_per_node 8 train_posterior.py --variant ft-w --dataset ade20k --prior runs/ade20k/prior/iter.pt
 
-Contents: the settings (SETTINGS: appendix D, FTW_RECIPES: the official FT-W configs) and FLAGS; palettes; the
-objectives (tokenizer_loss; paint_soft, relaxed_roundtrip, tf_loss for TF / TT; inverse_loss); train, the loop of
-every trained variant, crash safe with train_prior.py's plumbing (--resume auto, exit 143 / 130 after a signal, a
-non-finite loss stops with exit 2); train_tokenizer, train_inverse; the command line (parse_args, stage1).
+Contents: SETTINGS (appendix D), FTW_RECIPES (the official FT-W configs), FLAGS; palettes; the objectives
+(tokenizer_loss, inverse_loss; TF / TT through gss.paint_soft, relaxed_roundtrip, tf_loss); train, the loop of every
+trained variant, crash safe with train_prior.py's Checkpoints; train_tokenizer, train_inverse; parse_args, stage1.
 GSS-FT-W as officially trained: X^-1 learns from what a frozen stage-II model (--prior) generates for augmented
-training crops, with that model's palette and tokenizer; --dataset and its backbone pick the recipe (FTW_RECIPES).
-On a CPU shared with other jobs, prefix OMP_NUM_THREADS=1: OpenMP threads spin while they wait for each other
-(measured here: 2 threads on 2 loaded cores burnt ~8x the CPU time of 1 thread per tokenizer step).
+training crops. On a CPU shared with other jobs, prefix OMP_NUM_THREADS=1: OpenMP threads spin while they wait for
+each other (measured here: 2 threads on 2 loaded cores burnt ~8x the CPU time of 1 thread per tokenizer step).
 """
 import argparse
 import math
@@ -66,14 +64,11 @@ FLAGS = dict(
     dataset=(str, 'synthetic', "ade20k, cityscapes, synthetic or folder"),
     data_root=(str, None, "dataset directory (default: the preset's)"),
     tokenizer=(str, None, "tokenizer file (default runs/<dataset>/tokenizer.pt; with --prior, the prior's)"),
-    prior=(str, None, "ft-w / ft: train X^-1 on this stage-II checkpoint's generated maskiges (train_prior.py's "
-           "latest.pt or an official GSS-FF release with --tokenizer)"),
-    palette=(('maximal', 'official', 'random'), None, "maximal (appendix B, default), official (the official config "
-             "palette) or random"),
-    depth=(int, None, "Swin blocks in the FT-W inverse (default: the official recipe's, FTW_RECIPES: 2 ADE20K, 1 "
-           "Cityscapes)"),
+    prior=(str, None, "ft-w / ft: X^-1 learns this stage-II checkpoint's maskiges (official ones need --tokenizer)"),
+    palette=(('maximal', 'official', 'random'), None, "maximal (appendix B, default), official (config) or random"),
+    depth=(int, None, "Swin blocks in the FT-W inverse (default: the official recipe's, FTW_RECIPES)"),
     long=(bool, False, f"{train_prior.LONG_HELP} (tokenizer: {SYNTHETIC_SETTINGS['tokenizer']['long']['iters']} "
-          f"iterations instead of {SYNTHETIC_SETTINGS['tokenizer']['iters']})"),
+          "iterations)"),
     iters=(int, None, None),
     batch_size=(int, None, "TOTAL batch over all ranks (default: the variant's, e.g. 16 for ft-w)"),
     lr=(float, None, None),
@@ -118,17 +113,6 @@ def recon_metrics(tok, inverse, palette, ignore_colour, val, num_classes):
     return out
 
 
-def keyed(fn, seeds, tag, *batches):
-    """fn on each sample alone (batches of one), torch's RNG seeded by (the sample's seed, tag) -> the results
-    concatenated: the losses' random draws are keyed by the sample, so 2 ranks x b images draw what 1 rank x 2b
-    images draw, and a resumed run what the uninterrupted one drew."""
-    out = []
-    for seed, *samples in zip(seeds.tolist(), *batches):
-        torch.manual_seed(train_prior.seed_of(seed, tag))
-        out.append(fn(*(x[None] for x in samples)))
-    return torch.cat(out)
-
-
 def sync_grads(params, world_size):
     """Average gradients over DDP ranks (one all-reduce per tensor; these models are tiny)."""
     if world_size > 1:
@@ -141,21 +125,18 @@ def sync_grads(params, world_size):
 # the objectives
 
 def tokenizer_loss(tok, labels, seeds, palette, ignore_colour, crop, progress):
-    """Eq. 3 / the first term of Eq. 5 on a random crop of each 1x or 2x label map (the tokens of the oracle and of
-    stage II), ignore painted with the ignore colour: MSE between the decoder's sigmoid colour means and
-    map_pixels(maskige), the decoder fed relaxed one-hots, plus DIVERSITY x (log V - entropy of the batch's mean code
-    distribution, over all ranks), wav2vec 2.0's codebook-diversity term. Without it, training collapses onto a few
-    dozen codes that only say which class fills a token (measured: 22 of 512 codes in use), and reconstructions stay
-    blurred. The relaxation is DALL-E's Gumbel-softmax, its temperature annealed from 1 to 1/16, with the Gumbel noise
-    annealed from full to none as well (progress = fraction of training done): at the end the decoder sees the argmax
-    codes it will be given at test time. Crops and noise are keyed by the samples' seeds."""
+    """Eq. 3 on a random crop of each 1x or 2x label map: MSE between the decoder's sigmoid means (fed relaxed
+    one-hots) and map_pixels(maskige), plus DIVERSITY x (log V - entropy of the batch's mean code distribution),
+    wav2vec 2.0's codebook-diversity term: without it training collapses onto ~22 of 512 codes. DALL-E's Gumbel-softmax
+    temperature anneals from 1 to 1/16 and its noise from full to none (progress: fraction done), so the decoder ends
+    on the argmax codes of test time. Crops and noise are keyed by the samples' seeds."""
     def random_crop(label):  # (1, H, W) -> (1, crop, crop) of the 1x or the 2x map
         label = gss.upsample_labels_2x(label) if torch.rand(()) < 0.5 else label
         y, x = (int(torch.randint(0, n - crop + 1, ())) for n in label.shape[1:])
         return label[:, y:y + crop, x:x + crop]
-    maskige = gss.paint(keyed(random_crop, seeds, 1, labels), palette, ignore_colour)  # (B, 3, crop, crop)
+    maskige = gss.paint(gss.keyed(random_crop, seeds, 1, labels), palette, ignore_colour)  # (B, 3, crop, crop)
     logits = tok.encoder_logits(maskige)  # (B, V, crop/8, crop/8)
-    gumbel = keyed(lambda x: -torch.empty_like(x).exponential_().log(), seeds, 2, logits)  # (B, V, crop/8, crop/8)
+    gumbel = gss.keyed(lambda x: -torch.empty_like(x).exponential_().log(), seeds, 2, logits)  # (B, V, crop/8, crop/8)
     z = ((logits + (1 - progress) * gumbel) / (1 / 16) ** progress).softmax(1)  # relaxed one-hots
     mean = torch.sigmoid(tok.decoder_logits(z))  # (B, 3, crop, crop)
     q = logits.softmax(1).mean((0, 2, 3))  # (V,) this rank's code distribution
@@ -167,25 +148,6 @@ def tokenizer_loss(tok, labels, seeds, palette, ignore_colour, crop, progress):
     return F.mse_loss(mean, (1 - 2 * gss.LOGIT_LAPLACE_EPS) * maskige + gss.LOGIT_LAPLACE_EPS) + DIVERSITY * diversity
 
 
-def paint_soft(beta, ignore_colour, labels):
-    """X with a trainable beta (K, 3) in [0, 1]: labels (B, H, W) -> maskige (B, 3, H, W), differentiable in beta."""
-    table = torch.cat([beta, ignore_colour.to(beta)[None] / 255])  # (K+1, 3)
-    return F.embedding(labels.clamp(max=len(beta)), table).permute(0, 3, 1, 2)
-
-
-def relaxed_roundtrip(tok, maskige, seeds):
-    """Encoder logits -> hard Gumbel-softmax (argmax forward, straight-through gradients; Sec. 3.3; the paper gives no
-    temperature, we use 1), its noise keyed by the samples' seeds -> decode_soft."""
-    logits = tok.encoder_logits(maskige)  # (B, vocab, h, w)
-    z = keyed(lambda x: F.gumbel_softmax(x, tau=1.0, hard=True, dim=1), seeds, 2, logits)  # one-hots, same shape
-    return tok.decode_soft(z)  # (B, 3, H, W)
-
-
-def training_maskige(tok, labels, palette, ignore_colour):
-    """The maskige X^-1 learns from without --prior: the tokenizer's reconstruction of the 2x ground truth, as stage
-    II's inference produces it at 2H x 2W from perfect tokens."""
-    return gss.reconstruct(tok, gss.upsample_labels_2x(labels), palette, ignore_colour)  # (B, 3, 2H, 2W)
-
 
 def prior_maskige(prior, tok, images):
     """The noisy maskige of the official FT-W recipe (gss-ft-w_*.py): a frozen stage-II model's generation for augmented
@@ -195,36 +157,25 @@ def prior_maskige(prior, tok, images):
     return gss.generate(prior, tok, images)  # (B, 3, 2H, 2W), no gradients
 
 
-def tf_loss(beta, maskige, recon, labels):
-    """The GSS-TF objective of appendix A.2 (Eqs. 11-12, cascaded): (||X^ - C beta|| ||gamma_t|| +
-    ||C beta gamma_t - C||)^2 with gamma_t = (beta^T beta)^-1 beta^T (Eq. 15) held fixed for the step. Norms are
-    root-mean-squares over the labelled pixels, so the loss does not grow with the batch."""
-    K = len(beta)
-    valid = labels < K  # (B, H, W)
-    gamma = gss.LeastSquares(beta.detach() * 255).gamma  # (3, K); LeastSquares takes 0-255 colours
-    recon_err = ((recon - maskige) ** 2).sum(1)[valid].mean().sqrt()  # ||X^ - C beta||
-    per_class = ((beta @ gamma - torch.eye(K, device=beta.device)) ** 2).sum(1)  # (K,) ||beta_c gamma - e_c||^2
-    fit_err = per_class[labels[valid]].mean().sqrt()  # ||C beta gamma - C||
-    return (recon_err * gamma.norm() + fit_err) ** 2
-
-
 def inverse_loss(v, batch, tok, palette, ignore_colour, beta, inverse, prior):
     """GSS-FT / FT-W: CE of X^-1 on a maskige at 2H (reconstructed ground truth, or --prior's generation), logits
     resized to the label as the official FT-W head does. GSS-TF / TT: beta through the frozen tokenizer."""
     labels = batch['label']  # (B, H, W), 255 = ignore
     if v in ('ft', 'ft-w'):
         with torch.no_grad():
-            maskige = prior_maskige(prior, tok, batch['image']) if prior is not None else \
-                training_maskige(tok, labels, palette, ignore_colour)
+            if prior is not None:
+                maskige = prior_maskige(prior, tok, batch['image'])  # (B, 3, 2H, 2W)
+            else:  # the tokenizer's reconstruction of the 2x ground truth, as stage II's inference from perfect tokens
+                maskige = gss.reconstruct(tok, gss.upsample_labels_2x(labels), palette, ignore_colour)
         logits = F.interpolate(inverse(maskige), labels.shape[-2:], mode='bilinear', align_corners=False)
         return F.cross_entropy(logits, labels, ignore_index=255)
     labels2 = gss.upsample_labels_2x(labels)
-    maskige = paint_soft(beta, ignore_colour, labels2)  # (B, 3, 2H, 2W)
-    recon = relaxed_roundtrip(tok, maskige, batch['seed'])
+    maskige = gss.paint_soft(beta, ignore_colour, labels2)  # (B, 3, 2H, 2W)
+    recon = gss.relaxed_roundtrip(tok, maskige, batch['seed'])
     if v == 'tt':  # beta and X^-1 jointly, CE through both
         logits = F.interpolate(inverse(recon), labels.shape[-2:], mode='bilinear', align_corners=False)
         return F.cross_entropy(logits, labels, ignore_index=255)
-    return tf_loss(beta, maskige, recon, labels2)  # TF, appendix A.2
+    return gss.tf_loss(beta, maskige, recon, labels2)  # TF, appendix A.2
 
 
 def current_stage1(beta, palette, inverse, device):
@@ -237,16 +188,13 @@ def current_stage1(beta, palette, inverse, device):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the training loop, crash safe as train_prior.py's
+# the training loop, crash safe with train_prior.py's plumbing; randomness keyed as there
 
 def train(args, s, trained, optimizer, loss_fn, validate, ds, log, rank, world_size, device, clip=None, clamp=None):
-    """Iterate loss_fn(batch, progress) -> loss with `optimizer` over the dict `trained` ({name: module or
-    Parameter}) for s['iters'] iterations of s['batch_size'] images in total over the ranks: lr poly with s['warmup'],
-    gradients averaged over ranks, optionally clipped (clip: max norm) and clamped (clamp: params to clamp to [0, 1]).
-    validate() -> dict of metrics, every s['eval'] iterations and at the end on rank 0. Randomness is keyed as in
-    train_prior.py: each sample's augmentation, crops and Gumbel noise by its seed (keyed), the rest (the --prior
-    model's dropout) by (seed, iteration, rank). -> (exit code: 0, or 128 + signal; the last logged stats)."""
-    params = [p for t in trained.values() for p in (t.parameters() if isinstance(t, nn.Module) else [t])]
+    """Minimise loss_fn(batch, progress) with `optimizer`, checkpointing `trained` ({name: module or Parameter}), for
+    s['iters'] iterations of s['batch_size'] images over all ranks; gradients clipped at norm `clip`, `clamp` kept in
+    [0, 1]; validate() on rank 0 every s['eval'] iterations. -> (exit code: 0 or 128 + signal, the last stats)."""
+    params = [p for group in optimizer.param_groups for p in group['params']]
     loader = train_prior.seeded_loader(ds, train_prior.per_rank(s['batch_size'], world_size), rank, world_size,
                                        args.seed, 4 if device.type == 'cuda' else 0, device)
     ckpts = train_prior.Checkpoints(args.checkpoint_path, args.resume, rank, world_size, device, log)
@@ -291,8 +239,7 @@ def train(args, s, trained, optimizer, loss_fn, validate, ds, log, rank, world_s
 
 
 def resume(ckpts, args, trained, optimizer, log):
-    """The trained tensors and the optimizer from --resume -> (iteration, epoch, samples of this rank's share
-    consumed); a fresh start without one."""
+    """The trained tensors and the optimizer from --resume -> (iteration, epoch, samples consumed), or zeros."""
     ckpt, it, epoch, consumed = ckpts.load('gss-posterior')
     if ckpt is None:
         return 0, 0, 0
@@ -314,10 +261,8 @@ def resume(ckpts, args, trained, optimizer, log):
 
 
 def train_tokenizer(args, s, num_classes, palette, ignore_colour, device, rank, world_size, log):
-    """A dall_e-architecture encoder/decoder (TOKENIZER_ARCH) trained on the dataset's maskiges (tokenizer_loss) with
-    Adam, gradients clipped at norm 1, the learning rate decaying linearly to 0 as the temperature falls (without the
-    decay, low temperatures undo the training). Logs the oracle's reconstruction mIoU (1x) and stage II's (2x) on
-    validation images. -> (tokenizer, exit code, last logged stats)."""
+    """A dall_e-architecture tokenizer (TOKENIZER_ARCH) trained with Adam, clipped at norm 1, the lr decaying to 0 as
+    the temperature falls (without it, low temperatures undo the training). -> (tokenizer, exit code, stats)."""
     tok = gss.build_tokenizer(**TOKENIZER_ARCH).to(device)
     tok.requires_grad_(True)
     opt = torch.optim.Adam(tok.parameters(), lr=s['lr'])
@@ -391,9 +336,7 @@ def parse_args(argv=None):
     if args.variant is None:
         raise gss.UserError("--variant: required; expected one of ff, ff-r, lstsq, ft, ft-w, tf, tt, tokenizer "
                             "(or --convert-dalle)")
-    if args.dataset not in datasets.DATASET_PRESETS:
-        raise gss.UserError(f"--dataset {args.dataset}: unknown dataset; expected one of "
-                            f"{', '.join(datasets.DATASET_PRESETS)}")
+    train_prior.dataset_preset(args.dataset)
     if args.prior and args.variant not in ('ft', 'ft-w'):
         raise gss.UserError(f"--prior: only for --variant ft-w or ft (X^-1 on generated maskiges); got {args.variant}")
     train_prior.check_positive(args, ('iters', 'batch_size', 'depth', 'ckpt_interval'))

@@ -6,21 +6,15 @@ tokenizer's codes of the ground-truth maskige (Eq. 6).
     torchrun --nproc_per_node 8 train_prior.py --dataset ade20k --posterior P --pretrained SWIN_L.pth
     python train_prior.py --dataset synthetic --resume auto                     # after a crash, a kill, a time limit
 
-Contents: FLAGS, the defaults table the command line is built from; the training plumbing train_posterior.py
-imports (distributed setup, lr_at, Logger, Checkpoints: atomic save, resume, stop on a signal or a non-finite loss;
-the seeded sampler); stage II: parse_args, param_groups, validate, train and its steps.
-P is the stage-I artifact of train_posterior.py. --batch-size is the TOTAL batch; --micro-batch accumulates. Outputs
-in --out: latest.pt (every --ckpt-interval iterations, at the end and on SIGTERM / SIGINT), best.pt (best val mIoU),
-log.jsonl. Checkpoints are dicts of plain types (weights_only=True loads them): kind 'gss-prior', iter, model, config
-(gss.GSS.from_config), optimizer, scaler, data (epoch, position in the epoch's sample order), best_miou, val_miou,
-args, posterior (gss.posterior_summary). Randomness is keyed by what is computed, not by where or when: a sample's
-augmentation by (seed, epoch, position), dropout / drop path by (seed, iteration, micro-batch); so a resume needs no
-RNG state and reaches the weights of an uninterrupted run, and 2 ranks x 1 image equal 1 rank x 2 accumulated images.
-
-As the official configs (configs/gss/ade20k/*.py, configs/_base_/schedules/): AdamW (0.9, 0.999), weight decay 0.01
-except on 'norm' / position-bias parameters, poly lr (power 1) after a 1500-iteration linear warmup, SyncBatchNorm.
-Ours: bf16 autocast by default on CUDA (official: fp32); on CPU each rank normalises over its own images (PyTorch's
-SyncBatchNorm is GPU-only); the synthetic preset trains a CPU-sized head (SYNTHETIC_HEAD).
+Contents: FLAGS, the defaults table the command line is built from; the plumbing train_posterior.py imports
+(distributed setup, lr_at, Logger, Checkpoints: atomic save, resume, stop on a signal or a non-finite loss; the seeded
+sampler); stage II: parse_args, param_groups, validate, train and its steps. --batch-size is the TOTAL batch.
+Randomness is keyed by what is computed, not by where or when (a sample's augmentation by (seed, epoch, position),
+dropout / drop path by (seed, iteration, micro-batch)): a resume needs no RNG state and reaches the weights of an
+uninterrupted run, and 2 ranks x 1 image equal 1 rank x 2 accumulated images.
+As the official configs (configs/gss/ade20k/*.py, configs/_base_/schedules/): AdamW, poly lr after a 1500-iteration
+linear warmup, SyncBatchNorm. Ours: bf16 autocast on CUDA (official: fp32); on CPU each rank normalises over its own
+images (PyTorch's SyncBatchNorm is GPU-only); the synthetic preset trains a CPU-sized head (SYNTHETIC_HEAD).
 """
 import argparse
 import ast
@@ -45,44 +39,35 @@ import evaluate
 import gss
 
 # ----------------------------------------------------------------------------------------------------------
-# --long means the same in both trainers: the 'long' entry of the settings table (here the dataset preset's, in
-# train_posterior.py the variant's) replaces the short CPU smoke-run defaults with the run that reaches the README's
-# targets; only the synthetic presets have one.
+# Defaults, one line per flag, as nanoGPT's train.py: name=(type, a tuple of choices or bool for a switch; default;
+# help). None: derived in parse_args from the --dataset preset (datasets.DATASET_PRESETS) or from the device.
+# --long means the same in both trainers: the synthetic preset's run that reaches the README's targets.
 LONG_HELP = "synthetic: the longer schedule that reaches the README's targets"
 _LONG = datasets.DATASET_PRESETS['synthetic']['long']
-# Defaults, one line per flag, as nanoGPT's train.py; parse_args builds the command line from this table.
-# name: (type, or a tuple of choices, or bool for a switch; default; help). None: derived in parse_args from the
-# --dataset preset (datasets.DATASET_PRESETS: iters, batch_size, lr, warmup) or from the device.
 FLAGS = dict(
     dataset=(str, None, "preset (required): " + ", ".join(datasets.DATASET_PRESETS)),
     backbone=(str, None, "backbone name (default swin_l, the paper's main one; swin_mini for synthetic)"),
     pretrained=(str, None, "backbone weights file (ImageNet Swin / ResNet checkpoint)"),
-    model_config=(str, '', "comma-separated KEY=VALUE overrides of the gss.GSS head, e.g. mla_channels=32,token_"
-                  "channels=64,dropout=0 (default: the paper's 384/512/2048, 16 heads; synthetic: SYNTHETIC_HEAD)"),
+    model_config=(str, '', "KEY=VALUE,... overrides of the gss.GSS head, e.g. dropout=0 (synthetic: SYNTHETIC_HEAD)"),
     posterior=(str, None, "stage-I artifact from train_posterior.py (default runs/<dataset>/posterior_ff.pt)"),
     data_root=(str, None, "dataset root (default: the preset's)"),
     iters=(int, None, "training iterations (default: the preset's, 160000 for ade20k)"),
     batch_size=(int, None, "TOTAL batch over all ranks (default: the preset's, 32 for ade20k)"),
-    micro_batch=(int, None, "images per rank per forward; gradients accumulate over batch-size / (ranks * "
-                 "micro-batch) steps (default: all at once)"),
+    micro_batch=(int, None, "images per rank per forward; gradients accumulate (default: all at once)"),
     lr=(float, None, "peak learning rate (default: the preset's, 1.2e-4 for ade20k)"),
     warmup_iters=(int, None, "linear warmup (default: the preset's, 1500 as official)"),
-    amp=(('bf16', 'fp16', 'none'), None, "autocast dtype (default bf16 on CUDA where supported, else fp16 on CUDA; "
-         "none on CPU)"),
+    amp=(('bf16', 'fp16', 'none'), None, "autocast dtype (default bf16 on CUDA where supported, else fp16; CPU none)"),
     out=(str, None, "output folder for latest.pt, best.pt, log.jsonl (default runs/<dataset>/prior)"),
     resume=(str, None, "checkpoint to resume from, or 'auto' = <out>/latest.pt if it exists"),
     stop_at=(int, None, "save and exit after this iteration (for time-limited jobs)"),
     long=(bool, False, f"{LONG_HELP} ({_LONG['iters']} iterations, validating every {_LONG['eval_interval']})"),
-    eval_interval=(int, None, "validate every N iterations and at the end; 0 = never (default iters/10 as the "
-                   "official 16k of 160k, at least 100; synthetic: 0, evaluate.py measures the end)"),
+    eval_interval=(int, None, "validate every N iterations and at the end; 0 = never (default iters/10, >= 100)"),
     log_interval=(int, None, "log every N iterations (default 50, iters/20 if smaller)"),
     ckpt_interval=(int, 1000, "write <out>/latest.pt every N iterations (default 1000)"),
     compile=(bool, False, "torch.compile the model"),
     seed=(int, 0, "seeds the initial weights, the sample order, augmentation and dropout"),
-    workers=(int, None, "data loader workers per rank (default 4 on CUDA, as official; 0 on CPU, whose cores are "
-             "busy training)"),
-    deterministic=(bool, False, "torch.use_deterministic_algorithms, no cuDNN autotuning (bitwise-reproducible runs "
-                   "and resumes)"),
+    workers=(int, None, "data loader workers per rank (default 4 on CUDA, as official; 0 on CPU)"),
+    deterministic=(bool, False, "torch.use_deterministic_algorithms, no cuDNN autotuning (bitwise-reproducible)"),
     device=(('cuda', 'cpu'), None, "default cuda when available"),
 )
 # ours: the synthetic preset trains a CPU-sized head (head dim 32 as official); with the paper's 384/512/2048 widths
@@ -108,6 +93,13 @@ def check_positive(args, names):
             raise gss.UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive integer")
 
 
+def dataset_preset(name):
+    """--dataset NAME -> its datasets.DATASET_PRESETS entry; a one-line error for an unknown one."""
+    if name not in datasets.DATASET_PRESETS:
+        raise gss.UserError(f"--dataset {name}: unknown dataset; expected one of {', '.join(datasets.DATASET_PRESETS)}")
+    return datasets.DATASET_PRESETS[name]
+
+
 def with_long(settings, long, what):
     """--long: the settings updated by their 'long' entry; a one-line error (naming `what`) where there is none."""
     if long and 'long' not in settings:
@@ -118,23 +110,22 @@ def with_long(settings, long, what):
 
 
 def cli(run, parse_args, argv):
-    """Both trainers' entry: run(parse_args(argv)) -> exit code; a user error prints one line `error: ...` on stderr
-    and exits 2, no traceback."""
+    """Both trainers' entry: run(parse_args(argv)) -> exit code; a user error prints one line and exits 2."""
     try:
         return run(parse_args(argv))
     except (gss.UserError, datasets.UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        cleanup_distributed()  # the process group, if run started one
+        if dist.is_initialized():  # run started a process group
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Training plumbing shared with train_posterior.py
 
 def setup_distributed(device=None):
-    """torchrun env vars -> (rank, world_size, local_rank, device). NCCL on CUDA, Gloo on CPU; plain single process
-    when RANK is not set. `device` ('cpu'/'cuda') overrides the automatic choice."""
+    """torchrun's env vars -> (rank, world_size, local_rank, device): NCCL on CUDA, Gloo on CPU, one process without."""
     device_type = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if 'RANK' not in os.environ:
         return 0, 1, 0, torch.device(device_type)
@@ -149,11 +140,6 @@ def setup_distributed(device=None):
     return rank, world_size, local_rank, device
 
 
-def cleanup_distributed():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def per_rank(batch_size, world_size):
     """The TOTAL --batch-size -> images per rank; a one-line error when the ranks cannot share it evenly."""
     if batch_size % world_size:
@@ -163,8 +149,7 @@ def per_rank(batch_size, world_size):
 
 
 def sync_batchnorm(model, world_size, device):
-    """BatchNorm statistics over the whole batch of all ranks, as official (SyncBN). PyTorch's SyncBatchNorm is
-    GPU-only, so on CPU each rank normalises over its own images."""
+    """BatchNorm over the images of all ranks, as official; PyTorch's SyncBatchNorm is GPU-only."""
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if world_size > 1 and device.type == 'cuda' else model
 
 
@@ -203,18 +188,8 @@ class Logger:
             print(msg, flush=True)
 
 
-def save_checkpoint(ckpt, path):
-    """Atomic write (gss.save_atomic): on any failure, e.g. a full disk, the previous file at `path` is intact."""
-    try:
-        gss.save_atomic(ckpt, path)
-    except OSError as e:
-        raise gss.UserError(f"{path}: could not write the checkpoint ({e.strerror or e}); "
-                            f"the previous checkpoint there is intact") from None
-
-
 def load_checkpoint(path, kind, posterior=None):
-    """Load a checkpoint of `kind` ('gss-prior', ...) with weights_only=True. With `posterior` (a stage-I artifact
-    dict from gss.load_posterior) check that the class count, palette and vocabulary size match it."""
+    """A checkpoint of `kind` ('gss-prior', ...), weights_only; checked against the stage-I artifact `posterior`."""
     ckpt = gss.load_file(path, 'checkpoint')
     if not isinstance(ckpt, dict) or ckpt.get('kind') != kind:
         got = ckpt.get('kind') if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -226,11 +201,9 @@ def load_checkpoint(path, kind, posterior=None):
 
 
 class Checkpoints:
-    """The crash safety of both trainers. `latest` is rewritten atomically (rank 0 writes, every rank notes the
-    iteration); a killed write's unfinished files (gss.save_atomic's <path>.*.tmp) are removed at start; --resume
-    ('auto': `latest` if it exists) names the checkpoint to start from. Within the block, SIGTERM / SIGINT only set
-    .signum, for the loop to act on at the end of the iteration in progress (stop: every rank together, save, exit
-    128 + signum); a second signal kills at once, as without a handler."""
+    """The crash safety of both trainers: atomic saves, a killed write's <path>.*.tmp removed at start, --resume
+    ('auto': `latest` if it exists). Within the block SIGTERM / SIGINT only set .signum, acted on at the end of the
+    iteration (every rank stops together, saves, exits 128 + signum); a second signal kills at once."""
 
     def __init__(self, latest, resume, rank, world_size, device, log, others=()):
         self.latest, self.rank, self.world_size, self.device, self.log = latest, rank, world_size, device, log
@@ -268,10 +241,15 @@ class Checkpoints:
         return ckpt, ckpt['iter'], ckpt['data']['epoch'], ckpt['data']['position'] // self.world_size
 
     def save(self, ckpt, path=None):
-        """ckpt: a dict of plain types with 'iter'; written to `path` (default `latest`) by rank 0."""
-        if self.rank == 0:
-            save_checkpoint(ckpt, path or self.latest)
-        if path is None:
+        """ckpt: a dict of plain types with 'iter', written atomically to `path` (default `latest`) by rank 0."""
+        path = path or self.latest
+        try:
+            if self.rank == 0:
+                gss.save_atomic(ckpt, path)  # on any failure, e.g. a full disk, the file at `path` is intact
+        except OSError as e:
+            raise gss.UserError(f"{path}: could not write the checkpoint ({e.strerror or e}); "
+                                f"the previous checkpoint there is intact") from None
+        if path == self.latest:
             self.saved_it = ckpt['iter']
 
     def stop(self, finite, it):
@@ -302,9 +280,8 @@ def seed_of(*numbers):
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler (shuffle, drop_last) that starts `start` samples into this rank's share of the epoch and
-    yields (index, seed) pairs. The seed depends only on (seed, epoch, position in the epoch's permutation), so a
-    sample's augmentation is the same on any number of ranks or workers and after a resume."""
+    """DistributedSampler (shuffle, drop_last) from `start` samples into this rank's share of the epoch, yielding
+    (index, seed): the seed depends only on (seed, epoch, position in the epoch's permutation)."""
 
     def __init__(self, dataset, num_replicas, rank, seed):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
@@ -318,8 +295,7 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 
 class SeededItems(torch.utils.data.Dataset):
-    """dataset[index] with torch's RNG (datasets.py draws its augmentation from it) seeded by the sampler's seed, which
-    the item carries as 'seed' (stage I keys its losses' random draws by it); the caller's RNG state is untouched."""
+    """dataset[index] augmented under torch's RNG seeded by the sampler's seed, which the item carries as 'seed'."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -339,8 +315,7 @@ def ignore_sigint(worker_id):
 
 
 def endless(loader, epoch, consumed):
-    """Micro-batches over epochs, starting `consumed` samples into this rank's share of `epoch`.
-    Yields (batch, epoch, samples of this rank's share consumed after it)."""
+    """Micro-batches from `consumed` samples into this rank's share of `epoch` on -> (batch, epoch, consumed)."""
     while True:
         loader.sampler.set_epoch(epoch)
         loader.sampler.start = consumed
@@ -348,7 +323,6 @@ def endless(loader, epoch, consumed):
             consumed += loader.batch_size
             yield batch, epoch, consumed
         epoch, consumed = epoch + 1, 0
-
 
 
 def seeded_loader(dataset, batch_size, rank, world_size, seed, workers, device):
@@ -366,10 +340,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, FLAGS, required=('dataset',))
     args = p.parse_args(argv)
-    if args.dataset not in datasets.DATASET_PRESETS:
-        raise gss.UserError(f"--dataset {args.dataset}: unknown dataset; expected one of "
-                            f"{', '.join(datasets.DATASET_PRESETS)}")
-    preset = with_long(datasets.DATASET_PRESETS[args.dataset], args.long,
+    preset = with_long(dataset_preset(args.dataset), args.long,
                        f"--dataset {args.dataset} has no longer schedule")
     synthetic = args.dataset == 'synthetic'
     cuda = (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')) == 'cuda'
@@ -420,11 +391,8 @@ def parse_model_config(text):
 
 
 def param_groups(model, weight_decay=0.01, prefix=''):
-    """AdamW groups of a gss.GSS (or of an FT-W X^-1 with prefix='inverse') by the official configs' paramwise_cfg:
-    no weight decay on parameters whose official name contains 'norm', 'relative_position_bias_table' or
-    'absolute_pos_embed'. The rule is kept as simple as it is: everything else decays, biases and the norms not named
-    so included (the BatchNorms 'bn' and the LayerNorms officially 'swin_ln' / 'post_swin_ln', ours head.swin_norm /
-    inverse.norm: hence the match on official names)."""
+    """AdamW groups of a gss.GSS (or an FT-W X^-1, prefix='inverse') by the official paramwise_cfg: no weight decay
+    where the official name contains one of no_decay; everything else decays, biases and BatchNorms ('bn') too."""
     no_decay = ('norm', 'relative_position_bias_table', 'absolute_pos_embed')
     decay, rest = [], []
     for name, p in model.named_parameters(prefix):
@@ -534,8 +502,7 @@ def forward_backward(model, batches, tokenizer, palette, scaler, autocast, it, a
 
 
 def log_means(log, it, sums, n, seconds, left, lr, device, world_size):
-    """Log the per-iteration means of `sums` over the last n iterations (`seconds` of training) and all ranks, the
-    lr, the time per iteration, the time the `left` iterations will take and the peak memory."""
+    """Log the means of `sums` over the last n iterations and all ranks, the lr, the speed, the ETA, peak memory."""
     means = torch.tensor(list(sums.values()), device=device) / n
     if world_size > 1:
         dist.all_reduce(means)
