@@ -6,7 +6,8 @@ Stage II (latent prior, Sec. 3.4): an image encoder I_psi predicts the tokens of
 (Sec. 3.5): image -> tokens -> decoded maskige -> X^-1.
 
     1. Palettes X              make_palette (appendix B), official_palette, paint, upsample_labels_2x
-    2. X^-1 variants           NearestColour (GSS-FF), LeastSquares, FTInverse, FTWInverse, build_inverse
+    2. X^-1 variants           NearestColour (GSS-FF), LeastSquares, FTInverse, FTWInverse, build_inverse;
+                               the GSS-TF/TT objectives paint_soft, relaxed_roundtrip, tf_loss
     3. Tokenizer               Tokenizer (encode, decode), build_tokenizer, reconstruct, recon_scores
     4. Image encoder I_psi     build_backbone, MLA, GSSHead, GSS
     5. Targets and losses      token_targets, token_cross_entropy, compute_loss (Eq. 7)
@@ -27,6 +28,7 @@ import re
 import tempfile
 import warnings
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -381,6 +383,46 @@ def maskige_scores(inverse, maskige, size):
         scores = F.interpolate(scores, size=tuple(size), mode='bilinear', align_corners=False)
     return scores
 
+
+
+# GSS-TF / GSS-TT (appendix A.2): beta trained through the frozen tokenizer
+
+def keyed(fn, seeds, tag, *batches):
+    """fn on each sample alone (batches of one), torch's RNG seeded by (the sample's seed, tag) -> the results
+    concatenated: the random draws are keyed by the sample, so 2 ranks x b images draw what 1 rank x 2b images draw,
+    and a resumed run what the uninterrupted one drew."""
+    out = []
+    for seed, *samples in zip(seeds.tolist(), *batches):
+        torch.manual_seed(int(np.random.SeedSequence((seed, tag)).generate_state(1)[0]))  # a well-mixed 32-bit seed
+        out.append(fn(*(x[None] for x in samples)))
+    return torch.cat(out)
+
+
+def paint_soft(beta, ignore_colour, labels):
+    """X with a trainable beta (K, 3) in [0, 1]: labels (B, H, W) -> maskige (B, 3, H, W), differentiable in beta."""
+    table = torch.cat([beta, ignore_colour.to(beta)[None] / 255])  # (K+1, 3)
+    return F.embedding(labels.clamp(max=len(beta)), table).permute(0, 3, 1, 2)
+
+
+def relaxed_roundtrip(tok, maskige, seeds):
+    """Encoder logits -> hard Gumbel-softmax (argmax forward, straight-through gradients; Sec. 3.3; the paper gives no
+    temperature, we use 1), its noise keyed by the samples' seeds -> decode_soft."""
+    logits = tok.encoder_logits(maskige)  # (B, vocab, h, w)
+    z = keyed(lambda x: F.gumbel_softmax(x, tau=1.0, hard=True, dim=1), seeds, 2, logits)  # one-hots, same shape
+    return tok.decode_soft(z)  # (B, 3, H, W)
+
+
+def tf_loss(beta, maskige, recon, labels):
+    """The GSS-TF objective of appendix A.2 (Eqs. 11-12, cascaded): (||X^ - C beta|| ||gamma_t|| +
+    ||C beta gamma_t - C||)^2 with gamma_t = (beta^T beta)^-1 beta^T (Eq. 15) held fixed for the step. Norms are
+    root-mean-squares over the labelled pixels, so the loss does not grow with the batch."""
+    K = len(beta)
+    valid = labels < K  # (B, H, W)
+    gamma = LeastSquares(beta.detach() * 255).gamma  # (3, K); LeastSquares takes 0-255 colours
+    recon_err = ((recon - maskige) ** 2).sum(1)[valid].mean().sqrt()  # ||X^ - C beta||
+    per_class = ((beta @ gamma - torch.eye(K, device=beta.device)) ** 2).sum(1)  # (K,) ||beta_c gamma - e_c||^2
+    fit_err = per_class[labels[valid]].mean().sqrt()  # ||C beta gamma - C||
+    return (recon_err * gamma.norm() + fit_err) ** 2
 
 # ----------------------------------------------------------------------------------------------------------
 # 3. Tokenizer: the frozen VQ-VAE of Eq. 5 (DALL-E dVAE architecture, dall_e package) over maskiges

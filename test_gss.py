@@ -986,14 +986,14 @@ def test_tf_moves_beta_through_the_frozen_tokenizer(tiny_tok):
     losses = []
     for it in range(8):
         torch.manual_seed(it)
-        maskige = train_posterior.paint_soft(beta, ignore, labels)
-        recon = train_posterior.relaxed_roundtrip(tiny_tok, maskige, torch.arange(4) + 4 * it)  # the samples' seeds
-        loss = train_posterior.tf_loss(beta, maskige, recon, labels)
+        maskige = gss.paint_soft(beta, ignore, labels)
+        recon = gss.relaxed_roundtrip(tiny_tok, maskige, torch.arange(4) + 4 * it)  # the samples' seeds
+        loss = gss.tf_loss(beta, maskige, recon, labels)
         opt.zero_grad()
         loss.backward()
         if it == 0:  # the gradient reaches beta through the straight-through Gumbel-softmax and the decoder
-            maskige = train_posterior.paint_soft(beta, ignore, labels)
-            recon = train_posterior.relaxed_roundtrip(tiny_tok, maskige, torch.arange(4))
+            maskige = gss.paint_soft(beta, ignore, labels)
+            recon = gss.relaxed_roundtrip(tiny_tok, maskige, torch.arange(4))
             grad_through = torch.autograd.grad((recon ** 2).sum(), beta)[0]
             assert grad_through.abs().sum() > 0
         assert all(p.grad is None for p in tiny_tok.parameters())
@@ -1016,7 +1016,7 @@ def test_tt_trains_beta_and_inverse_jointly(tiny_tok):
     labels = blob_labels(4, 16, 16, K)
     losses = []
     for it in range(10):
-        recon = train_posterior.relaxed_roundtrip(tiny_tok, train_posterior.paint_soft(beta, ignore, labels),
+        recon = gss.relaxed_roundtrip(tiny_tok, gss.paint_soft(beta, ignore, labels),
                                                   torch.arange(4) + 4 * it)
         loss = F.cross_entropy(inverse(recon), labels, ignore_index=255)
         opt.zero_grad()
