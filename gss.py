@@ -9,7 +9,7 @@ Stage II (latent prior, Sec. 3.4): an image encoder I_psi predicts the tokens of
     2. X^-1 variants           NearestColour (GSS-FF), LeastSquares, FTInverse, FTWInverse, build_inverse;
                                the GSS-TF/TT objectives paint_soft, relaxed_roundtrip, tf_loss
     3. Tokenizer               Tokenizer (encode, decode), build_tokenizer, reconstruct, recon_scores
-    4. Image encoder I_psi     build_backbone, MLA, GSSHead, GSS
+    4. Image encoder I_psi     build_backbone, MLA, GSSHead, GSSConfig, GSS
     5. Targets and losses      token_targets, token_cross_entropy, compute_loss (Eq. 7)
     6. Inference               predict, generate, slide_windows
     7. Official checkpoints    load_official_checkpoint, official_key, official_config
@@ -22,6 +22,7 @@ Usage (an official GSS-FF checkpoint of fudan-zvg/GSS, images normalized as in e
     inverse = inverse or gss.NearestColour(gss.official_palette('ade20k')[:-1])  # last row: the ignore colour
     scores = gss.predict(model.eval(), tokenizer, inverse, images)  # (B, 3, H, W) -> (B, K, H, W)
 """
+import dataclasses
 import math
 import os
 import re
@@ -743,22 +744,37 @@ class GSSHead(nn.Module):
         return self.token_features(feats), self.aux_logits(feats)
 
 
-class GSS(nn.Module):
-    """The image encoder I_psi: backbone + GSSHead. `config` (plain types) rebuilds it: GSS.from_config(config)."""
+@dataclasses.dataclass
+class GSSConfig:
+    """The image encoder's shape (GSS-FF Swin-L on ADE20K by default); checkpoints store it as a plain dict."""
+    backbone: str = 'swin_l'
+    num_classes: int = 150
+    vocab_size: int = 8192
+    mla_channels: int = 384
+    fused_channels: int = 512
+    token_channels: int = 2048
+    depth: int = None  # None: paper's D = 2 for Swin, 6 for ResNet-101
+    num_heads: int = 16
+    window_size: int = 7
+    dropout: float = 0.1
 
-    def __init__(self, backbone='swin_l', num_classes=150, vocab_size=8192, mla_channels=384, fused_channels=512,
-                 token_channels=2048, depth=None, num_heads=16, window_size=7, dropout=0.1, pretrained=None):
+    def __post_init__(self):
+        if self.depth is None:
+            self.depth = 6 if self.backbone.startswith('resnet') else 2
+
+
+class GSS(nn.Module):
+    """The image encoder I_psi: backbone + GSSHead. self.config, a plain dict, rebuilds it: GSS.from_config."""
+
+    def __init__(self, config, pretrained=None):
         super().__init__()
-        depth = depth if depth is not None else (6 if backbone.startswith('resnet') else 2)  # paper: D=2 Swin, 6 R101
-        self.config = dict(backbone=backbone, num_classes=num_classes, vocab_size=vocab_size, mla_channels=mla_channels,
-                           fused_channels=fused_channels, token_channels=token_channels, depth=depth,
-                           num_heads=num_heads, window_size=window_size, dropout=dropout)
-        self.backbone, channels = build_backbone(backbone, pretrained)
+        self.config = dataclasses.asdict(config)
+        self.backbone, channels = build_backbone(config.backbone, pretrained)
         self.head = GSSHead(channels, **{k: v for k, v in self.config.items() if k != 'backbone'})
 
     @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+    def from_config(cls, config, pretrained=None):
+        return cls(GSSConfig(**config), pretrained)
 
     def forward(self, images):
         """(B, 3, H, W) -> (token features (B, token_channels, H/4, W/4), aux logits (B, K, H/4, W/4))."""

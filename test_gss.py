@@ -1109,7 +1109,7 @@ TINY_GSS = dict(backbone='swin_mini', num_classes=5, vocab_size=512, mla_channel
 
 def tiny_gss(seed=0, **overrides):
     torch.manual_seed(seed)
-    return gss.GSS(**{**TINY_GSS, **overrides})
+    return gss.GSS.from_config({**TINY_GSS, **overrides})
 
 
 def tiny_gss_tokenizer(seed=0):
@@ -1209,8 +1209,9 @@ def test_backbones_and_config():
     clone.load_state_dict(model.state_dict())
     model.eval(), clone.eval()
     assert all(torch.equal(a, b) for a, b in zip(model(x), clone(x)))
-    assert gss.GSS(backbone='resnet50', num_classes=3, vocab_size=512, mla_channels=8, fused_channels=16,
-                   token_channels=16, num_heads=2).config['depth'] == 6  # paper: D=6 for ResNet
+    config = gss.GSSConfig(backbone='resnet50', num_classes=3, vocab_size=512, mla_channels=8, fused_channels=16,
+                           token_channels=16, num_heads=2)
+    assert gss.GSS(config).config['depth'] == 6  # paper: D=6 for ResNet
 
 
 def test_pretrained_backbone_files(tmp_path):
@@ -1312,9 +1313,10 @@ def golden_ff_model(golden_ff):
     """Our GSS configured like the golden file's head, its official state dict loaded through the mapper."""
     cfg = json.loads(golden_ff['config_json'])
     assert cfg['in_index'] == [1, 0, 2, 3] and cfg['in_channels'] == [64, 32, 128, 256]
-    model = gss.GSS('swin_mini', num_classes=cfg['num_classes'], vocab_size=8192, mla_channels=cfg['channels'],
-                    fused_channels=cfg['indice_seg_channel'], token_channels=cfg['indice_cls_channel'],
-                    depth=cfg['swin_depth'], num_heads=cfg['swin_num_head'], window_size=cfg['swin_window_size'])
+    model = gss.GSS(gss.GSSConfig('swin_mini', num_classes=cfg['num_classes'], vocab_size=8192,
+                                  mla_channels=cfg['channels'], fused_channels=cfg['indice_seg_channel'],
+                                  token_channels=cfg['indice_cls_channel'], depth=cfg['swin_depth'],
+                                  num_heads=cfg['swin_num_head'], window_size=cfg['swin_window_size']))
     model.backbone = FixedFeatures(golden_ff['inputs']['feats'])  # channels 32, 64, 128, 256 = swin_mini's
     model, tokenizer, inverse = gss.load_official_checkpoint(golden_ff['state_dict'], model=model)
     assert inverse is None
@@ -1689,7 +1691,8 @@ def test_lr_schedule_is_mmcv_poly_with_linear_warmup():
 
 
 def test_weight_decay_follows_the_official_names():
-    model = gss.GSS('swin_mini', 10, 512, mla_channels=16, fused_channels=32, token_channels=32, num_heads=2)
+    model = gss.GSS(gss.GSSConfig('swin_mini', 10, 512, mla_channels=16, fused_channels=32, token_channels=32,
+                                  num_heads=2))
     decay, rest = train_prior.param_groups(model)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = {names[id(p)] for p in rest['params']}
