@@ -96,6 +96,21 @@ def resized_argmax(scores, size):
     return scores.argmax(1)
 
 
+def window_maps(model, tokenizer, inverses, aux=False, maskige=False):
+    """gss.infer's window_fn: one backbone pass and one generation per window -> {name: (B, K, h, w)} for each X^-1
+    in `inverses` ({name: module}), plus 'aux head' (aux=True) and the generated 'maskige' (B, 3, 2h, 2w)."""
+    def window_fn(x):
+        feats = getattr(model, 'module', model).backbone(x)
+        m = gss.generate(model, tokenizer, x, feats)  # (B, 3, 2h, 2w)
+        out = {name: gss.maskige_scores(inv, m, x.shape[-2:]) for name, inv in inverses.items()}
+        if aux:
+            out['aux head'] = gss.aux_scores(model, feats, x.shape[-2:])
+        if maskige:
+            out['maskige'] = m
+        return out
+    return window_fn
+
+
 @torch.no_grad()
 def evaluate_split(model, tokenizer, inverses, dataset, test_cfg, aux=True, indices=None, on_item=None):
     """Metrics over `dataset` (test items, see datasets.py) of the generative prediction with each X^-1 in
@@ -106,12 +121,12 @@ def evaluate_split(model, tokenizer, inverses, dataset, test_cfg, aux=True, indi
     names = list(inverses) + (['aux head'] if aux else [])
     metrics = {name: SegMetric(dataset.num_classes) for name in names}
     device = next(model.parameters()).device
+    window_fn = window_maps(model, tokenizer, inverses, aux, maskige=on_item is not None)
     for i in range(len(dataset)) if indices is None else indices:
         item = dataset[i]
         image = item['image'][None].to(device)  # (1, 3, h, w) at the test scale
         label = item['label'].to(device)  # (H, W) at the original resolution
-        scores = gss.predict(model, tokenizer, inverses, image, **test_cfg, aux=aux,  # one generation per window
-                             maskige=on_item is not None)
+        scores = gss.infer(window_fn, image, **test_cfg)
         maskige = scores.pop('maskige', None)  # (1, 3, 2h, 2w)
         preds = {name: resized_argmax(s, label.shape)[0] for name, s in scores.items()}
         for name, pred in preds.items():
@@ -266,7 +281,8 @@ def segment_images(args, model, tokenizer, inverse, palette):
         img = datasets.read_image(path)  # (H, W, 3) uint8
         H, W = img.shape[:2]
         image = datasets.test_transform(img, np.zeros((H, W), np.uint8), preset)['image'][None].to(args.device)
-        out = gss.predict(model, tokenizer, {'': inverse}, image, **test_cfg, maskige=True)  # one generation
+        with torch.no_grad():
+            out = gss.infer(window_maps(model, tokenizer, {'': inverse}, maskige=True), image, **test_cfg)
         pred = resized_argmax(out[''], (H, W))[0]
         save_outputs(save_dir, path, pred, palette, out['maskige'][0], args.cityscapes_ids)
         print(f"{path}: {H}x{W} -> {save_dir}")

@@ -11,7 +11,7 @@ Stage II (latent prior, Sec. 3.4): an image encoder I_psi predicts the tokens of
     3. Tokenizer               Tokenizer (encode, decode), build_tokenizer, reconstruct, recon_scores
     4. Image encoder I_psi     build_backbone, MLA, GSSHead, GSSConfig, GSS
     5. Targets and losses      token_targets, token_cross_entropy, compute_loss (Eq. 7)
-    6. Inference               predict, generate, slide_windows
+    6. Inference               predict, generate, aux_scores, infer, slide_windows
     7. Official checkpoints    load_official_checkpoint, official_key, official_config
     8. Files and validation    UserError, load_file, save_atomic, load_tokenizer, convert_dalle, load_posterior
 
@@ -903,17 +903,17 @@ def slide_windows(H, W, crop, stride):
     return boxes
 
 
-def _infer(window_scores, images, mode, crop, stride):
-    """Whole image, or mmseg's sliding windows: each of the window's maps ({name: (B, C, f h, f w)}, f = 1 for
-    class scores, 2 for the maskige) summed into its canvas (B, C, f H, f W), divided by the overlap count."""
+def infer(window_fn, images, mode='whole', crop=None, stride=None):
+    """Whole image, or mmseg's sliding windows: each of window_fn's maps ({name: (B, C, f h, f w)}, f = 1 for class
+    scores, 2 for the maskige) summed into its canvas (B, C, f H, f W), divided by the overlap count."""
     if mode == 'whole':
-        return window_scores(images)
+        return window_fn(images)
     if mode != 'slide' or crop is None or stride is None:
         raise UserError(f"--mode {mode}: expected 'whole', or 'slide' with a crop and a stride")
     B, _, H, W = images.shape
     out, count = {}, images.new_zeros(1, 1, H, W)
     for y1, y2, x1, x2 in slide_windows(H, W, crop, stride):
-        for name, s in window_scores(images[:, :, y1:y2, x1:x2]).items():  # (B, C, f (y2-y1), f (x2-x1))
+        for name, s in window_fn(images[:, :, y1:y2, x1:x2]).items():  # (B, C, f (y2-y1), f (x2-x1))
             f = s.shape[2] // (y2 - y1)
             if name not in out:
                 out[name] = torch.zeros(B, s.shape[1], f * H, f * W, device=s.device)  # float32 sums
@@ -923,44 +923,29 @@ def _infer(window_scores, images, mode, crop, stride):
 
 
 @torch.no_grad()
-def predict(model, tokenizer, inverse, images, mode='whole', crop=None, stride=None, aux=False, maskige=False):
+def predict(model, tokenizer, inverse, images, mode='whole', crop=None, stride=None):
     """Generative inference: image -> tokens (argmax) -> tokenizer.decode -> maskige at 2H x 2W -> X^-1 -> class
-    scores resized to the input (maskige_scores): (B, 3, H, W) -> (B, K, H, W). Put the modules in eval mode.
-    inverse may also be a dict {name: X^-1}: then the result is a dict {name: scores} from one generation per window,
-    plus 'aux head' (the auxiliary head's logits on the same backbone pass) when aux=True, and 'maskige' (the
-    generated maskige (B, 3, 2H, 2W), averaged where windows overlap) when maskige=True."""
-    model = getattr(model, 'module', model)  # through a DDP wrapper
-    inverses = inverse if isinstance(inverse, dict) else {'': inverse}
-
-    def window_scores(x):
-        H, W = x.shape[-2:]
-        feats = model.backbone(x)
-        out = {}
-        if inverses:
-            m = _generate(model, tokenizer, feats, H, W)  # (B, 3, 2H, 2W)
-            out = {name: maskige_scores(inv, m, (H, W)) for name, inv in inverses.items()}  # (B, K, H, W)
-            if maskige:
-                out['maskige'] = m
-        if aux:
-            a = model.head.aux_logits(feats)  # (B, K, h, w), h = ceil(H/4)
-            a = F.interpolate(a, (4 * a.shape[2], 4 * a.shape[3]), mode='bilinear', align_corners=False)
-            out['aux head'] = a[:, :, :H, :W]  # (B, K, H, W)
-        return out
-    scores = _infer(window_scores, images, mode, crop, stride)
-    return scores if isinstance(inverse, dict) else scores['']
-
-
-def _generate(model, tokenizer, feats, H, W):
-    """Backbone features of an (H, W) image -> token argmax -> tokenizer.decode -> maskige (B, 3, 2H, 2W)."""
-    tokens = token_argmax(model.head.token_features(feats), model.head.conv_seg)  # (B, ceil(H/4), ceil(W/4))
-    return tokenizer.decode(tokens)[:, :, :2 * H, :2 * W]
+    scores resized to the input (maskige_scores): (B, 3, H, W) -> (B, K, H, W). Put the modules in eval mode."""
+    def window_fn(x):
+        return {'': maskige_scores(inverse, generate(model, tokenizer, x), x.shape[-2:])}  # (B, K, h, w)
+    return infer(window_fn, images, mode, crop, stride)['']
 
 
 @torch.no_grad()
-def generate(model, tokenizer, images):
-    """The generated maskige: image (B, 3, H, W) -> token logits -> argmax -> tokenizer.decode -> (B, 3, 2H, 2W)."""
+def generate(model, tokenizer, images, feats=None):
+    """The generated maskige: image (B, 3, H, W) -> token logits -> argmax -> tokenizer.decode -> (B, 3, 2H, 2W).
+    feats: the backbone's features of `images`, when already computed (for the auxiliary head too)."""
     model = getattr(model, 'module', model)  # through a DDP wrapper
-    return _generate(model, tokenizer, model.backbone(images), *images.shape[-2:])
+    feats = model.backbone(images) if feats is None else feats
+    tokens = token_argmax(model.head.token_features(feats), model.head.conv_seg)  # (B, ceil(H/4), ceil(W/4))
+    return tokenizer.decode(tokens)[:, :, :2 * images.shape[2], :2 * images.shape[3]]
+
+
+def aux_scores(model, feats, size):
+    """The auxiliary head's per-pixel logits (B, K, h, w), h = ceil(H/4), upsampled 4x and cropped to size (H, W)."""
+    a = getattr(model, 'module', model).head.aux_logits(feats)  # (B, K, h, w)
+    a = F.interpolate(a, (4 * a.shape[2], 4 * a.shape[3]), mode='bilinear', align_corners=False)
+    return a[:, :, :size[0], :size[1]]  # (B, K, H, W)
 
 
 # ----------------------------------------------------------------------------------------------------------

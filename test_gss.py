@@ -1272,20 +1272,27 @@ def test_predict_whole_slide_and_aux():
     assert torch.equal(gss.predict(model, tokenizer, inverse, images, 'slide', 64, 32), whole)  # one window
     slide = gss.predict(model, tokenizer, inverse, images, 'slide', (24, 32), (12, 16))  # 2 x 2 windows
     assert slide.shape == whole.shape and torch.allclose(slide.sum(1), torch.ones(2, 30, 46))
-    # the generated maskige comes from the same generation as the scores (evaluate.py --save-dir writes it)
-    out = gss.predict(model, tokenizer, {'ff': inverse}, images, maskige=True)
+    # evaluate.py's windows: the generated maskige comes from the same generation as the scores (--save-dir writes it)
+    decodes = []
+    decode = tokenizer.decode
+    tokenizer.decode = lambda tokens: decodes.append(1) or decode(tokens)  # counts generations
+    maps = evaluate.window_maps(model, tokenizer, {'ff': inverse, 'ff2': inverse}, maskige=True)
+    out = gss.infer(maps, images)
     assert torch.equal(out['ff'], whole) and torch.equal(out['maskige'], gss.generate(model, tokenizer, images))
-    one = gss.predict(model, tokenizer, {'ff': inverse}, images, 'slide', 64, 32, maskige=True)
+    one = gss.infer(maps, images, 'slide', 64, 32)
     assert torch.equal(one['maskige'], out['maskige'])  # one window: the whole-image maskige
-    four = gss.predict(model, tokenizer, {'ff': inverse}, images, 'slide', (24, 32), (12, 16), maskige=True)
+    decodes.clear()
+    four = gss.infer(maps, images, 'slide', (24, 32), (12, 16))
+    assert len(decodes) == 4  # one generation per window, shared by both X^-1
     assert four['maskige'].shape == (2, 3, 60, 92) and 0 <= four['maskige'].min() <= four['maskige'].max() <= 1
     # windows (0, 24, 0, 32), (0, 24, 14, 46), (6, 30, 0, 32), (6, 30, 14, 46):
     # rows < 6 and columns < 14 are covered by the first window only
     first = gss.generate(model, tokenizer, images[:, :, :24, :32])  # (2, 3, 48, 64): the first window's maskige
     assert torch.allclose(four['maskige'][:, :, :12, :28], first[:, :, :12, :28])
-    aux = gss.predict(model, None, {}, images, aux=True)['aux head']  # the auxiliary head alone
+    aux_maps = evaluate.window_maps(model, tokenizer, {}, aux=True)  # the auxiliary head alone
+    aux = gss.infer(aux_maps, images)['aux head']
     assert aux.shape == (2, 5, 30, 46)
-    assert torch.equal(gss.predict(model, None, {}, images, 'slide', 64, 32, aux=True)['aux head'], aux)
+    assert torch.equal(gss.infer(aux_maps, images, 'slide', 64, 32)['aux head'], aux)
     with pytest.raises(gss.UserError, match='slide'):
         gss.predict(model, tokenizer, inverse, images, 'slide')
 
