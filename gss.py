@@ -1,9 +1,5 @@
-"""Generative Semantic Segmentation (GSS, CVPR 2023): the method of the paper, in its order.
-
-Stage I (latent posterior, Sec. 3.3): a label map c is painted into a "maskige" x = X(c) with a palette beta; a frozen
-VQ tokenizer (DALL-E's dVAE) maps maskiges to discrete tokens and back; X^-1 maps a maskige back to class scores.
-Stage II (latent prior, Sec. 3.4): an image encoder I_psi predicts the tokens of the image's maskige. Inference
-(Sec. 3.5): image -> tokens -> decoded maskige -> X^-1.
+"""Generative Semantic Segmentation (GSS, CVPR 2023): the method of the paper, in its order. Labels are painted
+into maskiges (X), tokenized by a frozen VQ tokenizer, predicted from images by I_psi, decoded and read back (X^-1).
 
     1. Palettes X              make_palette (appendix B), official_palette, paint, upsample_labels_2x
     2. X^-1 variants           NearestColour (GSS-FF), LeastSquares, FTInverse, FTWInverse, build_inverse;
@@ -126,12 +122,9 @@ def _lattice(step):
 
 
 def _refine(colours, step=17):
-    """Appendix B (iv) category-specific refinement, without the per-class IoU feedback of the paper's manual edits:
-    keep colours away from grey (the centre of the RGB cube, close to many colours and to the blend of any two) and
-    away from each other. Greedy max-min on score = min(distance to nearest other colour, distance to mid grey): move
-    the worst-scoring colour to the lattice colour (step 17: 0, 17, ..., 255 per channel) scoring best against the
-    rest, while that improves it. E.g. a mid grey (128, 128, 128) goes to a saturated colour such as (0, 136, 255).
-    Integer arithmetic on doubled coordinates (grey = 255), so the result is the same on every machine."""
+    """Appendix B (iv) without the paper's per-class IoU feedback: greedy max-min on score = min(distance to the nearest
+    other colour, distance to mid grey, which blends of any two colours approach). While it helps, move the worst
+    colour to the best lattice colour. Integer arithmetic on doubled coordinates: the same result on every machine."""
     colours = colours.clone().long()
     lattice = _lattice(step)  # (C, 3)
     sq = lambda a, b: ((2 * a[:, None] - 2 * b[None]) ** 2).sum(-1)  # (len a, len b) squared distances x 4
@@ -176,21 +169,15 @@ def make_palette(num_classes, seed=0, arithmetic=True, misaligned=True, random_f
         colours = torch.cartesian_prod(*seqs).reshape(-1, 3)[:num_classes]  # (K, 3), Eq. 18
         if random_factors:
             colours = colours + torch.randint(0, t + 1, colours.shape, generator=gen)  # Eq. 20
-    else:
-        colours = _random_colours(num_classes, gen)
+    else:  # K distinct uniformly random colours: duplicates redrawn
+        colours = torch.randint(0, 256, (num_classes, 3), generator=gen)
+        while len(set(map(tuple, colours.tolist()))) < num_classes:
+            colours = torch.unique(colours, dim=0)
+            extra = torch.randint(0, 256, (num_classes - len(colours), 3), generator=gen)
+            colours = torch.cat([colours, extra])[torch.randperm(num_classes, generator=gen)]
     if refine or len(set(map(tuple, colours.tolist()))) != num_classes:  # the noise can merge colours if K > 16^3
         colours = _refine(colours)
     return colours.long()
-
-
-def _random_colours(num_classes, gen):
-    """K distinct uniformly random colours (K, 3); redraws duplicates."""
-    colours = torch.randint(0, 256, (num_classes, 3), generator=gen)
-    while len(set(map(tuple, colours.tolist()))) < num_classes:
-        colours = torch.unique(colours, dim=0)
-        extra = torch.randint(0, 256, (num_classes - len(colours), 3), generator=gen)
-        colours = torch.cat([colours, extra])[torch.randperm(num_classes, generator=gen)]
-    return colours
 
 
 def random_palette(num_classes, seed=0):
@@ -385,7 +372,6 @@ def maskige_scores(inverse, maskige, size):
     return scores
 
 
-
 # GSS-TF / GSS-TT (appendix A.2): beta trained through the frozen tokenizer
 
 def keyed(fn, seeds, tag, *batches):
@@ -424,6 +410,7 @@ def tf_loss(beta, maskige, recon, labels):
     per_class = ((beta @ gamma - torch.eye(K, device=beta.device)) ** 2).sum(1)  # (K,) ||beta_c gamma - e_c||^2
     fit_err = per_class[labels[valid]].mean().sqrt()  # ||C beta gamma - C||
     return (recon_err * gamma.norm() + fit_err) ** 2
+
 
 # ----------------------------------------------------------------------------------------------------------
 # 3. Tokenizer: the frozen VQ-VAE of Eq. 5 (DALL-E dVAE architecture, dall_e package) over maskiges
@@ -474,12 +461,9 @@ def _relu_conv(conv, x, out=None, alpha=1.0, channels=None, keep_input=False, dt
 
 
 def _residual_stack(blocks, x, dtype):
-    """The groups of a dall_e Encoder/Decoder (`blocks.group_1..4`), run by hand so that every intermediate dies as
-    soon as it can: each block is id_path(x) + post_gain * res_path(x), res_path = (ReLU, conv) x 4. Max-pools run
-    as they come; a nearest 2x upsample is moved past the next block's id_path and conv_1 (both 1x1 in the Decoder,
-    so they commute with it exactly), so the wide tensor before them never exists at the high resolution.
-    The residual stream x stays float32; the residual branches compute in `dtype` (bfloat16 opt-in: summing bf16
-    branch outputs into a bf16 stream would lose most of their small post_gain-scaled updates)."""
+    """A dall_e Encoder/Decoder's groups by hand, each intermediate freed early: block = id_path(x) + post_gain *
+    res_path(x). A nearest 2x upsample moves past the next 1x1 id_path and conv_1 (they commute), so the wide tensor
+    never exists at the high resolution. The stream x stays float32 (bf16 would lose the small post_gain updates)."""
     upsample = False
     for group in (blocks.group_1, blocks.group_2, blocks.group_3, blocks.group_4):
         for layer in group.children():
@@ -789,10 +773,8 @@ class GSS(nn.Module):
 #     F.cross_entropy(conv(feats), target, ignore_index=ignore_index), conv(feats).argmax(1)
 
 class TokenCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of a 1x1 conv's logits over the non-ignored positions, the (B, V, h, w) logits and their
-    gradient existing one chunk of positions at a time. The loss ends the graph, so backward receives a scalar: the
-    gradients are computed in forward while each chunk's logits are at hand (recomputing them in backward would cost
-    a fourth matmul), and backward only scales them."""
+    """Mean cross-entropy of a 1x1 conv's logits over non-ignored positions, one chunk of (n, V) logits at a time. The
+    loss ends the graph: gradients are computed in forward while the logits are at hand, backward only scales them."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, ignore_index, chunk, with_grad):
@@ -976,12 +958,6 @@ def official_key(key):
     return 'decode_head.' + key
 
 
-def _swap_levels01(w):
-    """Fusion conv weight (out, 4C, 1, 1): swap the column blocks of levels 0 and 1 (in_index=[1, 0, 2, 3])."""
-    c = w.shape[1] // 4
-    return torch.cat([w[:, c:2 * c], w[:, :c], w[:, 2 * c:]], 1)
-
-
 def _window(table):
     """Window size of a Swin relative-position bias table ((2 ws - 1)^2, heads)."""
     return (math.isqrt(table.shape[0]) + 1) // 2
@@ -1080,7 +1056,10 @@ def _load_decode_head(sd, model, parts, variant, what):
         if v.shape != shape:
             mismatched.append(f"{key} {tuple(v.shape)} vs ours {tuple(shape)}")
         else:
-            loaded[p][k] = _swap_levels01(v) if k.endswith('fusion.conv.weight') else v
+            loaded[p][k] = v
+            if k.endswith('fusion.conv.weight'):  # (out, 4C, 1, 1): levels 0 and 1 swapped (in_index=[1, 0, 2, 3])
+                c = v.shape[1] // 4
+                loaded[p][k] = torch.cat([v[:, c:2 * c], v[:, :c], v[:, 2 * c:]], 1)
     missing = [key for key in expected if key not in sd]
     aux = [key for key in missing if 'pixel' in key]
     if variant == 'ft-w' and aux and len(aux) == sum('pixel' in key for key in expected):
