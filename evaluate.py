@@ -1,7 +1,6 @@
 """
-Evaluation for GSS: SegMetric (mmseg's IoUMetric) -> evaluate_split (generative inference beside the auxiliary
-head) -> reconstruction_oracle (stage I) -> save_outputs -> load_stage2 (ours or an official release) -> the CLI,
-which also segments arbitrary images (the demo).
+Evaluation for GSS: SegMetric (mmseg's IoUMetric), evaluate_split (generative inference and the auxiliary head),
+reconstruction_oracle (stage I), save_outputs, load_stage2 (ours or an official release); the CLI, also a demo.
 
     python evaluate.py --checkpoint runs/synthetic/prior/latest.pt                    # GSS-FF + aux head
     python evaluate.py --checkpoint CKPT --posterior runs/synthetic/posterior.pt \
@@ -113,11 +112,8 @@ def window_maps(model, tokenizer, inverses, aux=False, maskige=False):
 
 @torch.no_grad()
 def evaluate_split(model, tokenizer, inverses, dataset, test_cfg, aux=True, indices=None, on_item=None):
-    """Metrics over `dataset` (test items, see datasets.py) of the generative prediction with each X^-1 in
-    `inverses` ({name: module}) and of the auxiliary head's per-pixel prediction ('aux head', when aux=True).
-    indices: the items to visit (default all; a rank's share under DDP, followed by SegMetric.all_reduce).
-    on_item(item, preds, maskige) is called with each item, its {name: (H, W) labels} and the generated maskige
-    (3, 2h, 2w), e.g. to save them."""
+    """{name: SegMetric} of each X^-1 in `inverses` ({name: module}) and of the 'aux head' (aux=True) over the items
+    `indices` of `dataset` (default all; a rank's share under DDP). on_item(item, {name: (H, W) labels}, maskige)."""
     names = list(inverses) + (['aux head'] if aux else [])
     metrics = {name: SegMetric(dataset.num_classes) for name in names}
     device = next(model.parameters()).device
@@ -143,10 +139,8 @@ def labels_and_test_sizes(dataset, indices):
 
 @torch.no_grad()
 def reconstruction_oracle(tokenizer, inverse, palette, ignore_colour, items, num_classes, upsample=False):
-    """The stage-I oracle (the official dalle_reconstruction configs; gss.recon_scores) over (label, test size)
-    pairs (labels_and_test_sizes): each ground truth resized to its test size, painted (255 with the ignore colour),
-    tokenized at 1/8 (upsample=True: stage II's 2x path), decoded, X^-1, scores resized back to the label -> SegMetric.
-    Consecutive labels of one size go in batches of up to 2^18 pixels (the metric sums histograms: the same numbers)."""
+    """The stage-I oracle (official dalle_reconstruction configs; gss.recon_scores) over (label, test size) pairs
+    -> SegMetric. Labels of one size go in batches of up to 2^18 pixels (histograms sum: the same numbers)."""
     metric = SegMetric(num_classes)
     device = next(tokenizer.parameters()).device
     palette, ignore_colour = palette.to(device), ignore_colour.to(device)
@@ -192,9 +186,8 @@ def save_outputs(save_dir, image_path, pred, palette, maskige=None, cityscapes_i
 
 def load_stage2(path, posterior_paths, dataset, device, tokenizer=None):
     """-> (model, tokenizer, {name: inverse}, palette, ignore_colour). Our checkpoints carry their stage-I artifact
-    (gss.checkpoint_posterior: used when no --posterior is given, and checked against each given one; `tokenizer`, a
-    file, overrides its tokenizer); official releases carry the DALL-E weights and, for GSS-FT-W, the inverse; their
-    palette is the official one of `dataset` (not stored in them)."""
+    (checked against each --posterior); official releases carry the DALL-E weights (and GSS-FT-W's inverse), not the
+    palette: the official one of `dataset`."""
     ckpt = gss.load_file(path, 'checkpoint')
     keys = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else {}  # an official release's parameter names
     if isinstance(ckpt, dict) and ckpt.get('kind') == 'gss-prior':
@@ -226,14 +219,10 @@ def load_stage2(path, posterior_paths, dataset, device, tokenizer=None):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--checkpoint', help="stage-II checkpoint (train_prior.py's latest.pt / best.pt, or an official "
-                                        "GSS release .pth)")
-    p.add_argument('--posterior', action='append', help="stage-I artifact(s) of train_posterior.py; repeat to compare "
-                   "several X^-1 on one model (default: the one the checkpoint was trained with)")
-    p.add_argument('--tokenizer', help="tokenizer file (default: the one of the stage-I artifact, found relative to "
-                                       "a train_prior.py checkpoint as at training time)")
-    p.add_argument('--recon', action='store_true', help="also report the tokenizer's maskige-reconstruction oracle "
-                                                        "(needs only --posterior)")
+    p.add_argument('--checkpoint', help="stage-II checkpoint: train_prior.py's latest.pt, or an official GSS .pth")
+    p.add_argument('--posterior', action='append', help="stage-I artifact (default: the model's); repeat for several")
+    p.add_argument('--tokenizer', help="tokenizer file (default: the stage-I artifact's)")
+    p.add_argument('--recon', action='store_true', help="also the maskige-reconstruction oracle (needs --posterior)")
     p.add_argument('--dataset', default='synthetic', help="preset: " + ", ".join(datasets.DATASET_PRESETS))
     p.add_argument('--data-root', help="dataset root (default: the preset's)")
     p.add_argument('--split', default='val')
