@@ -150,12 +150,9 @@ def _refine(colours, step=17):
 
 
 def make_palette(num_classes, seed=0, arithmetic=True, misaligned=True, random_factors=True, refine=True):
-    """Maximal-distance palette beta (K, 3) on 0-255 (appendix B), deterministic for a seed. Each step can be switched
-    off for Table 9's ablation: (i) arithmetic sequences per channel, Cartesian product in r->g->b order (Eqs. 16-18;
-    off: uniformly random colours, the beta of GSS-FF-R, and (ii), (iii) do not apply), (ii) misaligned starts 0, 1, 2
-    (Eq. 19), (iii) random additive factors t in [0, 15] per channel and colour (Eq. 20), (iv) category-specific
-    refinement (_refine). Intervals k^m span the whole 0-255 range, so colours differ by >= min_m k^m - T before
-    refinement (K=150: 5x6x5 grid, >= 32; the official palettes reach 20.0 (ADE20K) and 18.7 (MSeg))."""
+    """Maximal-distance palette beta (K, 3) on 0-255 (appendix B), deterministic for a seed; each step can be switched
+    off for Table 9 (arithmetic=False: GSS-FF-R's random colours). Colours differ by >= min_m k^m - T before refinement
+    (K=150: 5x6x5 grid, >= 32; the official palettes reach 20.0 (ADE20K) and 18.7 (MSeg))."""
     if num_classes < 1:
         raise UserError(f"palette: {num_classes} classes; expected at least 1")
     gen = torch.Generator().manual_seed(seed)
@@ -223,10 +220,9 @@ def _sq_dist(x, p):
 
 
 def _candidate_table(palette, cells):
-    """Split the RGB cube [0, 255]^3 into cells^3 boxes; for each box, the classes that can be the nearest colour of
-    some point in it: colour k qualifies iff its distance to the box is at most the smallest distance D from any
-    colour to the box's farthest point (every point of the box has a colour within D), plus a margin for float
-    rounding. -> (cells^3, M) class indices, ascending, padded with the first (M = 13 for the official ADE20K)."""
+    """For each of the cells^3 boxes of the RGB cube, the classes that can be nearest to a point in it: those within D
+    of the box, D = the smallest distance from any colour to the box's farthest point, plus a float margin.
+    -> (cells^3, M) class indices, ascending, padded with the first (M = 13 for the official ADE20K)."""
     p = palette.float()  # (K, 3)
     lo = torch.arange(cells, device=p.device)[:, None, None] * (255 / cells)  # (cells, 1, 1) box starts per axis
     hi = lo + 255 / cells
@@ -1249,9 +1245,8 @@ def load_posterior(path):
 
 
 def posterior_summary(posterior, path, ckpt_dir):
-    """What a stage-II checkpoint in the folder `ckpt_dir` records of the stage-I artifact `posterior` (at `path`) it
-    was trained with, plain types: all of it but the tokenizer, whose file it records relative to ckpt_dir and
-    absolute, so that a moved runs folder still evaluates (checkpoint_posterior)."""
+    """The stage-I artifact as a stage-II checkpoint in `ckpt_dir` records it: its tokenizer file both relative to
+    ckpt_dir and absolute, so that a moved runs folder still evaluates (checkpoint_posterior)."""
     tokenizer = os.path.abspath(posterior['tokenizer'])
     return {**posterior, 'path': os.path.abspath(path), 'tokenizer_abs': tokenizer,
             'tokenizer': os.path.relpath(tokenizer, os.path.abspath(ckpt_dir))}
