@@ -695,17 +695,16 @@ class GSSHead(nn.Module):
     vocabulary (GenerativeSegHeadFF), and the unlabeled-area auxiliary head p_xi (Sec. 3.4): a separate MLA -> 1x1
     conv to K."""
 
-    def __init__(self, in_channels, num_classes, vocab_size=8192, mla_channels=384, fused_channels=512,
-                 token_channels=2048, depth=2, num_heads=16, window_size=7, dropout=0.1):
+    def __init__(self, in_channels, c):  # c: a GSSConfig
         super().__init__()
-        self.mla = MLA(in_channels, mla_channels, fused_channels)
-        self.blocks = swin.SwinStage(fused_channels, depth, num_heads, window_size, mlp_ratio=2.0)  # FFN 2x
-        self.swin_norm = nn.LayerNorm(fused_channels)
-        self.conv_before_seg = ConvBNReLU(fused_channels, token_channels)
-        self.dropout = nn.Dropout2d(dropout)
-        self.conv_seg = nn.Conv2d(token_channels, vocab_size, 1)
-        self.aux_mla = MLA(in_channels, mla_channels, mla_channels)
-        self.aux_cls = nn.Conv2d(mla_channels, num_classes, 1)
+        self.mla = MLA(in_channels, c.mla_channels, c.fused_channels)
+        self.blocks = swin.SwinStage(c.fused_channels, c.depth, c.num_heads, c.window_size, mlp_ratio=2.0)  # FFN 2x
+        self.swin_norm = nn.LayerNorm(c.fused_channels)
+        self.conv_before_seg = ConvBNReLU(c.fused_channels, c.token_channels)
+        self.dropout = nn.Dropout2d(c.dropout)
+        self.conv_seg = nn.Conv2d(c.token_channels, c.vocab_size, 1)
+        self.aux_mla = MLA(in_channels, c.mla_channels, c.mla_channels)
+        self.aux_cls = nn.Conv2d(c.mla_channels, c.num_classes, 1)
         for conv in (self.conv_seg, self.aux_cls):  # mmseg BaseDecodeHead.init_weights
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
@@ -750,7 +749,7 @@ class GSS(nn.Module):
         super().__init__()
         self.config = dataclasses.asdict(config)
         self.backbone, channels = build_backbone(config.backbone, pretrained)
-        self.head = GSSHead(channels, **{k: v for k, v in self.config.items() if k != 'backbone'})
+        self.head = GSSHead(channels, config)
 
     @classmethod
     def from_config(cls, config, pretrained=None):
