@@ -70,10 +70,12 @@ class SegMetric:
             aacc = inter.sum() / label.sum() * 100
         return dict(aAcc=float(aacc), mIoU=nanmean(iou), mAcc=nanmean(acc), IoU=iou, Acc=acc)
 
+
 def nanmean(x):
     """np.nanmean without the empty-slice warning (NaN when every entry is NaN)."""
     x = x[~np.isnan(x)]  # x: a float64 array
     return float(x.mean()) if x.size else math.nan
+
 
 def format_table(metrics, class_names):
     """A per-class IoU / Acc table (percent, 2 decimals, nan for absent classes) with the summary below."""
