@@ -489,9 +489,7 @@ def _residual_stack(blocks, x, dtype):
 
 class Tokenizer(nn.Module):
     """Frozen dVAE of Eq. 5 (DALL-E's architecture): maskige (B, 3, H, W) in [0, 1] <-> tokens (B, H/8, W/8).
-    Always eval, no gradients to its weights, float32 with autocast off. encode/decode dtype=torch.bfloat16 opts into
-    bf16 residual branches: half the memory, fast only with bf16 convolution hardware (CUDA, AVX512-BF16, AMX).
-    Decoding gathers the first 1x1 conv's weight columns instead of feeding a (B, vocab, h, w) one-hot."""
+    Always eval, float32, autocast off; dtype=torch.bfloat16: bf16 residual branches (half the memory; CUDA, AMX)."""
 
     def __init__(self, encoder, decoder):
         super().__init__()
@@ -995,10 +993,8 @@ def official_config(sd):
 
 
 def load_official_checkpoint(checkpoint, model=None, variant=None):
-    """An official GSS checkpoint (path or state dict, or a bare decode_head state dict) -> (model, tokenizer,
-    inverse). The DALL-E weights inside (decode_head.d_vae.*) become the tokenizer; inverse is an FTWInverse for
-    GSS-FT-W files, else None (GSS-FF: NearestColour of the official palette). model: load into this GSS (default:
-    built from the shapes). variant: 'ff' or 'ft-w' (default: from the keys). Strict: every key used or explained."""
+    """An official GSS checkpoint (path, state dict or bare decode_head state dict) -> (model, tokenizer, FTWInverse
+    or None for GSS-FF), strictly. model: load into this GSS (default: built from the shapes); variant: 'ff', 'ft-w'."""
     is_path = isinstance(checkpoint, (str, os.PathLike))
     what = os.fspath(checkpoint) if is_path else 'official checkpoint'
     sd = load_file(checkpoint, 'official GSS checkpoint') if is_path else checkpoint
