@@ -430,7 +430,7 @@ def _train_setup(name, steps):
         dataset.preset = dict(dataset.preset, crop_size=c['crop'])
     else:
         dataset = datasets.build_dataset('synthetic', 'train')
-    model = gss.GSS(c['backbone'], num_classes=c['num_classes'], vocab_size=c['tok']['vocab_size'], **c['head'])
+    model = gss.GSS(gss.GSSConfig(c['backbone'], c['num_classes'], c['tok']['vocab_size'], **c['head']))
     tokenizer = gss.build_tokenizer(**c['tok'])
     palette = gss.make_palette(c['num_classes'])  # (K, 3)
     optimizer = torch.optim.AdamW(train_prior.param_groups(model), lr=1e-4, weight_decay=0.01, fused=True)
@@ -548,7 +548,7 @@ def _infer_tflop(name):
     count (its convs' FLOPs are exactly proportional to it)."""
     backbone, K, _, _, _, _ = INFER_CASES[name]
     with torch.device('meta'):
-        model = gss.GSS(backbone, num_classes=K, vocab_size=8192).eval()
+        model = gss.GSS(gss.GSSConfig(backbone, K, 8192)).eval()
     tokenizer = gss.build_tokenizer(**DALLE_ARCH)
     with FlopCounterMode(display=False) as counter:
         tokenizer.decode(torch.zeros(1, 8, 8, dtype=torch.long))
@@ -569,7 +569,7 @@ def _infer_setup(name, windows):
     wrapping gss.maskige_scores, which predict calls once per window, last."""
     backbone, K, (H, W), mode, crop, stride = INFER_CASES[name]
     torch.manual_seed(0)
-    model = gss.GSS(backbone, num_classes=K, vocab_size=8192).eval()
+    model = gss.GSS(gss.GSSConfig(backbone, K, 8192)).eval()
     tokenizer = _dalle_size()
     inverse = gss.NearestColour(gss.make_palette(K))
     images = torch.randn(1, 3, H, W)

@@ -1,7 +1,6 @@
 """
-Evaluation for GSS: SegMetric (mmseg's IoUMetric) -> evaluate_split (generative inference beside the auxiliary
-head) -> reconstruction_oracle (stage I) -> save_outputs -> load_stage2 (ours or an official release) -> the CLI,
-which also segments arbitrary images (the demo).
+Evaluation for GSS: SegMetric (mmseg's IoUMetric), evaluate_split (generative inference and the auxiliary head),
+reconstruction_oracle (stage I), save_outputs, load_stage2 (ours or an official release); the CLI, also a demo.
 
     python evaluate.py --checkpoint runs/synthetic/prior/latest.pt                    # GSS-FF + aux head
     python evaluate.py --checkpoint CKPT --posterior runs/synthetic/posterior.pt \
@@ -71,10 +70,12 @@ class SegMetric:
             aacc = inter.sum() / label.sum() * 100
         return dict(aAcc=float(aacc), mIoU=nanmean(iou), mAcc=nanmean(acc), IoU=iou, Acc=acc)
 
+
 def nanmean(x):
     """np.nanmean without the empty-slice warning (NaN when every entry is NaN)."""
     x = x[~np.isnan(x)]  # x: a float64 array
     return float(x.mean()) if x.size else math.nan
+
 
 def format_table(metrics, class_names):
     """A per-class IoU / Acc table (percent, 2 decimals, nan for absent classes) with the summary below."""
@@ -96,22 +97,34 @@ def resized_argmax(scores, size):
     return scores.argmax(1)
 
 
+def window_maps(model, tokenizer, inverses, aux=False, maskige=False):
+    """gss.infer's window_fn: one backbone pass and one generation per window -> {name: (B, K, h, w)} for each X^-1
+    in `inverses` ({name: module}), plus 'aux head' (aux=True) and the generated 'maskige' (B, 3, 2h, 2w)."""
+    def window_fn(x):
+        feats = getattr(model, 'module', model).backbone(x)
+        m = gss.generate(model, tokenizer, x, feats)  # (B, 3, 2h, 2w)
+        out = {name: gss.maskige_scores(inv, m, x.shape[-2:]) for name, inv in inverses.items()}
+        if aux:
+            out['aux head'] = gss.aux_scores(model, feats, x.shape[-2:])
+        if maskige:
+            out['maskige'] = m
+        return out
+    return window_fn
+
+
 @torch.no_grad()
 def evaluate_split(model, tokenizer, inverses, dataset, test_cfg, aux=True, indices=None, on_item=None):
-    """Metrics over `dataset` (test items, see datasets.py) of the generative prediction with each X^-1 in
-    `inverses` ({name: module}) and of the auxiliary head's per-pixel prediction ('aux head', when aux=True).
-    indices: the items to visit (default all; a rank's share under DDP, followed by SegMetric.all_reduce).
-    on_item(item, preds, maskige) is called with each item, its {name: (H, W) labels} and the generated maskige
-    (3, 2h, 2w), e.g. to save them."""
+    """{name: SegMetric} of each X^-1 in `inverses` ({name: module}) and of the 'aux head' (aux=True) over the items
+    `indices` of `dataset` (default all; a rank's share under DDP). on_item(item, {name: (H, W) labels}, maskige)."""
     names = list(inverses) + (['aux head'] if aux else [])
     metrics = {name: SegMetric(dataset.num_classes) for name in names}
     device = next(model.parameters()).device
+    window_fn = window_maps(model, tokenizer, inverses, aux, maskige=on_item is not None)
     for i in range(len(dataset)) if indices is None else indices:
         item = dataset[i]
         image = item['image'][None].to(device)  # (1, 3, h, w) at the test scale
         label = item['label'].to(device)  # (H, W) at the original resolution
-        scores = gss.predict(model, tokenizer, inverses, image, **test_cfg, aux=aux,  # one generation per window
-                             maskige=on_item is not None)
+        scores = gss.infer(window_fn, image, **test_cfg)
         maskige = scores.pop('maskige', None)  # (1, 3, 2h, 2w)
         preds = {name: resized_argmax(s, label.shape)[0] for name, s in scores.items()}
         for name, pred in preds.items():
@@ -128,10 +141,8 @@ def labels_and_test_sizes(dataset, indices):
 
 @torch.no_grad()
 def reconstruction_oracle(tokenizer, inverse, palette, ignore_colour, items, num_classes, upsample=False):
-    """The stage-I oracle (the official dalle_reconstruction configs; gss.recon_scores) over (label, test size)
-    pairs (labels_and_test_sizes): each ground truth resized to its test size, painted (255 with the ignore colour),
-    tokenized at 1/8 (upsample=True: stage II's 2x path), decoded, X^-1, scores resized back to the label -> SegMetric.
-    Consecutive labels of one size go in batches of up to 2^18 pixels (the metric sums histograms: the same numbers)."""
+    """The stage-I oracle (official dalle_reconstruction configs; gss.recon_scores) over (label, test size) pairs
+    -> SegMetric. Labels of one size go in batches of up to 2^18 pixels (histograms sum: the same numbers)."""
     metric = SegMetric(num_classes)
     device = next(tokenizer.parameters()).device
     palette, ignore_colour = palette.to(device), ignore_colour.to(device)
@@ -177,9 +188,8 @@ def save_outputs(save_dir, image_path, pred, palette, maskige=None, cityscapes_i
 
 def load_stage2(path, posterior_paths, dataset, device, tokenizer=None):
     """-> (model, tokenizer, {name: inverse}, palette, ignore_colour). Our checkpoints carry their stage-I artifact
-    (gss.checkpoint_posterior: used when no --posterior is given, and checked against each given one; `tokenizer`, a
-    file, overrides its tokenizer); official releases carry the DALL-E weights and, for GSS-FT-W, the inverse; their
-    palette is the official one of `dataset` (not stored in them)."""
+    (checked against each --posterior); official releases carry the DALL-E weights (and GSS-FT-W's inverse), not the
+    palette: the official one of `dataset`."""
     ckpt = gss.load_file(path, 'checkpoint')
     keys = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else {}  # an official release's parameter names
     if isinstance(ckpt, dict) and ckpt.get('kind') == 'gss-prior':
@@ -211,14 +221,10 @@ def load_stage2(path, posterior_paths, dataset, device, tokenizer=None):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--checkpoint', help="stage-II checkpoint (train_prior.py's latest.pt / best.pt, or an official "
-                                        "GSS release .pth)")
-    p.add_argument('--posterior', action='append', help="stage-I artifact(s) of train_posterior.py; repeat to compare "
-                   "several X^-1 on one model (default: the one the checkpoint was trained with)")
-    p.add_argument('--tokenizer', help="tokenizer file (default: the one of the stage-I artifact, found relative to "
-                                       "a train_prior.py checkpoint as at training time)")
-    p.add_argument('--recon', action='store_true', help="also report the tokenizer's maskige-reconstruction oracle "
-                                                        "(needs only --posterior)")
+    p.add_argument('--checkpoint', help="stage-II checkpoint: train_prior.py's latest.pt, or an official GSS .pth")
+    p.add_argument('--posterior', action='append', help="stage-I artifact (default: the model's); repeat for several")
+    p.add_argument('--tokenizer', help="tokenizer file (default: the stage-I artifact's)")
+    p.add_argument('--recon', action='store_true', help="also the maskige-reconstruction oracle (needs --posterior)")
     p.add_argument('--dataset', default='synthetic', help="preset: " + ", ".join(datasets.DATASET_PRESETS))
     p.add_argument('--data-root', help="dataset root (default: the preset's)")
     p.add_argument('--split', default='val')
@@ -266,7 +272,8 @@ def segment_images(args, model, tokenizer, inverse, palette):
         img = datasets.read_image(path)  # (H, W, 3) uint8
         H, W = img.shape[:2]
         image = datasets.test_transform(img, np.zeros((H, W), np.uint8), preset)['image'][None].to(args.device)
-        out = gss.predict(model, tokenizer, {'': inverse}, image, **test_cfg, maskige=True)  # one generation
+        with torch.no_grad():
+            out = gss.infer(window_maps(model, tokenizer, {'': inverse}, maskige=True), image, **test_cfg)
         pred = resized_argmax(out[''], (H, W))[0]
         save_outputs(save_dir, path, pred, palette, out['maskige'][0], args.cityscapes_ids)
         print(f"{path}: {H}x{W} -> {save_dir}")

@@ -1,16 +1,13 @@
-"""Generative Semantic Segmentation (GSS, CVPR 2023): the method of the paper, in its order.
-
-Stage I (latent posterior, Sec. 3.3): a label map c is painted into a "maskige" x = X(c) with a palette beta; a frozen
-VQ tokenizer (DALL-E's dVAE) maps maskiges to discrete tokens and back; X^-1 maps a maskige back to class scores.
-Stage II (latent prior, Sec. 3.4): an image encoder I_psi predicts the tokens of the image's maskige. Inference
-(Sec. 3.5): image -> tokens -> decoded maskige -> X^-1.
+"""Generative Semantic Segmentation (GSS, CVPR 2023): the method of the paper, in its order. Labels are painted
+into maskiges (X), tokenized by a frozen VQ tokenizer, predicted from images by I_psi, decoded and read back (X^-1).
 
     1. Palettes X              make_palette (appendix B), official_palette, paint, upsample_labels_2x
-    2. X^-1 variants           NearestColour (GSS-FF), LeastSquares, FTInverse, FTWInverse, build_inverse
+    2. X^-1 variants           NearestColour (GSS-FF), LeastSquares, FTInverse, FTWInverse, build_inverse;
+                               the GSS-TF/TT objectives paint_soft, relaxed_roundtrip, tf_loss
     3. Tokenizer               Tokenizer (encode, decode), build_tokenizer, reconstruct, recon_scores
-    4. Image encoder I_psi     build_backbone, MLA, GSSHead, GSS
+    4. Image encoder I_psi     build_backbone, MLA, GSSHead, GSSConfig, GSS
     5. Targets and losses      token_targets, token_cross_entropy, compute_loss (Eq. 7)
-    6. Inference               predict, generate, slide_windows
+    6. Inference               predict, generate, aux_scores, infer, slide_windows
     7. Official checkpoints    load_official_checkpoint, official_key, official_config
     8. Files and validation    UserError, load_file, save_atomic, load_tokenizer, convert_dalle, load_posterior
 
@@ -21,12 +18,14 @@ Usage (an official GSS-FF checkpoint of fudan-zvg/GSS, images normalized as in e
     inverse = inverse or gss.NearestColour(gss.official_palette('ade20k')[:-1])  # last row: the ignore colour
     scores = gss.predict(model.eval(), tokenizer, inverse, images)  # (B, 3, H, W) -> (B, K, H, W)
 """
+import dataclasses
 import math
 import os
 import re
 import tempfile
 import warnings
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -123,12 +122,9 @@ def _lattice(step):
 
 
 def _refine(colours, step=17):
-    """Appendix B (iv) category-specific refinement, without the per-class IoU feedback of the paper's manual edits:
-    keep colours away from grey (the centre of the RGB cube, close to many colours and to the blend of any two) and
-    away from each other. Greedy max-min on score = min(distance to nearest other colour, distance to mid grey): move
-    the worst-scoring colour to the lattice colour (step 17: 0, 17, ..., 255 per channel) scoring best against the
-    rest, while that improves it. E.g. a mid grey (128, 128, 128) goes to a saturated colour such as (0, 136, 255).
-    Integer arithmetic on doubled coordinates (grey = 255), so the result is the same on every machine."""
+    """Appendix B (iv) without the paper's per-class IoU feedback: greedy max-min on score = min(distance to the nearest
+    other colour, distance to mid grey, which blends of any two colours approach). While it helps, move the worst
+    colour to the best lattice colour. Integer arithmetic on doubled coordinates: the same result on every machine."""
     colours = colours.clone().long()
     lattice = _lattice(step)  # (C, 3)
     sq = lambda a, b: ((2 * a[:, None] - 2 * b[None]) ** 2).sum(-1)  # (len a, len b) squared distances x 4
@@ -154,12 +150,9 @@ def _refine(colours, step=17):
 
 
 def make_palette(num_classes, seed=0, arithmetic=True, misaligned=True, random_factors=True, refine=True):
-    """Maximal-distance palette beta (K, 3) on 0-255 (appendix B), deterministic for a seed. Each step can be switched
-    off for Table 9's ablation: (i) arithmetic sequences per channel, Cartesian product in r->g->b order (Eqs. 16-18;
-    off: uniformly random colours, the beta of GSS-FF-R, and (ii), (iii) do not apply), (ii) misaligned starts 0, 1, 2
-    (Eq. 19), (iii) random additive factors t in [0, 15] per channel and colour (Eq. 20), (iv) category-specific
-    refinement (_refine). Intervals k^m span the whole 0-255 range, so colours differ by >= min_m k^m - T before
-    refinement (K=150: 5x6x5 grid, >= 32; the official palettes reach 20.0 (ADE20K) and 18.7 (MSeg))."""
+    """Maximal-distance palette beta (K, 3) on 0-255 (appendix B), deterministic for a seed; each step can be switched
+    off for Table 9 (arithmetic=False: GSS-FF-R's random colours). Colours differ by >= min_m k^m - T before refinement
+    (K=150: 5x6x5 grid, >= 32; the official palettes reach 20.0 (ADE20K) and 18.7 (MSeg))."""
     if num_classes < 1:
         raise UserError(f"palette: {num_classes} classes; expected at least 1")
     gen = torch.Generator().manual_seed(seed)
@@ -173,21 +166,15 @@ def make_palette(num_classes, seed=0, arithmetic=True, misaligned=True, random_f
         colours = torch.cartesian_prod(*seqs).reshape(-1, 3)[:num_classes]  # (K, 3), Eq. 18
         if random_factors:
             colours = colours + torch.randint(0, t + 1, colours.shape, generator=gen)  # Eq. 20
-    else:
-        colours = _random_colours(num_classes, gen)
+    else:  # K distinct uniformly random colours: duplicates redrawn
+        colours = torch.randint(0, 256, (num_classes, 3), generator=gen)
+        while len(set(map(tuple, colours.tolist()))) < num_classes:
+            colours = torch.unique(colours, dim=0)
+            extra = torch.randint(0, 256, (num_classes - len(colours), 3), generator=gen)
+            colours = torch.cat([colours, extra])[torch.randperm(num_classes, generator=gen)]
     if refine or len(set(map(tuple, colours.tolist()))) != num_classes:  # the noise can merge colours if K > 16^3
         colours = _refine(colours)
     return colours.long()
-
-
-def _random_colours(num_classes, gen):
-    """K distinct uniformly random colours (K, 3); redraws duplicates."""
-    colours = torch.randint(0, 256, (num_classes, 3), generator=gen)
-    while len(set(map(tuple, colours.tolist()))) < num_classes:
-        colours = torch.unique(colours, dim=0)
-        extra = torch.randint(0, 256, (num_classes - len(colours), 3), generator=gen)
-        colours = torch.cat([colours, extra])[torch.randperm(num_classes, generator=gen)]
-    return colours
 
 
 def random_palette(num_classes, seed=0):
@@ -233,10 +220,9 @@ def _sq_dist(x, p):
 
 
 def _candidate_table(palette, cells):
-    """Split the RGB cube [0, 255]^3 into cells^3 boxes; for each box, the classes that can be the nearest colour of
-    some point in it: colour k qualifies iff its distance to the box is at most the smallest distance D from any
-    colour to the box's farthest point (every point of the box has a colour within D), plus a margin for float
-    rounding. -> (cells^3, M) class indices, ascending, padded with the first (M = 13 for the official ADE20K)."""
+    """For each of the cells^3 boxes of the RGB cube, the classes that can be nearest to a point in it: those within D
+    of the box, D = the smallest distance from any colour to the box's farthest point, plus a float margin.
+    -> (cells^3, M) class indices, ascending, padded with the first (M = 13 for the official ADE20K)."""
     p = palette.float()  # (K, 3)
     lo = torch.arange(cells, device=p.device)[:, None, None] * (255 / cells)  # (cells, 1, 1) box starts per axis
     hi = lo + 255 / cells
@@ -382,6 +368,46 @@ def maskige_scores(inverse, maskige, size):
     return scores
 
 
+# GSS-TF / GSS-TT (appendix A.2): beta trained through the frozen tokenizer
+
+def keyed(fn, seeds, tag, *batches):
+    """fn on each sample alone (batches of one), torch's RNG seeded by (the sample's seed, tag) -> the results
+    concatenated: the random draws are keyed by the sample, so 2 ranks x b images draw what 1 rank x 2b images draw,
+    and a resumed run what the uninterrupted one drew."""
+    out = []
+    for seed, *samples in zip(seeds.tolist(), *batches):
+        torch.manual_seed(int(np.random.SeedSequence((seed, tag)).generate_state(1)[0]))  # a well-mixed 32-bit seed
+        out.append(fn(*(x[None] for x in samples)))
+    return torch.cat(out)
+
+
+def paint_soft(beta, ignore_colour, labels):
+    """X with a trainable beta (K, 3) in [0, 1]: labels (B, H, W) -> maskige (B, 3, H, W), differentiable in beta."""
+    table = torch.cat([beta, ignore_colour.to(beta)[None] / 255])  # (K+1, 3)
+    return F.embedding(labels.clamp(max=len(beta)), table).permute(0, 3, 1, 2)
+
+
+def relaxed_roundtrip(tok, maskige, seeds):
+    """Encoder logits -> hard Gumbel-softmax (argmax forward, straight-through gradients; Sec. 3.3; the paper gives no
+    temperature, we use 1), its noise keyed by the samples' seeds -> decode_soft."""
+    logits = tok.encoder_logits(maskige)  # (B, vocab, h, w)
+    z = keyed(lambda x: F.gumbel_softmax(x, tau=1.0, hard=True, dim=1), seeds, 2, logits)  # one-hots, same shape
+    return tok.decode_soft(z)  # (B, 3, H, W)
+
+
+def tf_loss(beta, maskige, recon, labels):
+    """The GSS-TF objective of appendix A.2 (Eqs. 11-12, cascaded): (||X^ - C beta|| ||gamma_t|| +
+    ||C beta gamma_t - C||)^2 with gamma_t = (beta^T beta)^-1 beta^T (Eq. 15) held fixed for the step. Norms are
+    root-mean-squares over the labelled pixels, so the loss does not grow with the batch."""
+    K = len(beta)
+    valid = labels < K  # (B, H, W)
+    gamma = LeastSquares(beta.detach() * 255).gamma  # (3, K); LeastSquares takes 0-255 colours
+    recon_err = ((recon - maskige) ** 2).sum(1)[valid].mean().sqrt()  # ||X^ - C beta||
+    per_class = ((beta @ gamma - torch.eye(K, device=beta.device)) ** 2).sum(1)  # (K,) ||beta_c gamma - e_c||^2
+    fit_err = per_class[labels[valid]].mean().sqrt()  # ||C beta gamma - C||
+    return (recon_err * gamma.norm() + fit_err) ** 2
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 3. Tokenizer: the frozen VQ-VAE of Eq. 5 (DALL-E dVAE architecture, dall_e package) over maskiges
 
@@ -431,12 +457,9 @@ def _relu_conv(conv, x, out=None, alpha=1.0, channels=None, keep_input=False, dt
 
 
 def _residual_stack(blocks, x, dtype):
-    """The groups of a dall_e Encoder/Decoder (`blocks.group_1..4`), run by hand so that every intermediate dies as
-    soon as it can: each block is id_path(x) + post_gain * res_path(x), res_path = (ReLU, conv) x 4. Max-pools run
-    as they come; a nearest 2x upsample is moved past the next block's id_path and conv_1 (both 1x1 in the Decoder,
-    so they commute with it exactly), so the wide tensor before them never exists at the high resolution.
-    The residual stream x stays float32; the residual branches compute in `dtype` (bfloat16 opt-in: summing bf16
-    branch outputs into a bf16 stream would lose most of their small post_gain-scaled updates)."""
+    """A dall_e Encoder/Decoder's groups by hand, each intermediate freed early: block = id_path(x) + post_gain *
+    res_path(x). A nearest 2x upsample moves past the next 1x1 id_path and conv_1 (they commute), so the wide tensor
+    never exists at the high resolution. The stream x stays float32 (bf16 would lose the small post_gain updates)."""
     upsample = False
     for group in (blocks.group_1, blocks.group_2, blocks.group_3, blocks.group_4):
         for layer in group.children():
@@ -466,9 +489,7 @@ def _residual_stack(blocks, x, dtype):
 
 class Tokenizer(nn.Module):
     """Frozen dVAE of Eq. 5 (DALL-E's architecture): maskige (B, 3, H, W) in [0, 1] <-> tokens (B, H/8, W/8).
-    Always eval, no gradients to its weights, float32 with autocast off. encode/decode dtype=torch.bfloat16 opts into
-    bf16 residual branches: half the memory, fast only with bf16 convolution hardware (CUDA, AVX512-BF16, AMX).
-    Decoding gathers the first 1x1 conv's weight columns instead of feeding a (B, vocab, h, w) one-hot."""
+    Always eval, float32, autocast off; dtype=torch.bfloat16: bf16 residual branches (half the memory; CUDA, AMX)."""
 
     def __init__(self, encoder, decoder):
         super().__init__()
@@ -672,17 +693,16 @@ class GSSHead(nn.Module):
     vocabulary (GenerativeSegHeadFF), and the unlabeled-area auxiliary head p_xi (Sec. 3.4): a separate MLA -> 1x1
     conv to K."""
 
-    def __init__(self, in_channels, num_classes, vocab_size=8192, mla_channels=384, fused_channels=512,
-                 token_channels=2048, depth=2, num_heads=16, window_size=7, dropout=0.1):
+    def __init__(self, in_channels, c):  # c: a GSSConfig
         super().__init__()
-        self.mla = MLA(in_channels, mla_channels, fused_channels)
-        self.blocks = swin.SwinStage(fused_channels, depth, num_heads, window_size, mlp_ratio=2.0)  # FFN 2x
-        self.swin_norm = nn.LayerNorm(fused_channels)
-        self.conv_before_seg = ConvBNReLU(fused_channels, token_channels)
-        self.dropout = nn.Dropout2d(dropout)
-        self.conv_seg = nn.Conv2d(token_channels, vocab_size, 1)
-        self.aux_mla = MLA(in_channels, mla_channels, mla_channels)
-        self.aux_cls = nn.Conv2d(mla_channels, num_classes, 1)
+        self.mla = MLA(in_channels, c.mla_channels, c.fused_channels)
+        self.blocks = swin.SwinStage(c.fused_channels, c.depth, c.num_heads, c.window_size, mlp_ratio=2.0)  # FFN 2x
+        self.swin_norm = nn.LayerNorm(c.fused_channels)
+        self.conv_before_seg = ConvBNReLU(c.fused_channels, c.token_channels)
+        self.dropout = nn.Dropout2d(c.dropout)
+        self.conv_seg = nn.Conv2d(c.token_channels, c.vocab_size, 1)
+        self.aux_mla = MLA(in_channels, c.mla_channels, c.mla_channels)
+        self.aux_cls = nn.Conv2d(c.mla_channels, c.num_classes, 1)
         for conv in (self.conv_seg, self.aux_cls):  # mmseg BaseDecodeHead.init_weights
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
@@ -701,22 +721,37 @@ class GSSHead(nn.Module):
         return self.token_features(feats), self.aux_logits(feats)
 
 
-class GSS(nn.Module):
-    """The image encoder I_psi: backbone + GSSHead. `config` (plain types) rebuilds it: GSS.from_config(config)."""
+@dataclasses.dataclass
+class GSSConfig:
+    """The image encoder's shape (GSS-FF Swin-L on ADE20K by default); checkpoints store it as a plain dict."""
+    backbone: str = 'swin_l'
+    num_classes: int = 150
+    vocab_size: int = 8192
+    mla_channels: int = 384
+    fused_channels: int = 512
+    token_channels: int = 2048
+    depth: int = None  # None: paper's D = 2 for Swin, 6 for ResNet-101
+    num_heads: int = 16
+    window_size: int = 7
+    dropout: float = 0.1
 
-    def __init__(self, backbone='swin_l', num_classes=150, vocab_size=8192, mla_channels=384, fused_channels=512,
-                 token_channels=2048, depth=None, num_heads=16, window_size=7, dropout=0.1, pretrained=None):
+    def __post_init__(self):
+        if self.depth is None:
+            self.depth = 6 if self.backbone.startswith('resnet') else 2
+
+
+class GSS(nn.Module):
+    """The image encoder I_psi: backbone + GSSHead. self.config, a plain dict, rebuilds it: GSS.from_config."""
+
+    def __init__(self, config, pretrained=None):
         super().__init__()
-        depth = depth if depth is not None else (6 if backbone.startswith('resnet') else 2)  # paper: D=2 Swin, 6 R101
-        self.config = dict(backbone=backbone, num_classes=num_classes, vocab_size=vocab_size, mla_channels=mla_channels,
-                           fused_channels=fused_channels, token_channels=token_channels, depth=depth,
-                           num_heads=num_heads, window_size=window_size, dropout=dropout)
-        self.backbone, channels = build_backbone(backbone, pretrained)
-        self.head = GSSHead(channels, **{k: v for k, v in self.config.items() if k != 'backbone'})
+        self.config = dataclasses.asdict(config)
+        self.backbone, channels = build_backbone(config.backbone, pretrained)
+        self.head = GSSHead(channels, config)
 
     @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+    def from_config(cls, config, pretrained=None):
+        return cls(GSSConfig(**config), pretrained)
 
     def forward(self, images):
         """(B, 3, H, W) -> (token features (B, token_channels, H/4, W/4), aux logits (B, K, H/4, W/4))."""
@@ -731,10 +766,8 @@ class GSS(nn.Module):
 #     F.cross_entropy(conv(feats), target, ignore_index=ignore_index), conv(feats).argmax(1)
 
 class TokenCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of a 1x1 conv's logits over the non-ignored positions, the (B, V, h, w) logits and their
-    gradient existing one chunk of positions at a time. The loss ends the graph, so backward receives a scalar: the
-    gradients are computed in forward while each chunk's logits are at hand (recomputing them in backward would cost
-    a fourth matmul), and backward only scales them."""
+    """Mean cross-entropy of a 1x1 conv's logits over non-ignored positions, one chunk of (n, V) logits at a time. The
+    loss ends the graph: gradients are computed in forward while the logits are at hand, backward only scales them."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, ignore_index, chunk, with_grad):
@@ -845,17 +878,17 @@ def slide_windows(H, W, crop, stride):
     return boxes
 
 
-def _infer(window_scores, images, mode, crop, stride):
-    """Whole image, or mmseg's sliding windows: each of the window's maps ({name: (B, C, f h, f w)}, f = 1 for
-    class scores, 2 for the maskige) summed into its canvas (B, C, f H, f W), divided by the overlap count."""
+def infer(window_fn, images, mode='whole', crop=None, stride=None):
+    """Whole image, or mmseg's sliding windows: each of window_fn's maps ({name: (B, C, f h, f w)}, f = 1 for class
+    scores, 2 for the maskige) summed into its canvas (B, C, f H, f W), divided by the overlap count."""
     if mode == 'whole':
-        return window_scores(images)
+        return window_fn(images)
     if mode != 'slide' or crop is None or stride is None:
         raise UserError(f"--mode {mode}: expected 'whole', or 'slide' with a crop and a stride")
     B, _, H, W = images.shape
     out, count = {}, images.new_zeros(1, 1, H, W)
     for y1, y2, x1, x2 in slide_windows(H, W, crop, stride):
-        for name, s in window_scores(images[:, :, y1:y2, x1:x2]).items():  # (B, C, f (y2-y1), f (x2-x1))
+        for name, s in window_fn(images[:, :, y1:y2, x1:x2]).items():  # (B, C, f (y2-y1), f (x2-x1))
             f = s.shape[2] // (y2 - y1)
             if name not in out:
                 out[name] = torch.zeros(B, s.shape[1], f * H, f * W, device=s.device)  # float32 sums
@@ -865,44 +898,29 @@ def _infer(window_scores, images, mode, crop, stride):
 
 
 @torch.no_grad()
-def predict(model, tokenizer, inverse, images, mode='whole', crop=None, stride=None, aux=False, maskige=False):
+def predict(model, tokenizer, inverse, images, mode='whole', crop=None, stride=None):
     """Generative inference: image -> tokens (argmax) -> tokenizer.decode -> maskige at 2H x 2W -> X^-1 -> class
-    scores resized to the input (maskige_scores): (B, 3, H, W) -> (B, K, H, W). Put the modules in eval mode.
-    inverse may also be a dict {name: X^-1}: then the result is a dict {name: scores} from one generation per window,
-    plus 'aux head' (the auxiliary head's logits on the same backbone pass) when aux=True, and 'maskige' (the
-    generated maskige (B, 3, 2H, 2W), averaged where windows overlap) when maskige=True."""
-    model = getattr(model, 'module', model)  # through a DDP wrapper
-    inverses = inverse if isinstance(inverse, dict) else {'': inverse}
-
-    def window_scores(x):
-        H, W = x.shape[-2:]
-        feats = model.backbone(x)
-        out = {}
-        if inverses:
-            m = _generate(model, tokenizer, feats, H, W)  # (B, 3, 2H, 2W)
-            out = {name: maskige_scores(inv, m, (H, W)) for name, inv in inverses.items()}  # (B, K, H, W)
-            if maskige:
-                out['maskige'] = m
-        if aux:
-            a = model.head.aux_logits(feats)  # (B, K, h, w), h = ceil(H/4)
-            a = F.interpolate(a, (4 * a.shape[2], 4 * a.shape[3]), mode='bilinear', align_corners=False)
-            out['aux head'] = a[:, :, :H, :W]  # (B, K, H, W)
-        return out
-    scores = _infer(window_scores, images, mode, crop, stride)
-    return scores if isinstance(inverse, dict) else scores['']
-
-
-def _generate(model, tokenizer, feats, H, W):
-    """Backbone features of an (H, W) image -> token argmax -> tokenizer.decode -> maskige (B, 3, 2H, 2W)."""
-    tokens = token_argmax(model.head.token_features(feats), model.head.conv_seg)  # (B, ceil(H/4), ceil(W/4))
-    return tokenizer.decode(tokens)[:, :, :2 * H, :2 * W]
+    scores resized to the input (maskige_scores): (B, 3, H, W) -> (B, K, H, W). Put the modules in eval mode."""
+    def window_fn(x):
+        return {'': maskige_scores(inverse, generate(model, tokenizer, x), x.shape[-2:])}  # (B, K, h, w)
+    return infer(window_fn, images, mode, crop, stride)['']
 
 
 @torch.no_grad()
-def generate(model, tokenizer, images):
-    """The generated maskige: image (B, 3, H, W) -> token logits -> argmax -> tokenizer.decode -> (B, 3, 2H, 2W)."""
+def generate(model, tokenizer, images, feats=None):
+    """The generated maskige: image (B, 3, H, W) -> token logits -> argmax -> tokenizer.decode -> (B, 3, 2H, 2W).
+    feats: the backbone's features of `images`, when already computed (for the auxiliary head too)."""
     model = getattr(model, 'module', model)  # through a DDP wrapper
-    return _generate(model, tokenizer, model.backbone(images), *images.shape[-2:])
+    feats = model.backbone(images) if feats is None else feats
+    tokens = token_argmax(model.head.token_features(feats), model.head.conv_seg)  # (B, ceil(H/4), ceil(W/4))
+    return tokenizer.decode(tokens)[:, :, :2 * images.shape[2], :2 * images.shape[3]]
+
+
+def aux_scores(model, feats, size):
+    """The auxiliary head's per-pixel logits (B, K, h, w), h = ceil(H/4), upsampled 4x and cropped to size (H, W)."""
+    a = getattr(model, 'module', model).head.aux_logits(feats)  # (B, K, h, w)
+    a = F.interpolate(a, (4 * a.shape[2], 4 * a.shape[3]), mode='bilinear', align_corners=False)
+    return a[:, :, :size[0], :size[1]]  # (B, K, H, W)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -931,12 +949,6 @@ def official_key(key):
     for a, b in _SWIN_NAMES:
         key = key.replace(a, b)
     return 'decode_head.' + key
-
-
-def _swap_levels01(w):
-    """Fusion conv weight (out, 4C, 1, 1): swap the column blocks of levels 0 and 1 (in_index=[1, 0, 2, 3])."""
-    c = w.shape[1] // 4
-    return torch.cat([w[:, c:2 * c], w[:, :c], w[:, 2 * c:]], 1)
 
 
 def _window(table):
@@ -981,10 +993,8 @@ def official_config(sd):
 
 
 def load_official_checkpoint(checkpoint, model=None, variant=None):
-    """An official GSS checkpoint (path or state dict, or a bare decode_head state dict) -> (model, tokenizer,
-    inverse). The DALL-E weights inside (decode_head.d_vae.*) become the tokenizer; inverse is an FTWInverse for
-    GSS-FT-W files, else None (GSS-FF: NearestColour of the official palette). model: load into this GSS (default:
-    built from the shapes). variant: 'ff' or 'ft-w' (default: from the keys). Strict: every key used or explained."""
+    """An official GSS checkpoint (path, state dict or bare decode_head state dict) -> (model, tokenizer, FTWInverse
+    or None for GSS-FF), strictly. model: load into this GSS (default: built from the shapes); variant: 'ff', 'ft-w'."""
     is_path = isinstance(checkpoint, (str, os.PathLike))
     what = os.fspath(checkpoint) if is_path else 'official checkpoint'
     sd = load_file(checkpoint, 'official GSS checkpoint') if is_path else checkpoint
@@ -1037,7 +1047,10 @@ def _load_decode_head(sd, model, parts, variant, what):
         if v.shape != shape:
             mismatched.append(f"{key} {tuple(v.shape)} vs ours {tuple(shape)}")
         else:
-            loaded[p][k] = _swap_levels01(v) if k.endswith('fusion.conv.weight') else v
+            loaded[p][k] = v
+            if k.endswith('fusion.conv.weight'):  # (out, 4C, 1, 1): levels 0 and 1 swapped (in_index=[1, 0, 2, 3])
+                c = v.shape[1] // 4
+                loaded[p][k] = torch.cat([v[:, c:2 * c], v[:, :c], v[:, 2 * c:]], 1)
     missing = [key for key in expected if key not in sd]
     aux = [key for key in missing if 'pixel' in key]
     if variant == 'ft-w' and aux and len(aux) == sum('pixel' in key for key in expected):
@@ -1227,9 +1240,8 @@ def load_posterior(path):
 
 
 def posterior_summary(posterior, path, ckpt_dir):
-    """What a stage-II checkpoint in the folder `ckpt_dir` records of the stage-I artifact `posterior` (at `path`) it
-    was trained with, plain types: all of it but the tokenizer, whose file it records relative to ckpt_dir and
-    absolute, so that a moved runs folder still evaluates (checkpoint_posterior)."""
+    """The stage-I artifact as a stage-II checkpoint in `ckpt_dir` records it: its tokenizer file both relative to
+    ckpt_dir and absolute, so that a moved runs folder still evaluates (checkpoint_posterior)."""
     tokenizer = os.path.abspath(posterior['tokenizer'])
     return {**posterior, 'path': os.path.abspath(path), 'tokenizer_abs': tokenizer,
             'tokenizer': os.path.relpath(tokenizer, os.path.abspath(ckpt_dir))}

@@ -1071,7 +1071,7 @@ TINY_GSS = dict(backbone='swin_mini', num_classes=5, vocab_size=512, mla_channel
 
 def tiny_gss(seed=0, **overrides):
     torch.manual_seed(seed)
-    return gss.GSS(**{**TINY_GSS, **overrides})
+    return gss.GSS.from_config({**TINY_GSS, **overrides})
 
 
 def tiny_gss_tokenizer(seed=0):
@@ -1171,8 +1171,9 @@ def test_backbones_and_config():
     clone.load_state_dict(model.state_dict())
     model.eval(), clone.eval()
     assert all(torch.equal(a, b) for a, b in zip(model(x), clone(x)))
-    assert gss.GSS(backbone='resnet50', num_classes=3, vocab_size=512, mla_channels=8, fused_channels=16,
-                   token_channels=16, num_heads=2).config['depth'] == 6  # paper: D=6 for ResNet
+    config = gss.GSSConfig(backbone='resnet50', num_classes=3, vocab_size=512, mla_channels=8, fused_channels=16,
+                           token_channels=16, num_heads=2)
+    assert gss.GSS(config).config['depth'] == 6  # paper: D=6 for ResNet
 
 
 def test_pretrained_backbone_files(tmp_path):
@@ -1233,20 +1234,27 @@ def test_predict_whole_slide_and_aux():
     assert torch.equal(gss.predict(model, tokenizer, inverse, images, 'slide', 64, 32), whole)  # one window
     slide = gss.predict(model, tokenizer, inverse, images, 'slide', (24, 32), (12, 16))  # 2 x 2 windows
     assert slide.shape == whole.shape and torch.allclose(slide.sum(1), torch.ones(2, 30, 46))
-    # the generated maskige comes from the same generation as the scores (evaluate.py --save-dir writes it)
-    out = gss.predict(model, tokenizer, {'ff': inverse}, images, maskige=True)
+    # evaluate.py's windows: the generated maskige comes from the same generation as the scores (--save-dir writes it)
+    decodes = []
+    decode = tokenizer.decode
+    tokenizer.decode = lambda tokens: decodes.append(1) or decode(tokens)  # counts generations
+    maps = evaluate.window_maps(model, tokenizer, {'ff': inverse, 'ff2': inverse}, maskige=True)
+    out = gss.infer(maps, images)
     assert torch.equal(out['ff'], whole) and torch.equal(out['maskige'], gss.generate(model, tokenizer, images))
-    one = gss.predict(model, tokenizer, {'ff': inverse}, images, 'slide', 64, 32, maskige=True)
+    one = gss.infer(maps, images, 'slide', 64, 32)
     assert torch.equal(one['maskige'], out['maskige'])  # one window: the whole-image maskige
-    four = gss.predict(model, tokenizer, {'ff': inverse}, images, 'slide', (24, 32), (12, 16), maskige=True)
+    decodes.clear()
+    four = gss.infer(maps, images, 'slide', (24, 32), (12, 16))
+    assert len(decodes) == 4  # one generation per window, shared by both X^-1
     assert four['maskige'].shape == (2, 3, 60, 92) and 0 <= four['maskige'].min() <= four['maskige'].max() <= 1
     # windows (0, 24, 0, 32), (0, 24, 14, 46), (6, 30, 0, 32), (6, 30, 14, 46):
     # rows < 6 and columns < 14 are covered by the first window only
     first = gss.generate(model, tokenizer, images[:, :, :24, :32])  # (2, 3, 48, 64): the first window's maskige
     assert torch.allclose(four['maskige'][:, :, :12, :28], first[:, :, :12, :28])
-    aux = gss.predict(model, None, {}, images, aux=True)['aux head']  # the auxiliary head alone
+    aux_maps = evaluate.window_maps(model, tokenizer, {}, aux=True)  # the auxiliary head alone
+    aux = gss.infer(aux_maps, images)['aux head']
     assert aux.shape == (2, 5, 30, 46)
-    assert torch.equal(gss.predict(model, None, {}, images, 'slide', 64, 32, aux=True)['aux head'], aux)
+    assert torch.equal(gss.infer(aux_maps, images, 'slide', 64, 32)['aux head'], aux)
     with pytest.raises(gss.UserError, match='slide'):
         gss.predict(model, tokenizer, inverse, images, 'slide')
 
@@ -1274,9 +1282,10 @@ def golden_ff_model(golden_ff):
     """Our GSS configured like the golden file's head, its official state dict loaded through the mapper."""
     cfg = json.loads(golden_ff['config_json'])
     assert cfg['in_index'] == [1, 0, 2, 3] and cfg['in_channels'] == [64, 32, 128, 256]
-    model = gss.GSS('swin_mini', num_classes=cfg['num_classes'], vocab_size=8192, mla_channels=cfg['channels'],
-                    fused_channels=cfg['indice_seg_channel'], token_channels=cfg['indice_cls_channel'],
-                    depth=cfg['swin_depth'], num_heads=cfg['swin_num_head'], window_size=cfg['swin_window_size'])
+    model = gss.GSS(gss.GSSConfig('swin_mini', num_classes=cfg['num_classes'], vocab_size=8192,
+                                  mla_channels=cfg['channels'], fused_channels=cfg['indice_seg_channel'],
+                                  token_channels=cfg['indice_cls_channel'], depth=cfg['swin_depth'],
+                                  num_heads=cfg['swin_num_head'], window_size=cfg['swin_window_size']))
     model.backbone = FixedFeatures(golden_ff['inputs']['feats'])  # channels 32, 64, 128, 256 = swin_mini's
     model, tokenizer, inverse = gss.load_official_checkpoint(golden_ff['state_dict'], model=model)
     assert inverse is None
@@ -1661,7 +1670,8 @@ def test_lr_schedule_is_mmcv_poly_with_linear_warmup():
 
 
 def test_weight_decay_follows_the_official_names():
-    model = gss.GSS('swin_mini', 10, 512, mla_channels=16, fused_channels=32, token_channels=32, num_heads=2)
+    model = gss.GSS(gss.GSSConfig('swin_mini', 10, 512, mla_channels=16, fused_channels=32, token_channels=32,
+                                  num_heads=2))
     decay, rest = train_prior.param_groups(model)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = {names[id(p)] for p in rest['params']}

@@ -19,9 +19,9 @@ images (PyTorch's SyncBatchNorm is GPU-only); the synthetic preset trains a CPU-
 import argparse
 import ast
 import contextlib
+import dataclasses
 import datetime
 import glob
-import inspect
 import json
 import math
 import os
@@ -376,8 +376,8 @@ def parse_args(argv=None):
 
 def parse_model_config(text):
     """'a=1,b=0.5' -> {'a': 1, 'b': 0.5}, keys checked against gss.GSS's head arguments."""
-    valid = [k for k in inspect.signature(gss.GSS).parameters if k not in ('backbone', 'num_classes', 'vocab_size',
-                                                                           'pretrained')]
+    valid = [f.name for f in dataclasses.fields(gss.GSSConfig) if f.name not in ('backbone', 'num_classes',
+                                                                                   'vocab_size')]
     config = {}
     for item in filter(None, text.split(',')):
         key, _, value = item.partition('=')
@@ -514,8 +514,8 @@ def log_means(log, it, sums, n, seconds, left, lr, device, world_size):
 
 def build_model(args, num_classes, vocab_size, world_size, device):
     """-> (gss.GSS, not yet wrapped by DDP; AdamW as official; the fp16 gradient scaler)."""
-    model = gss.GSS(args.backbone, num_classes=num_classes, vocab_size=vocab_size, pretrained=args.pretrained,
-                    **args.model_config)
+    model = gss.GSS.from_config(dict(backbone=args.backbone, num_classes=num_classes, vocab_size=vocab_size,
+                                     **args.model_config), args.pretrained)
     model = sync_batchnorm(model, world_size, device).to(device)
     optimizer = torch.optim.AdamW(param_groups(model), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.01,
                                   fused=True)  # one kernel over all tensors: 3x less CPU time than the per-tensor loop
