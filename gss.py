@@ -370,13 +370,18 @@ def maskige_scores(inverse, maskige, size):
 
 # GSS-TF / GSS-TT (appendix A.2): beta trained through the frozen tokenizer
 
+def seed_of(*numbers):
+    """A well-mixed 32-bit seed for a tuple of non-negative integers."""
+    return int(np.random.SeedSequence(numbers).generate_state(1)[0])
+
+
 def keyed(fn, seeds, tag, *batches):
     """fn on each sample alone (batches of one), torch's RNG seeded by (the sample's seed, tag) -> the results
     concatenated: the random draws are keyed by the sample, so 2 ranks x b images draw what 1 rank x 2b images draw,
     and a resumed run what the uninterrupted one drew."""
     out = []
     for seed, *samples in zip(seeds.tolist(), *batches):
-        torch.manual_seed(int(np.random.SeedSequence((seed, tag)).generate_state(1)[0]))  # a well-mixed 32-bit seed
+        torch.manual_seed(seed_of(seed, tag))
         out.append(fn(*(x[None] for x in samples)))
     return torch.cat(out)
 

@@ -212,7 +212,7 @@ def train(args, s, trained, optimizer, loss_fn, validate, ds, log, rank, world_s
             batch, epoch, consumed = next(batches)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
             train_prior.set_lr(optimizer, lr_at(it, s['lr'], s['iters'], s.get('warmup', 0)))
-            torch.manual_seed(train_prior.seed_of(args.seed, 1, it, rank))  # 1: the draws not keyed by the sample
+            torch.manual_seed(gss.seed_of(args.seed, 1, it, rank))  # 1: the draws not keyed by the sample
             loss = loss_fn(batch, it / s['iters'])
             signum = ckpts.stop(math.isfinite(loss.item()), it)
             optimizer.zero_grad(set_to_none=True)

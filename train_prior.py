@@ -30,7 +30,6 @@ import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -274,11 +273,6 @@ class Checkpoints:
 # ----------------------------------------------------------------------------------------------------------
 # Randomness that depends on what is computed, not on where or when: exact resume, any number of ranks
 
-def seed_of(*numbers):
-    """A well-mixed 32-bit seed for a tuple of non-negative integers."""
-    return int(np.random.SeedSequence(numbers).generate_state(1)[0])
-
-
 class ResumableSampler(torch.utils.data.DistributedSampler):
     """DistributedSampler (shuffle, drop_last) from `start` samples into this rank's share of the epoch, yielding
     (index, seed): the seed depends only on (seed, epoch, position in the epoch's permutation)."""
@@ -291,7 +285,7 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         indices = list(super().__iter__())  # this rank's share: permutation[rank::num_replicas]
         for i in range(self.start, len(indices)):
             position = i * self.num_replicas + self.rank
-            yield indices[i], seed_of(self.seed, 0, self.epoch, position)  # 0: data
+            yield indices[i], gss.seed_of(self.seed, 0, self.epoch, position)  # 0: data
 
 
 class SeededItems(torch.utils.data.Dataset):
@@ -491,7 +485,7 @@ def forward_backward(model, batches, tokenizer, palette, scaler, autocast, it, a
             model.require_backward_grad_sync = micro_step == accum - 1
         # dropout and drop path draw from a generator seeded by (seed, iteration, micro-batch): the same masks for
         # the same images on any number of ranks, with any accumulation, and after a resume
-        torch.manual_seed(seed_of(seed, 1, it, micro_step * world_size + rank))  # 1: model
+        torch.manual_seed(gss.seed_of(seed, 1, it, micro_step * world_size + rank))  # 1: model
         with autocast:
             loss, parts = gss.compute_loss(model, tokenizer, palette, images, labels)
         scaler.scale(loss / accum).backward()
