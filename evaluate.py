@@ -30,7 +30,8 @@ import gss
 # metrics: per-class areas accumulated over the whole dataset, then IoU / Acc (mmseg IoUMetric)
 
 class SegMetric:
-    """Accumulates per-class intersect, union, predicted and label areas (int64, CPU) over a dataset."""
+    """Accumulates per-class intersect, union, predicted and label areas (int64, on the predictions' device: no host
+    sync per image) over a dataset; compute() moves them to the CPU."""
 
     def __init__(self, num_classes, ignore_index=255):
         self.num_classes, self.ignore_index = num_classes, ignore_index
@@ -44,27 +45,27 @@ class SegMetric:
             raise ValueError(f"prediction shape {tuple(pred.shape)} != label shape {tuple(label.shape)}")
         pred, label = pred.reshape(-1).long(), label.reshape(-1).long()
         keep = label != self.ignore_index  # ignored GT pixels are dropped from both maps
-        pred, label = pred[keep], label[keep]
         K = self.num_classes
-        def hist(x):  # torch.histc(bins=K, min=0, max=K-1): values outside [0, K-1] are not counted
-            return torch.bincount(x[(x >= 0) & (x < K)], minlength=K)
-        inter, area_pred, area_label = hist(pred[pred == label]), hist(pred), hist(label)
-        self.areas += torch.stack([inter, area_pred + area_label - inter, area_pred, area_label]).cpu()
+        def hist(x, where):  # torch.histc(bins=K, min=0, max=K-1) of x[where]: values outside [0, K-1] not counted;
+            where = where & (x >= 0) & (x < K)  # the rest into bin K: fixed sizes, no host sync (x[mask] and
+            return x.new_zeros(K + 1).index_add_(0, torch.where(where, x, K), torch.ones_like(x))[:K]  # bincount do)
+        inter, area_pred, area_label = hist(pred, keep & (pred == label)), hist(pred, keep), hist(label, keep)
+        self.areas = self.areas.to(pred.device) + torch.stack([inter, area_pred + area_label - inter, area_pred,
+                                                               area_label])  # (4, K)
 
     def all_reduce(self):
         """Sum the areas over all ranks when torch.distributed is initialised; returns self."""
         if dist.is_available() and dist.is_initialized():
             device = f'cuda:{torch.cuda.current_device()}' if dist.get_backend() == 'nccl' else 'cpu'
-            areas = self.areas.to(device)
-            dist.all_reduce(areas)
-            self.areas = areas.cpu()
+            self.areas = self.areas.to(device)
+            dist.all_reduce(self.areas)
         return self
 
     def compute(self):
         """-> dict aAcc, mIoU, mAcc (percent floats) and per-class IoU, Acc (percent float64 arrays).
         A class absent from prediction and GT has IoU NaN (skipped by the mean); predicted but absent
         from GT has IoU 0 (counted); Acc is NaN whenever the GT area is 0."""
-        inter, union, _, label = self.areas.double().numpy()
+        inter, union, _, label = self.areas.cpu().double().numpy()
         with np.errstate(divide='ignore', invalid='ignore'):
             iou, acc = inter / union * 100, inter / label * 100  # (K,), (K,)
             aacc = inter.sum() / label.sum() * 100

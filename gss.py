@@ -849,7 +849,7 @@ def compute_loss(model, tokenizer, palette, images, labels):
     """Stage-II loss: 0.8 x token CE (ignore = vocab_size) + 0.2 x auxiliary pixel CE at 2H x 2W (ignore 255), each a
     mean over valid elements (the fork's mmseg/models/losses/cross_entropy_loss.py: avg_non_ignore=True).
     images (B, 3, H, W), labels (B, H, W), palette (K, 3) -> (loss, logs: loss_token and loss_aux weighted as the
-    official loss_ce and loss_ce_pixel, acc_token and acc_aux in percent)."""
+    official loss_ce and loss_ce_pixel, acc_token and acc_aux in percent; 0-d float64 tensors on the loss's device)."""
     H, W = images.shape[-2:]
     if H % 4 or W % 4:
         raise UserError(f"training crop {H}x{W}: expected sides that are multiples of 4 (tokens sit at 1/4)")
@@ -862,9 +862,11 @@ def compute_loss(model, tokenizer, palette, images, labels):
     valid = labels2x != 255  # (B, 2H, 2W)
     loss_aux = F.cross_entropy(aux, labels2x, ignore_index=255, reduction='sum') / valid.sum().clamp(min=1)
     loss = 0.8 * loss_token + 0.2 * loss_aux
-    logs = dict(loss_token=0.8 * loss_token.item(), loss_aux=0.2 * loss_aux.item(),
-                acc_token=100.0 * correct.item() / max(1, (targets != tokenizer.vocab_size).sum().item()),
-                acc_aux=100.0 * ((aux.argmax(1) == labels2x) & valid).sum().item() / max(1, valid.sum().item()))
+    def count(mask):  # float64 as Python's: the same logged figures as .item() gave, without its host sync
+        return mask.sum().double()
+    logs = dict(loss_token=0.8 * loss_token.detach().double(), loss_aux=0.2 * loss_aux.detach().double(),
+                acc_token=100.0 * correct.double() / count(targets != tokenizer.vocab_size).clamp(min=1),
+                acc_aux=100.0 * count((aux.argmax(1) == labels2x) & valid) / count(valid).clamp(min=1))
     return loss, logs
 
 

@@ -114,11 +114,12 @@ def recon_metrics(tok, inverse, palette, ignore_colour, val, num_classes):
 
 
 def sync_grads(params, world_size):
-    """Average gradients over DDP ranks (one all-reduce per tensor; these models are tiny)."""
+    """Average gradients over DDP ranks in one all-reduce of a flat buffer (not one collective per tensor)."""
     if world_size > 1:
-        for p in params:
-            dist.all_reduce(p.grad)
-            p.grad /= world_size
+        flat = torch.cat([p.grad.flatten() for p in params])  # (sum of the numels,)
+        dist.all_reduce(flat)
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p)).div_(world_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -210,11 +211,12 @@ def train(args, s, trained, optimizer, loss_fn, validate, ds, log, rank, world_s
     with ckpts:
         while it < s['iters']:
             batch, epoch, consumed = next(batches)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+            batch = {k: v if k == 'seed' else v.to(device, non_blocking=True)  # seeds stay on the CPU (gss.keyed)
+                     for k, v in batch.items() if torch.is_tensor(v)}
             train_prior.set_lr(optimizer, lr_at(it, s['lr'], s['iters'], s.get('warmup', 0)))
             torch.manual_seed(gss.seed_of(args.seed, 1, it, rank))  # 1: the draws not keyed by the sample
             loss = loss_fn(batch, it / s['iters'])
-            signum = ckpts.stop(math.isfinite(loss.item()), it)
+            signum = ckpts.stop(loss.detach().isfinite(), it)  # the iteration's one host sync
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             sync_grads(params, world_size)
@@ -393,6 +395,7 @@ def run(args):
         print(f"wrote {args.out} (vocabulary {tok.vocab_size}, n_hid {tok.encoder.n_hid})")
         return 0
     rank, world_size, _, device = setup_distributed()
+    train_prior.set_kernels(False)  # TF32 and cuDNN autotuning as stage II's default
     return stage1(args, rank, world_size, device)
 
 

@@ -252,16 +252,19 @@ class Checkpoints:
             self.saved_it = ckpt['iter']
 
     def stop(self, finite, it):
-        """-> the signal number any rank received (0: none), the same on every rank; a non-finite loss on any rank is
-        a UserError naming the iteration. The flags are a tensor on the training device: NCCL refuses CPU tensors."""
-        flags = torch.tensor([float(self.signum), float(not finite)], device=self.device)  # (2,)
+        """finite: a 0-d bool tensor on the training device -> the signal number any rank received (0: none), the same
+        on every rank; a non-finite loss on any rank is a UserError naming the iteration. The flags are built on the
+        device (NCCL refuses CPU tensors; torch.full copies nothing from the host): .tolist() is the iteration's one
+        host sync, which every rank needs to agree on stopping."""
+        flags = torch.stack([torch.full((), float(self.signum), device=self.device), (~finite).float()])  # (2,)
         if self.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[1]:
+        signum, not_finite = flags.tolist()
+        if not_finite:
             raise gss.UserError(f"non-finite loss at iteration {it + 1}; stopped without saving; " + (
                 f"the last good checkpoint {self.latest} (iteration {self.saved_it}) is intact"
                 if self.saved_it is not None else "no checkpoint was written yet"))
-        return int(flags[0])
+        return int(signum)
 
     def stopped(self, signum, it):
         """After `latest` was saved on a signal: -> the exit code 128 + signum."""
@@ -338,6 +341,8 @@ def parse_args(argv=None):
                        f"--dataset {args.dataset} has no longer schedule")
     synthetic = args.dataset == 'synthetic'
     cuda = (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')) == 'cuda'
+    if cuda and not torch.cuda.is_available():
+        raise gss.UserError("--device cuda: no CUDA device is visible; expected --device cpu or a GPU machine")
     derived = dict(backbone='swin_mini' if synthetic else 'swin_l',
                    posterior=os.path.join('runs', args.dataset, 'posterior_ff.pt'),
                    out=os.path.join('runs', args.dataset, 'prior'),
@@ -418,13 +423,22 @@ def validate(model, tokenizer, inverse, val_set, preset, autocast, rank, world_s
     return tuple(metrics[name].all_reduce().compute()['mIoU'] for name in ('generative', 'aux head'))
 
 
-def configure_torch(args, rank, device):
-    """Seed the initial weights (DDP broadcasts rank 0's), set the kernels' determinism -> the --amp autocast."""
-    torch.manual_seed(args.seed + rank)
-    if args.deterministic:
+def set_kernels(deterministic):
+    """Both trainers' CUDA kernels. TF32 matmuls and convolutions (Ampere and later: inputs rounded to 10 mantissa bits,
+    float32 sums), so --amp none is not IEEE float32 there; TF32 kernels are deterministic, exact resume holds.
+    cuDNN autotuning (official cudnn_benchmark True) picks kernels by timing: off under --deterministic, which also
+    gives cuBLAS the fixed workspace its deterministic mode needs (read when CUDA starts)."""
+    if deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
         torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = not args.deterministic  # official: cudnn_benchmark True
+    torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
+def configure_torch(args, rank, device):
+    """Seed the initial weights (DDP broadcasts rank 0's), set the kernels (set_kernels) -> the --amp autocast."""
+    torch.manual_seed(args.seed + rank)
+    set_kernels(args.deterministic)
     amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}[args.amp]
     return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
@@ -475,8 +489,9 @@ def resume(ckpts, args, posterior, model, optimizer, scaler, log):
 def forward_backward(model, batches, tokenizer, palette, scaler, autocast, it, accum, seed, rank, world_size, device,
                      sums):
     """One iteration's gradients, accumulated over `accum` micro-batches (Eq. 6, gss.compute_loss); the loss and its
-    parts, averaged over the micro-batches, are added to `sums` -> (all finite, epoch, consumed)."""
-    finite = True
+    parts, averaged over the micro-batches, are added to `sums` (device tensors: no host sync in the step)
+    -> (all finite: a 0-d bool tensor on the device, epoch, consumed)."""
+    finite = torch.ones((), dtype=torch.bool, device=device)
     for micro_step in range(accum):
         batch, epoch, consumed = next(batches)
         images = batch['image'].to(device, non_blocking=True)  # (b, 3, crop, crop)
@@ -489,15 +504,15 @@ def forward_backward(model, batches, tokenizer, palette, scaler, autocast, it, a
         with autocast:
             loss, parts = gss.compute_loss(model, tokenizer, palette, images, labels)
         scaler.scale(loss / accum).backward()
-        finite &= math.isfinite(loss.item())
-        for k, v in {'loss': loss.item(), **parts}.items():
+        finite &= loss.detach().isfinite()
+        for k, v in {'loss': loss.detach().double(), **parts}.items():  # float64 as the Python floats they were
             sums[k] = sums.get(k, 0.0) + v / accum
     return finite, epoch, consumed
 
 
 def log_means(log, it, sums, n, seconds, left, lr, device, world_size):
     """Log the means of `sums` over the last n iterations and all ranks, the lr, the speed, the ETA, peak memory."""
-    means = torch.tensor(list(sums.values()), device=device) / n
+    means = torch.stack(list(sums.values())).float() / n  # (len(sums),) float32 as before: the same logged figures
     if world_size > 1:
         dist.all_reduce(means)
         means /= world_size
