@@ -2266,9 +2266,12 @@ def test_bad_artifacts_and_checkpoints_get_one_line_errors(env, ref1, tmp_path, 
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
-def test_device_cuda_without_a_gpu_is_a_user_error(env, capsys):
+def test_device_cuda_without_a_gpu_is_a_user_error(env, capsys, monkeypatch):
     assert cli_error(train_prior.main, flags(env, env / 'nogpu', device='cuda'), capsys) == (
         "error: --device cuda: no CUDA device is visible; expected --device cpu or a GPU machine\n")
+    monkeypatch.setattr(sys, 'argv', ['bench.py', 'train', '--device', 'cuda'])
+    assert bench.main() == 2 and capsys.readouterr().err == (
+        "error: --device cuda: no CUDA device is visible; expected train, infer or tokenizer on a GPU machine\n")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2367,3 +2370,10 @@ def test_gpu_memory_of_cityscapes_slide_inference():
     peak = torch.cuda.max_memory_allocated() / 2**30
     print(f"Swin-L 1024x2048 slide 768/512: peak {peak:.1f} GiB")
     assert scores.shape == (1, 19, 1024, 2048) and peak < 20
+
+
+@on_gpu
+def test_gpu_bench_tokenizer_bf16_decode():
+    """python bench.py tokenizer --device cuda: the bf16 decode against float32 on the GPU."""
+    figures = bench.bench_gpu(types.SimpleNamespace(name='tokenizer', repeats=1))
+    assert figures['bf16_matmul_tflops'] > 0 and figures['decode512_bf16_same_class_pct'] >= 99.9
