@@ -2336,23 +2336,16 @@ def test_gpu_predict_equals_cpu(mode):
 
 
 @on_gpu
-@pytest.mark.parametrize('dataset, crop, batch', [('ade20k', 512, 4), ('cityscapes', 768, 2)])
-def test_gpu_memory_of_a_swin_l_step(dataset, crop, batch):
+@pytest.mark.parametrize('case', list(bench.GPU_TRAIN))
+def test_gpu_memory_of_a_swin_l_step(case):
     """One bf16 training step of Swin-L, the paper's head and the DALL-E-size tokenizer at the official per-GPU batch
-    (ADE20K 512x512 x 4, Cityscapes 768x768 x 2; total 32 and 16 on 8 GPUs) peaks under 40 GiB: fits the paper's
-    48 GB A6000 with room for the CUDA context and the allocator's cache."""
-    K = datasets.DATASET_PRESETS[dataset]['num_classes']
-    model = gss.GSS(gss.GSSConfig('swin_l', K, 8192)).cuda()
-    tokenizer = gss.build_tokenizer(**bench.DALLE_ARCH).cuda()
-    optimizer = torch.optim.AdamW(train_prior.param_groups(model), lr=1e-4, fused=True)
-    images, labels = torch.randn(batch, 3, crop, crop).cuda(), torch.randint(0, K, (batch, crop, crop)).cuda()
+    (bench.GPU_TRAIN: ADE20K 4 x 512^2, Cityscapes 2 x 768^2; total 32 and 16 on 8 GPUs), AdamW's state included,
+    peaks under 40 GiB: fits the paper's 48 GB A6000 with room for the CUDA context and the allocator's cache."""
+    step = bench._gpu_train_step(*bench.GPU_TRAIN[case])
     torch.cuda.reset_peak_memory_stats()
-    with torch.autocast('cuda', torch.bfloat16):
-        loss, _ = gss.compute_loss(model, tokenizer, gss.make_palette(K).cuda(), images, labels)
-    loss.backward()
-    optimizer.step()
+    step()
     peak = torch.cuda.max_memory_allocated() / 2**30
-    print(f"{dataset}: Swin-L step, batch {batch} x {crop}^2, peak {peak:.1f} GiB")
+    print(f"{case}: peak {peak:.1f} GiB")
     assert peak < 40
 
 
@@ -2361,12 +2354,9 @@ def test_gpu_memory_of_a_swin_l_step(dataset, crop, batch):
 def test_gpu_memory_of_cityscapes_slide_inference():
     """Swin-L on a 1024x2048 image, slide 768/512 (8 windows), bf16 autocast as validation runs it, the float32
     DALL-E-size decoder: peak under 20 GiB, which fits a 24 GB card."""
-    model = gss.GSS(gss.GSSConfig('swin_l', 19, 8192)).cuda().eval()
-    tokenizer = gss.build_tokenizer(**bench.DALLE_ARCH).cuda().eval()
-    inverse = gss.NearestColour(gss.make_palette(19)).cuda()
+    call = bench._gpu_infer_call(bench.INFER_CASES['swin_l_1024x2048_slide'])
     torch.cuda.reset_peak_memory_stats()
-    with torch.autocast('cuda', torch.bfloat16):
-        scores = gss.predict(model, tokenizer, inverse, torch.rand(1, 3, 1024, 2048).cuda(), 'slide', 768, 512)
+    scores = call()
     peak = torch.cuda.max_memory_allocated() / 2**30
     print(f"Swin-L 1024x2048 slide 768/512: peak {peak:.1f} GiB")
     assert scores.shape == (1, 19, 1024, 2048) and peak < 20

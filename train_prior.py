@@ -256,7 +256,8 @@ class Checkpoints:
         on every rank; a non-finite loss on any rank is a UserError naming the iteration. The flags are built on the
         device (NCCL refuses CPU tensors; torch.full copies nothing from the host): .tolist() is the iteration's one
         host sync, which every rank needs to agree on stopping."""
-        flags = torch.stack([torch.full((), float(self.signum), device=self.device), (~finite).float()])  # (2,)
+        not_finite = (~finite).to(self.device, torch.float)  # a no-op for a loss on the training device
+        flags = torch.stack([torch.full((), float(self.signum), device=self.device), not_finite])  # (2,)
         if self.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         signum, not_finite = flags.tolist()
