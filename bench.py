@@ -9,6 +9,7 @@ one `BENCH {json}` line. The cores may be shared: compare ratios, not seconds.
     python bench.py token-loss  # chunked 2048->8192 conv + CE vs naive
     python bench.py train       # one stage-II step split into its parts
     python bench.py infer       # gss.predict end to end; Swin-L 1024x2048 slide 768/512 against 8 GB (--windows)
+    python bench.py ablate-palette / ablate-posterior / ablate-prior  # the paper's Tables 9, 1, 3 on synthetic data
 
 Every measurement runs in a fresh subprocess (run_side): peak memory is its peak RSS (VmHWM, reset after setup and
 warm-up, once the memory they freed is handed back to the OS) minus its RSS then; timings are medians of rounds.
@@ -20,6 +21,7 @@ import multiprocessing as mp
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -700,8 +702,75 @@ def bench_gpu(args):
     return figures
 
 
+# ---- ablate-*: the paper's ablation tables (ADE20K val) beside ours on the synthetic val split. Stage I reuses the
+# --runs folder's tokenizer (and posterior_ff.pt, prior/latest.pt: the default run's models); what a row trains runs as
+# its command line (train_posterior.py, torchrun train_prior.py) into --out, at the synthetic preset's size (or --iters)
+ABLATIONS = {  # subcommand: (title, [(row, setting, the paper's figure)])
+    'ablate-palette': ('Table 9: palette design steps (gss.make_palette), GSS-FF reconstruction oracle', [
+        ('arithmetic sequence', dict(misaligned=False, random_factors=False, refine=False), '85.99 / 94.37'),
+        ('+ misaligned starts', dict(random_factors=False, refine=False), '86.12 / 94.45'),
+        ('+ random additive factors', dict(refine=False), '87.42 / 95.08'),
+        ('+ category-specific refinement', {}, '87.73 / 95.29')]),
+    'ablate-posterior': ('Table 1: X^-1 variants (train_posterior.py --variant), reconstruction oracle', [
+        (f'GSS-{v.upper()}', v, paper) for v, paper in (('ff-r', '62.83'), ('ff', '84.31'), ('tf', '84.37'),
+                                                      ('ft', '86.10'), ('ft-w', '87.73'), ('tt', '36.11'))]),
+    'ablate-prior': ('Table 3: latent prior (train_prior.py --model-config), GSS-FF on generated maskiges', [
+        ('d 1/8', 'tokens=8,aux_fill=False,depth=0', '40.64 / 52.55'), ('d 1/8 + Unlabel', 'tokens=8,depth=0',
+                                                                        '43.72 / 56.08'),
+        ('d 1/4 + Unlabel', 'depth=0', '43.98 / 56.11'), ('d 1/4 + Unlabel + MLA (default)', '', '46.29 / 57.84')]),
+}
+
+
+def _ablate_row(args, setting, tok, items, val):
+    """One row's SegMetric: a palette's oracle, a trained stage-I variant's oracle, or a trained stage-II config's
+    GSS-FF on the first --images validation images."""
+    K, run = val.num_classes, lambda *cmd: subprocess.run([sys.executable, *cmd, *args.iters], check=True)
+    if args.name == 'ablate-palette':
+        palette = gss.make_palette(K, **setting)
+        return evaluate.reconstruction_oracle(tok, gss.NearestColour(palette), palette,
+                                              gss.ignore_colour_for(palette), items, K)
+    if args.name == 'ablate-posterior':
+        out = f'{args.out}/posterior_{setting}.pt'
+        run('train_posterior.py', '--variant', setting, '--dataset', 'synthetic', '--tokenizer',
+            f'{args.runs}/tokenizer.pt', '--out', out)
+        post = gss.load_posterior(out)
+        return evaluate.reconstruction_oracle(tok, gss.build_inverse(post), torch.tensor(post['palette']),
+                                              torch.tensor(post['ignore_colour']), items, K)
+    ckpt = f'{args.runs}/prior/latest.pt'  # the default row: the default run's model, unless --iters changes it
+    if setting or args.iters or not os.path.isfile(ckpt):
+        ckpt = f'{args.out}/prior_{setting or "default"}'
+        run('-m', 'torch.distributed.run', '--nproc_per_node', '2', 'train_prior.py', '--dataset', 'synthetic',
+            '--posterior', f'{args.runs}/posterior_ff.pt', '--model-config', setting, '--out', ckpt)
+        ckpt += '/latest.pt'
+    model, tok, inverses, _, _ = evaluate.load_stage2(ckpt, None, 'synthetic', 'cpu')
+    return evaluate.evaluate_split(model, tok, inverses, val, dict(mode='whole'), False, range(args.images))['GSS-FF']
+
+
+def bench_ablate(args):
+    """One of the paper's ablation tables: ours (mIoU / aAcc or mAcc, minutes, per-class IoU) beside the paper's."""
+    title, rows = ABLATIONS[args.name]
+    torch.set_num_threads(args.threads)
+    tok = gss.load_tokenizer(f'{args.runs}/tokenizer.pt')
+    val = datasets.build_dataset('synthetic', 'val', train=False)
+    items = list(evaluate.labels_and_test_sizes(val, range(args.images)))
+    second = 'mAcc' if args.name == 'ablate-prior' else 'aAcc'
+    os.makedirs(args.out, exist_ok=True)
+    figures, printed = {}, [('row', 'setting', 'mIoU', second, 'paper (ADE20K)', 'minutes')]
+    for name, setting, paper in rows:
+        t0 = time.time()
+        m = _ablate_row(args, setting, tok, items, val).compute()
+        figures[name] = dict(mIoU=round(m['mIoU'], 2), **{second: round(m[second], 2)}, paper=paper,
+                             minutes=round((time.time() - t0) / 60, 2), IoU=[round(float(v), 1) for v in m['IoU']])
+        shown = setting if isinstance(setting, str) else ''  # palettes: the row name says which steps are on
+        printed.append((name, shown, m['mIoU'], m[second], paper, figures[name]['minutes']))
+    table(f'{title}; {args.images} synthetic val images', printed)
+    table('per-class IoU', [('row', *val.classes)] + [(name, *f['IoU']) for name, f in figures.items()])
+    return figures
+
+
 BENCHES = {'swin': bench_swin, 'data': bench_data, 'inverse': bench_inverse, 'tokenizer': bench_tokenizer,
-           'token-loss': bench_token_loss, 'train': bench_train, 'infer': bench_infer}
+           'token-loss': bench_token_loss, 'train': bench_train, 'infer': bench_infer,
+           **dict.fromkeys(ABLATIONS, bench_ablate)}
 
 
 def main():
@@ -711,7 +780,12 @@ def main():
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--windows', type=int, default=3, help='infer: the first N of 1024x2048\'s 8 windows (0: all)')
     parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu', help='train, infer, tokenizer: on a GPU')
+    parser.add_argument('--runs', default='runs/synthetic', help='ablate-*: the default run (tokenizer.pt, ...)')
+    parser.add_argument('--out', default='runs/ablations', help='ablate-*: where trained rows are written')
+    parser.add_argument('--images', type=int, default=200, help='ablate-*: validation images evaluated')
+    parser.add_argument('--iters', type=int, help="ablate-*: trained rows' iterations (default: the preset's)")
     args = parser.parse_args()
+    args.iters = ['--iters', str(args.iters)] if args.iters else []
     if args.repeats is None:
         args.repeats = 1 if args.name == 'infer' and args.device == 'cpu' else 3
     why = (f'{args.name} runs on the CPU only' if args.name not in ('train', 'infer', 'tokenizer') else

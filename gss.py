@@ -700,6 +700,7 @@ class GSSHead(nn.Module):
 
     def __init__(self, in_channels, c):  # c: a GSSConfig
         super().__init__()
+        self.tokens = c.tokens
         self.mla = MLA(in_channels, c.mla_channels, c.fused_channels)
         self.blocks = swin.SwinStage(c.fused_channels, c.depth, c.num_heads, c.window_size, mlp_ratio=2.0)  # FFN 2x
         self.swin_norm = nn.LayerNorm(c.fused_channels)
@@ -713,8 +714,10 @@ class GSSHead(nn.Module):
             nn.init.zeros_(conv.bias)
 
     def token_features(self, feats):
-        """4 levels -> (B, token_channels, h, w) at stride 4, after dropout: conv_seg's input."""
-        x = self.mla(feats).permute(0, 2, 3, 1)  # (B, h, w, fused)
+        """4 levels -> (B, token_channels, h, w) at stride d = tokens (4, or 8: the MLA output average-pooled 2x),
+        after dropout: conv_seg's input."""
+        x = self.mla(feats)  # (B, fused, H/4, W/4)
+        x = (x if self.tokens == 4 else F.avg_pool2d(x, 2, ceil_mode=True)).permute(0, 2, 3, 1)  # (B, h, w, fused)
         x = self.swin_norm(self.blocks(x)[0])  # (B, h, w, fused)
         return self.dropout(self.conv_before_seg(x.permute(0, 3, 1, 2).contiguous()))  # (B, token_channels, h, w)
 
@@ -735,7 +738,9 @@ class GSSConfig:
     mla_channels: int = 384
     fused_channels: int = 512
     token_channels: int = 2048
-    depth: int = None  # None: paper's D = 2 for Swin, 6 for ResNet-101
+    depth: int = None  # None: paper's D = 2 for Swin, 6 for ResNet-101; 0 = Table 3's "without MLA" (MLP only)
+    tokens: int = 4  # token stride d (Table 3): 4 = tokens of the 2x-upsampled GT (official); 8 = of the 1x GT
+    aux_fill: bool = True  # Table 3 "Unlabel": unlabeled pixels take the aux head's argmax; False: the ignore colour
     num_heads: int = 16
     window_size: int = 7
     dropout: float = 0.1
@@ -743,6 +748,8 @@ class GSSConfig:
     def __post_init__(self):
         if self.depth is None:
             self.depth = 6 if self.backbone.startswith('resnet') else 2
+        if self.tokens not in (4, 8):
+            raise UserError(f"--model-config tokens={self.tokens}: expected 4 or 8 (tokens at 1/4 or 1/8 of the image)")
 
 
 class GSS(nn.Module):
@@ -833,40 +840,42 @@ def token_argmax(feats, conv, chunk=TOKEN_CHUNK):
 
 
 @torch.no_grad()
-def token_targets(tokenizer, palette, labels2x, aux2x):
+def token_targets(tokenizer, palette, labels2x, aux2x, fill=True):
     """The official token targets (forward_train of generative_segmentation_head_ff.py): unlabeled (255) pixels of the
     2x labels take the auxiliary head's argmax (c~ = M_u c_bar + (1 - M_u) c, Sec. 3.4), then paint and tokenize; a
-    token whose whole 8x8 block is unlabeled gets the ignore index tokenizer.vocab_size.
+    token whose whole 8x8 block is unlabeled gets the ignore index tokenizer.vocab_size. fill=False (Table 3 without
+    "Unlabel"): they keep 255 and get ignore_colour_for(palette), as in the reconstruction oracle.
     labels2x (B, 2H, 2W), aux2x (B, K, 2H, 2W), palette (K, 3) -> (tokens (B, H/4, W/4), composed (B, 2H, 2W))."""
     unlabeled = labels2x == 255  # (B, 2H, 2W)
-    composed = torch.where(unlabeled, aux2x.argmax(1), labels2x)  # (B, 2H, 2W), no 255 left
-    tokens = tokenizer.encode(paint(composed, palette, palette.new_zeros(3)))  # (B, H/4, W/4); float32, no autocast
+    composed = torch.where(unlabeled, aux2x.argmax(1), labels2x) if fill else labels2x  # (B, 2H, 2W)
+    tokens = tokenizer.encode(paint(composed, palette, ignore_colour_for(palette)))  # (B, H/4, W/4); float32
     labeled = F.max_pool2d((~unlabeled)[:, None].float(), 8)[:, 0] > 0  # (B, H/4, W/4): any labeled pixel
     return tokens.masked_fill(~labeled, tokenizer.vocab_size), composed
 
 
 def compute_loss(model, tokenizer, palette, images, labels):
-    """Stage-II loss: 0.8 x token CE (ignore = vocab_size) + 0.2 x auxiliary pixel CE at 2H x 2W (ignore 255), each a
+    """Stage-II loss: 0.8 x token CE (ignore = vocab_size) + 0.2 x auxiliary pixel CE at fH x fW (ignore 255), each a
     mean over valid elements (the fork's mmseg/models/losses/cross_entropy_loss.py: avg_non_ignore=True).
     images (B, 3, H, W), labels (B, H, W), palette (K, 3) -> (loss, logs: loss_token and loss_aux weighted as the
     official loss_ce and loss_ce_pixel, acc_token and acc_aux in percent; 0-d float64 tensors on the loss's device)."""
     H, W = images.shape[-2:]
-    if H % 4 or W % 4:
-        raise UserError(f"training crop {H}x{W}: expected sides that are multiples of 4 (tokens sit at 1/4)")
-    feats, aux = model(images)  # (B, C, H/4, W/4), (B, K, H/4, W/4)
-    aux = F.interpolate(aux, (2 * H, 2 * W), mode='bilinear', align_corners=False)  # (B, K, 2H, 2W)
-    labels2x = upsample_labels_2x(labels)  # (B, 2H, 2W)
-    targets, _ = token_targets(tokenizer, palette, labels2x, aux)  # (B, H/4, W/4)
-    conv_seg = getattr(model, 'module', model).head.conv_seg  # through a DDP wrapper
-    loss_token, correct = token_cross_entropy(feats, conv_seg, targets, tokenizer.vocab_size)
-    valid = labels2x != 255  # (B, 2H, 2W)
-    loss_aux = F.cross_entropy(aux, labels2x, ignore_index=255, reduction='sum') / valid.sum().clamp(min=1)
+    m = getattr(model, 'module', model)  # through a DDP wrapper
+    d, f = m.head.tokens, 8 // m.head.tokens  # tokens at 1/d of the image = 1/8 of the labels at f x (Table 3)
+    if H % d or W % d:
+        raise UserError(f"training crop {H}x{W}: expected sides that are multiples of {d} (tokens sit at 1/{d})")
+    feats, aux = model(images)  # (B, C, H/d, W/d), (B, K, H/4, W/4)
+    aux = F.interpolate(aux, (f * H, f * W), mode='bilinear', align_corners=False)  # (B, K, fH, fW)
+    labels_f = upsample_labels_2x(labels) if f == 2 else labels  # (B, fH, fW)
+    targets, _ = token_targets(tokenizer, palette, labels_f, aux, m.config['aux_fill'])  # (B, H/d, W/d)
+    loss_token, correct = token_cross_entropy(feats, m.head.conv_seg, targets, tokenizer.vocab_size)
+    valid = labels_f != 255  # (B, fH, fW)
+    loss_aux = F.cross_entropy(aux, labels_f, ignore_index=255, reduction='sum') / valid.sum().clamp(min=1)
     loss = 0.8 * loss_token + 0.2 * loss_aux
     def count(mask):  # float64 as Python's: the same logged figures as .item() gave, without its host sync
         return mask.sum().double()
     logs = dict(loss_token=0.8 * loss_token.detach().double(), loss_aux=0.2 * loss_aux.detach().double(),
                 acc_token=100.0 * correct.double() / count(targets != tokenizer.vocab_size).clamp(min=1),
-                acc_aux=100.0 * count((aux.argmax(1) == labels2x) & valid) / count(valid).clamp(min=1))
+                acc_aux=100.0 * count((aux.argmax(1) == labels_f) & valid) / count(valid).clamp(min=1))
     return loss, logs
 
 
@@ -915,12 +924,13 @@ def predict(model, tokenizer, inverse, images, mode='whole', crop=None, stride=N
 
 @torch.no_grad()
 def generate(model, tokenizer, images, feats=None):
-    """The generated maskige: image (B, 3, H, W) -> token logits -> argmax -> tokenizer.decode -> (B, 3, 2H, 2W).
-    feats: the backbone's features of `images`, when already computed (for the auxiliary head too)."""
+    """The generated maskige: image (B, 3, H, W) -> token logits -> argmax -> tokenizer.decode -> (B, 3, fH, fW),
+    f = 8 / d: 2 (tokens at 1/4), 1 (at 1/8). feats: the backbone's features of `images`, when already computed."""
     model = getattr(model, 'module', model)  # through a DDP wrapper
     feats = model.backbone(images) if feats is None else feats
-    tokens = token_argmax(model.head.token_features(feats), model.head.conv_seg)  # (B, ceil(H/4), ceil(W/4))
-    return tokenizer.decode(tokens)[:, :, :2 * images.shape[2], :2 * images.shape[3]]
+    tokens = token_argmax(model.head.token_features(feats), model.head.conv_seg)  # (B, ceil(H/d), ceil(W/d))
+    f = 8 // model.head.tokens
+    return tokenizer.decode(tokens)[:, :, :f * images.shape[2], :f * images.shape[3]]
 
 
 def aux_scores(model, feats, size):

@@ -1113,6 +1113,11 @@ def test_token_targets_follow_the_official_rule():
     expected = torch.zeros(1, 3, 3, dtype=torch.bool)
     expected[0, 1, 2] = True
     assert torch.equal(changed, expected)  # the fill changes the mixed block's token and no other
+    tokens, composed = gss.token_targets(BlockTokenizer(), palette, labels2x, aux, fill=False)  # Table 3 w/o Unlabel
+    assert torch.equal(composed, labels2x)  # unlabeled pixels keep 255 and are painted with the ignore colour
+    oracle = BlockTokenizer().encode(gss.paint(labels2x, palette, gss.ignore_colour_for(palette)))  # as recon paints
+    assert torch.equal(tokens, oracle.masked_fill(ignored, BlockTokenizer.vocab_size))
+    assert torch.equal(tokens != results[1], expected)  # only the mixed block differs from the filled targets
 
 
 @pytest.mark.parametrize('chunk', [7, 40, 10 ** 6])
@@ -1216,6 +1221,25 @@ def test_loss_falls_when_overfitting():
     assert all(v.dtype == torch.float64 and v.dim() == 0 and not v.requires_grad for v in logs.values())  # no .item()
     with pytest.raises(gss.UserError, match='multiples of 4'):
         gss.compute_loss(model, tokenizer, palette, images[:, :, :30], labels[:, :30])
+
+
+def test_table3_switches_tokens_at_1_8_and_mla_off(monkeypatch):
+    model, tokenizer = tiny_gss(tokens=8, aux_fill=False, depth=0), tiny_gss_tokenizer()
+    assert len(model.head.blocks.blocks) == 0 and tiny_gss().head.blocks.blocks  # MLA off: no Swin block, MLP only
+    images, labels = torch.randn(2, 3, 32, 48), torch.randint(0, 5, (2, 32, 48))
+    labels[:, :8] = 255
+    seen = []
+    targets = gss.token_targets
+    monkeypatch.setattr(gss, 'token_targets', lambda *a: seen.append(a) or targets(*a))
+    gss.compute_loss(model, tokenizer, torch.randint(0, 256, (5, 3)), images, labels)
+    _, _, labels_f, aux, fill = seen[0]
+    assert torch.equal(labels_f, labels) and aux.shape == (2, 5, 32, 48) and fill is False  # the 1x GT, no fill
+    assert targets(*seen[0])[0].shape == (2, 4, 6) and model(images)[0].shape[-2:] == (4, 6)  # H/8 x W/8 tokens
+    assert gss.generate(model.eval(), tokenizer, images[:, :, :30, :44]).shape == (2, 3, 30, 44)  # H x W maskige
+    with pytest.raises(gss.UserError, match='multiples of 8'):
+        gss.compute_loss(model, tokenizer, torch.randint(0, 256, (5, 3)), images[:, :, :28], labels[:, :28])
+    with pytest.raises(gss.UserError, match='tokens=2: expected 4 or 8'):
+        tiny_gss(tokens=2)
 
 
 def test_slide_windows_match_mmseg():

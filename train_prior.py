@@ -47,7 +47,8 @@ FLAGS = dict(
     dataset=(str, None, "preset (required): " + ", ".join(datasets.DATASET_PRESETS)),
     backbone=(str, None, "backbone name (default swin_l, the paper's main one; swin_mini for synthetic)"),
     pretrained=(str, None, "backbone weights file (ImageNet Swin / ResNet checkpoint)"),
-    model_config=(str, '', "KEY=VALUE,... overrides of the gss.GSS head, e.g. dropout=0 (synthetic: SYNTHETIC_HEAD)"),
+    model_config=(str, '', "KEY=VALUE,... overrides of gss.GSSConfig, e.g. dropout=0 (synthetic: SYNTHETIC_HEAD); "
+                           "Table 3's ablations: tokens=8 (d = 1/8), aux_fill=False (no Unlabel), depth=0 (no MLA)"),
     posterior=(str, None, "stage-I artifact from train_posterior.py (default runs/<dataset>/posterior_ff.pt)"),
     data_root=(str, None, "dataset root (default: the preset's)"),
     iters=(int, None, "training iterations (default: the preset's, 160000 for ade20k)"),
@@ -469,10 +470,10 @@ def resume(ckpts, args, posterior, model, optimizer, scaler, log):
     ckpt, it, epoch, consumed = ckpts.load('gss-prior', posterior)
     if ckpt is None:
         return 0, 0, 0, -math.inf, None
-    if ckpt['config'] != model.config:
-        diff = ", ".join(f"{k} {ckpt['config'].get(k)} vs {model.config.get(k)}"
-                         for k in sorted(set(ckpt['config']) | set(model.config))
-                         if ckpt['config'].get(k) != model.config.get(k))
+    saved = dataclasses.asdict(gss.GSSConfig(**ckpt['config']))  # fields added since it was saved take defaults
+    if saved != model.config:
+        diff = ", ".join(f"{k} {saved.get(k)} vs {model.config.get(k)}" for k in sorted(set(saved) | set(model.config))
+                         if saved.get(k) != model.config.get(k))
         raise gss.UserError(f"{ckpts.resume}: checkpoint of a different model ({diff}; checkpoint vs flags); "
                             f"expected the flags it was trained with")
     model.load_state_dict(ckpt['model'])
