@@ -1,5 +1,5 @@
 """
-Benchmarks of gss's hot paths as ratios measured side by side in one run. Each subcommand prints a table and, last,
+Benchmarks of gss's hot paths as ratios measured side by side in one run. Each subcommand prints tables and, last,
 one `BENCH {json}` line. The cores may be shared: compare ratios, not seconds.
 
     python bench.py swin        # our Swin-T vs torchvision's swin_t
@@ -8,8 +8,7 @@ one `BENCH {json}` line. The cores may be shared: compare ratios, not seconds.
     python bench.py tokenizer   # DALL-E-size encode/decode: ours vs the naive dall_e usage
     python bench.py token-loss  # chunked 2048->8192 conv + CE vs naive
     python bench.py train       # one stage-II step split into its parts
-    python bench.py infer       # gss.predict: Swin-T 512x512 whole vs slide; Swin-L 1024x2048 slide 768/512 (the 8 GB
-                                # target; --windows N times N of its 8 windows, default 3, 0 = all)
+    python bench.py infer       # gss.predict end to end; Swin-L 1024x2048 slide 768/512 against 8 GB (--windows)
 
 Every measurement runs in a fresh subprocess (run_side): peak memory is its peak RSS (VmHWM, reset after setup and
 warm-up, once the memory they freed is handed back to the OS) minus its RSS then; timings are medians of rounds.
@@ -45,8 +44,12 @@ def _rss_mb(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ':')) / 1024
 
 
+def _wall_and_cpu():
+    """(wall seconds, CPU seconds of this process): the second is robust to other load on the machine."""
+    return np.array([time.perf_counter(), time.process_time()])
+
+
 def _child(setup, args, threads, warmup, queue):
-    import torch
     torch.set_num_threads(threads)
     fn = setup(*args)  # builds the model and inputs, returns the callable to time
     if warmup:
@@ -58,10 +61,10 @@ def _child(setup, args, threads, warmup, queue):
     with open('/proc/self/clear_refs', 'w') as f:
         f.write('5')
     base = _rss_mb('VmRSS')
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0 = _wall_and_cpu()
     result = fn()
-    out = {'seconds': time.perf_counter() - t0, 'cpu_seconds': time.process_time() - c0,
-           'peak_mb': _rss_mb('VmHWM') - base}
+    seconds, cpu_seconds = _wall_and_cpu() - t0
+    out = {'seconds': seconds, 'cpu_seconds': cpu_seconds, 'peak_mb': _rss_mb('VmHWM') - base}
     if hasattr(fn, 'details'):  # optional extra figures, computed after the measurement: fn.details(result, base)
         out['details'] = fn.details(result, base)
     queue.put(out)
@@ -69,8 +72,8 @@ def _child(setup, args, threads, warmup, queue):
 
 def run_side(setup, args=(), threads=2, warmup=True):
     """setup(*args)() in a fresh spawned process (after a warm-up call unless warmup=False) -> dict of its wall and
-    CPU seconds and its peak RSS above the RSS just before the call, plus 'details': fn.details(result, base RSS MB)
-    when the returned callable fn has that attribute. `setup` must be a module-level function."""
+    CPU seconds, its peak RSS above the RSS just before the call, and 'details' if the callable has fn.details.
+    `setup` must be a module-level function."""
     ctx = mp.get_context('spawn')
     queue = ctx.Queue()
     p = ctx.Process(target=_child, args=(setup, args, threads, warmup, queue))
@@ -81,19 +84,22 @@ def run_side(setup, args=(), threads=2, warmup=True):
 
 
 def interleaved(sides, repeats, threads, warmup=True):
-    """sides: {name: (setup, args)}; `repeats` rounds, one fresh process per side per round, sides alternating.
-    -> {name: {'seconds': median, 'cpu_seconds': median, 'peak_mb': median}}."""
+    """sides {name: (setup, args)}: `repeats` rounds, one fresh process per side per round, sides alternating ->
+    {name: medians of 'seconds', 'cpu_seconds', 'peak_mb', plus 'details' of the run nearest the median time}."""
     runs = {name: [] for name in sides}
     for _ in range(repeats):
         for name, (setup, args) in sides.items():
             runs[name].append(run_side(setup, args, threads, warmup))
-    return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != 'details'}
-            for name, rs in runs.items()}
+    out = {}
+    for name, rs in runs.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in ('seconds', 'cpu_seconds', 'peak_mb')}
+        nearest = min(rs, key=lambda r: abs(r['seconds'] - med['seconds']))
+        out[name] = dict(med, details=nearest.get('details'))
+    return out
 
 
 def table(title, rows):
-    """Print a title and rows (the first is the header; floats with 3 significant digits, or none below 1) in
-    aligned columns."""
+    """Print a title and rows (the first is the header; floats with 3 significant digits, or none from 100 up)."""
     print(title)
     rows = [[(f'{c:.0f}' if abs(c) >= 100 else f'{c:.3g}') if isinstance(c, float) else str(c) for c in r]
             for r in rows]
@@ -104,13 +110,20 @@ def table(title, rows):
 
 def compare(title, sides, args, warmup=True):
     """interleaved() of sides {name: (setup, args)}, printed with time and memory ratios to sides['naive'] ->
-    {name: {'seconds', 'cpu_seconds', 'peak_mb', 'time_ratio', 'mem_ratio'}} (medians)."""
+    {name: medians of 'seconds', 'cpu_seconds', 'peak_mb', and 'time_ratio', 'mem_ratio'}."""
     m = interleaved(sides, args.repeats, args.threads, warmup)
-    for v in m.values():
+    rows = [('side', 'wall s', 'CPU s', 'peak MB', 'time ratio', 'mem ratio')]
+    for name, v in m.items():
         v.update(time_ratio=v['seconds'] / m['naive']['seconds'], mem_ratio=v['peak_mb'] / m['naive']['peak_mb'])
-    header = ('side', 'wall s', 'CPU s', 'peak MB', 'time ratio', 'mem ratio')
-    table(title, [header] + [(k, *v.values()) for k, v in m.items()])
+        rows.append((name, v['seconds'], v['cpu_seconds'], v['peak_mb'], v['time_ratio'], v['mem_ratio']))
+    table(title, rows)
     return m
+
+
+def targets(rows):
+    """Print (figure, value, '<=' or '>=', limit) rows with whether each target is met."""
+    rows = [(name, v, f'{op} {limit}', v <= limit if op == '<=' else v >= limit) for name, v, op, limit in rows]
+    table('targets', [('figure', 'value', 'target', 'met')] + rows)
 
 
 def _write_ade(root, scenes):
@@ -121,20 +134,8 @@ def _write_ade(root, scenes):
             Image.fromarray(np.asarray(array)).save(f'{root}/{sub}/training/ADE_train_{i:08d}.{ext}', quality=90)
 
 
-def _wall_and_cpu():
-    """(wall seconds, CPU seconds of this process): the second is robust to other load on the machine."""
-    return np.array([time.perf_counter(), time.process_time()])
-
-
-def _load():
-    return f'load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; torch {torch.__version__}'
-
-
-# ---- swin: our Swin-T vs torchvision's swin_t (batch 2, 3x256x256, CPU)
-
 def _swin_setup(side, mode):
-    """run_side() setup: one side's model and input; returns a training step without the optimizer ('fwd_bwd') or
-    an inference forward ('fwd') of what a segmentation decoder would use."""
+    """One side's training step without the optimizer ('fwd_bwd') or inference forward ('fwd'), batch 2 of 256^2."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 256, 256)
     if side == 'torchvision':
@@ -169,17 +170,13 @@ def bench_swin(args):
             ours, tv = (run[s, m]['peak_mb' if suffix == '_peak_mib' else 'seconds'] for s in ('ours', 'torchvision'))
             rows.append((m + suffix, ours, tv, ours / tv))
             figures.update({f'ours_{m}{suffix}': ours, f'tv_{m}{suffix}': tv, f'ratio_{m}{suffix}': ours / tv})
-    table(f"swin_t vs torchvision swin_t: batch 2, 3x256x256, CPU, {threads} threads (_1thread: 1), medians of "
-          f"{args.repeats} interleaved rounds after a warm-up call: seconds; peak RSS of a first call (MiB, median "
-          f"of 3)", rows)
+    table(f'swin_t vs torchvision swin_t, {threads} threads: seconds; peak RSS of a first call (MiB)', rows)
     return figures
 
 
-# ---- data: images per second through the training pipeline
-
 def bench_data(args):
     """Images/s through the training pipeline (DataLoader, 2 workers) on the synthetic set and on 64 ADE20K-sized
-    512x683 JPEG/PNG pairs written here; plus the generation time of the synthetic set."""
+    512x683 JPEG/PNG pairs written here; CPU ms per image in one process; the synthetic set's generation time."""
     rows = [('dataset', 'image', 'crop', 'batch', 'CPU ms/img', 'img/s 2 workers')]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = _wall_and_cpu()
@@ -199,7 +196,7 @@ def bench_data(args):
             torch.manual_seed(0)
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # as in a DataLoader worker
-            t0 = time.process_time()  # CPU time: robust to other load on the machine
+            t0 = time.process_time()
             for i in range(64):
                 ds[i]
             ms = (time.process_time() - t0) / 64 * 1000
@@ -216,19 +213,14 @@ def bench_data(args):
             size = 'x'.join(map(str, datasets.read_image(ds.files[0][0]).shape[:2]))
             rows.append((name, size, ds.preset['crop_size'], batch, round(ms, 2), round(ips, 1)))
             figures.update({f'{key}_cpu_ms_per_image': round(ms, 2), f'{key}_images_per_s_2workers': round(ips, 1)})
-    table(f"synthetic set (2000+200 images, 128x128) generated in {gen_s:.1f} s ({gen_cpu:.1f} s CPU); CPU ms/img: one "
-          f"process; img/s: median of 3 passes after a warm-up pass; {_load()}", rows)
+    table(f'synthetic set generated in {gen_s:.1f} s ({gen_cpu:.1f} s CPU); img/s: median of 3 passes after a warm-up',
+          rows)
     return figures
 
 
-# ---- token-loss: the token head's 2048 -> 8192 conv + CE, chunked vs naive
-
-TOKEN_LOSS_SHAPE = (2, 128, 128, 2048, 8192)  # batch 2, a 512 crop's 128x128 tokens, conv 2048 -> 8192 (the paper's)
-
-
 def _token_loss_setup(side, B, h, w, C, V):
-    """run_side() setup: the token head's features, its last conv and token targets; returns one side's forward +
-    backward, which returns the loss and the gradients of x, the weight and the bias."""
+    """The token head's features x (B, C, h, w), its last conv C -> V and targets; returns one side's forward +
+    backward -> [loss, grad x, grad weight, grad bias]."""
     torch.manual_seed(0)
     x = torch.randn(B, C, h, w, requires_grad=True)  # the token head's features after dropout
     conv = torch.nn.Conv2d(C, V, 1)
@@ -245,16 +237,16 @@ def _token_loss_setup(side, B, h, w, C, V):
     return step
 
 
+TOKEN_LOSS_SHAPE = (2, 128, 128, 2048, 8192)  # batch 2, a 512 crop's 128x128 tokens, conv 2048 -> 8192 (the paper's)
+
+
 def bench_token_loss(args):
-    """Token head's last 1x1 conv + CE with ignore, forward + backward: chunked (ours) vs conv + F.cross_entropy."""
     B, h, w, C, V = TOKEN_LOSS_SHAPE
-    m = compare(f"token-loss: batch {B}, {h}x{w} positions, {C} -> {V}, fwd+bwd, {args.repeats} interleaved rounds, "
-                f"{args.threads} threads (naive: conv + F.cross_entropy, ours: chunked gss.token_cross_entropy)",
+    m = compare(f'token-loss fwd+bwd: batch {B}, {h}x{w} positions, {C} -> {V}; naive: conv + F.cross_entropy',
                 {side: (_token_loss_setup, (side, B, h, w, C, V)) for side in ('naive', 'ours')}, args, warmup=False)
     # same numbers: loss and gradients at a quarter of the positions, in this process
     grads = {side: _token_loss_setup(side, B, h // 2, w // 2, C, V)() for side in m}
     rel = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads['ours'], grads['naive']))
-    print(f"max relative difference of the loss and gradients: {rel:.1e}")
     return dict(shape=dict(batch=B, positions=f'{h}x{w}', channels=C, vocab=V), threads=args.threads,
                 seconds_naive=round(m['naive']['seconds'], 2), seconds_ours=round(m['ours']['seconds'], 2),
                 time_ratio=round(m['ours']['time_ratio'], 3), peak_mb_naive=round(m['naive']['peak_mb']),
@@ -262,8 +254,6 @@ def bench_token_loss(args):
                 max_rel_diff_loss_and_grads=rel,
                 memory_method='bench.run_side: VmHWM above the RSS after setup, fresh subprocess per run, median')
 
-
-# ---- inverse: X^-1 accuracy (nearest colour vs least squares vs FF-R) and the cost of nearest-colour decoding
 
 def blobs(B, S, K, seed):
     """Label maps (B, S, S) covering all K classes with random rectangles."""
@@ -288,10 +278,15 @@ def _nearest_setup(side, S, K):
     return lambda: ((maskige[:, None] * 255 - p[None, :, :, None, None]) ** 2).sum(2).argmin(1)  # (1, K, S, S)
 
 
+NEAREST_SHAPE = (150, 1024)  # K classes, a S x S maskige
+
+
 def bench_inverse(args):
-    K, S = 150, 1024
-    palettes = {'ade': gss.official_palette('ade20k')[:-1], 'ffr': gss.random_palette(K)}  # official ADE20K, FF-R
-    labels = blobs(4, 256, K, seed=0)
+    """X^-1 accuracy (nearest colour, least squares; official ADE20K and random FF-R palettes) on clean and noisy
+    maskiges, and the nearest-colour decode: ours (chunked 2x.p - |p|^2 matmul) vs the naive (1, K, 3, S, S)."""
+    K, S = NEAREST_SHAPE
+    palettes = {'ade': gss.official_palette('ade20k')[:-1], 'ffr': gss.random_palette(150)}
+    labels = blobs(4, 256, 150, seed=0)
     noise = 0.1 * torch.randn(4, 3, 256, 256, generator=torch.Generator().manual_seed(1))
     rows, figures = [('palette', 'inverse', 'maskige (noisy: + N(0, 0.1))', 'acc', 'mIoU')], {}
     for pname, palette in palettes.items():
@@ -300,29 +295,25 @@ def bench_inverse(args):
             for nname, maskige in (('clean', clean), ('noisy', (clean + noise).clamp(0, 1))):
                 with torch.no_grad():
                     pred = inverse(maskige).argmax(1)  # (4, 256, 256)
-                metric = evaluate.SegMetric(K)
+                metric = evaluate.SegMetric(150)
                 metric.update(pred, labels)
                 r = metric.compute()  # no ignored pixels here: aAcc is the pixel accuracy
                 rows.append([pname, iname, nname, r['aAcc'], r['mIoU']])
                 key = f"{pname}_{iname}_{nname}"
                 figures.update({f"{key}_acc": round(r['aAcc'], 2), f"{key}_miou": round(r['mIoU'], 2)})
-    table(f"X^-1 accuracy, K={K}, 4 blob label maps 256x256 with all classes (pixel accuracy %, mIoU %; ade: the "
-          f"official ADE20K palette, ffr: a random one)", rows)
+    table('X^-1 accuracy, K=150, 4 blob label maps 256x256 with all classes (pixel accuracy %, mIoU %)', rows)
     same = torch.equal(_nearest_setup('ours', S, K)(), _nearest_setup('naive', S, K)())
-    m = compare(f"\nnearest-colour decode of a {S}x{S} maskige, K={K}: ours (chunked 2x.p - |p|^2 matmul + argmax) vs "
-                f"the naive (1, K, 3, H, W) broadcast; medians of {args.repeats} interleaved rounds",
+    m = compare(f'\nnearest-colour decode of a {S}x{S} maskige, K={K}',
                 {s: (_nearest_setup, (s, S, K)) for s in ('naive', 'ours')}, args)
     t_ratio = m['ours']['time_ratio']
     mem_ratio = max(m['ours']['peak_mb'], 1.0) / m['naive']['peak_mb']  # a peak under 1 MB counts as 1 MB
-    print(f"ratios ours/naive: time {t_ratio:.3f} (target <= 0.2), memory {mem_ratio:.4f} (target <= 0.1), "
-          f"identical labels: {same}")
+    targets([('nearest time ratio', t_ratio, '<=', 0.2), ('nearest memory ratio', mem_ratio, '<=', 0.1),
+             ('nearest identical labels', same, '>=', True)])
     return dict(figures, nearest_time_ratio=round(t_ratio, 4), nearest_mem_ratio=round(mem_ratio, 4),
                 nearest_identical=same, nearest_naive_s=round(m['naive']['seconds'], 3),
                 nearest_ours_s=round(m['ours']['seconds'], 4), nearest_naive_mb=round(m['naive']['peak_mb'], 1),
                 nearest_ours_mb=round(m['ours']['peak_mb'], 1))
 
-
-# ---- tokenizer: the DALL-E-size dVAE, ours vs the naive use of the dall_e package
 
 DALLE_ARCH = dict(n_hid=256, vocab_size=8192, n_init=128, n_blk_per_group=2)  # DALL-E's dVAE shapes
 
@@ -361,11 +352,13 @@ def _tokenizer_setup(side, op, S):
     return lambda: tok.decode(x, dtype=torch.bfloat16 if side == 'ours bf16' else torch.float32)
 
 
+TOKENIZER_SIZES = (256, 512)  # the outputs are compared at the last
+
+
 def bench_tokenizer(args):
-    print(f"DALL-E-size dVAE (n_hid 256, vocab 8192, random weights), batch 1, float32 unless bf16; medians of "
-          f"{args.repeats} interleaved rounds")
+    """DALL-E-size dVAE (random weights), batch 1, float32 unless bf16: ours vs the naive dall_e usage."""
     figures = {}
-    for S in (256, 512):
+    for S in TOKENIZER_SIZES:
         for op in ('encode', 'decode'):
             sides = ['naive', 'ours'] + (['ours bf16'] if op == 'decode' else [])
             m = compare(f'{op} {S}x{S}', {s: (_tokenizer_setup, (s, op, S)) for s in sides}, args)
@@ -378,26 +371,25 @@ def bench_tokenizer(args):
     # outputs, in this process: ours vs naive (float32), and bf16 classes after nearest colour
     tok = _dalle_size()
     palette = gss.make_palette(150)
-    maskige = gss.paint(blobs(1, 512, 150, seed=0), palette, torch.tensor([0, 0, 0]))  # (1, 3, 512, 512)
+    maskige = gss.paint(blobs(1, S, 150, seed=0), palette, torch.tensor([0, 0, 0]))  # (1, 3, S, S)
     tokens = tok.encode(maskige)
     same_tokens = torch.equal(tokens, _naive(tok, 'encode', maskige))
     ours, bf16 = tok.decode(tokens), tok.decode(tokens, dtype=torch.bfloat16)
     diff = (ours - _naive(tok, 'decode', tokens)).abs().max().item()
     nc = gss.NearestColour(palette)
     agree = (nc.labels(bf16) == nc.labels(ours)).float().mean().item() * 100
-    print(f"\n512x512: encode tokens identical to the naive argmax: {same_tokens}; decode max |ours - naive| = "
-          f"{diff:.2e} (target <= 1e-5); bf16 vs float32: {agree:.3f}% of pixels decode to the same class after "
-          f"nearest colour (K=150, target >= 99.9), max |bf16 - float32| = {(bf16 - ours).abs().max().item():.3f}")
+    targets([(f'encode{S} tokens identical', same_tokens, '>=', True),
+             (f'decode{S} max |ours - naive|', diff, '<=', 1e-5),
+             (f'decode{S} bf16 same class % (K=150)', agree, '>=', 99.9)])
     return dict(figures, encode512_tokens_identical=same_tokens, decode512_max_abs_diff=diff,
-                decode512_bf16_same_class_pct=round(agree, 3))
+                decode512_bf16_same_class_pct=round(agree, 3),
+                decode512_bf16_max_abs_diff=(bf16 - ours).abs().max().item())
 
 
-# ---- train: one stage-II step on CPU as train_prior.py runs it, split into its parts
-#   synthetic: the synthetic preset as `python train_prior.py --dataset synthetic` trains it (swin_mini, the CPU-sized
-#       head train_prior.SYNTHETIC_HEAD, batch 16 of 64x64 crops) with the tokenizer train_posterior.py trains for it;
-#   synthetic-paper-head: the same with the paper's head widths (384/512/2048, 16 heads), the cost that head avoids;
-#   swin_t: Swin-T, the paper's head and the DALL-E-size tokenizer, the ADE20K pipeline, K = 150, batch 1 at 256x256
-#       (a 512x512 crop has 4x the FLOPs of every part: about 85 s per step on one core, too slow to repeat).
+# synthetic: the synthetic preset as `python train_prior.py --dataset synthetic` trains it (swin_mini, the CPU-sized
+#   head, batch 16 of 64x64 crops) with the tokenizer train_posterior.py trains for it; synthetic-paper-head: the same
+#   with the paper's head widths (384/512/2048, 16 heads); swin_t: Swin-T, the paper's head, the DALL-E-size tokenizer,
+#   the ADE20K pipeline, batch 1 at 256x256 (a 512 crop has 4x the FLOPs: about 85 s per step on one core).
 TRAIN_BENCH_CONFIGS = {
     'synthetic': dict(backbone='swin_mini', head=train_prior.SYNTHETIC_HEAD, dataset='synthetic', num_classes=10,
                       crop=64, batch=16, tok=train_posterior.TOKENIZER_ARCH),
@@ -418,10 +410,9 @@ def _timed(fn, times, key):
     return timed
 
 
-def _train_setup(name, steps):
-    """run_side() setup of one configuration; its call runs a warm-up step (its FLOPs counted) and `steps` timed
-    ones -> per-part (wall, CPU) seconds (lists over steps), FLOPs, matmul FLOP/s and peak RSS of the process."""
-    c = TRAIN_BENCH_CONFIGS[name]
+def _train_setup(c, steps):
+    """One configuration's call: a warm-up step (its FLOPs counted), `steps` timed ones -> per-part (wall, CPU)
+    seconds (lists over steps), FLOPs, a dense 2048^3 fp32 matmul's FLOP/s (best of 10) and the peak RSS."""
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory()
     if c['dataset'] == 'ade20k':  # two 512x512 scenes in the ADE20K layout, read through the real ADE20K pipeline
@@ -458,21 +449,20 @@ def _train_setup(name, steps):
                 'backward': backward, 'optimizer': opt}
 
     def run():
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as step_flops:
             step(0)
-        step_flops = counter.get_total_flops()
         parts = [step(i) for i in range(1, 1 + steps)]
         tmp.cleanup()  # the ADE20K scenes the steps read
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as tokenizer_flops:
             encode(torch.rand(c['batch'], 3, 2 * c['crop'], 2 * c['crop']))  # the 2x maskige (B, 3, 2H, 2W)
-        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)  # dense fp32 matmul FLOP/s in this process
+        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
         mm = []
         for _ in range(11):
             t0 = _wall_and_cpu()
             a @ b
             mm.append(2 * 2048 ** 3 / (_wall_and_cpu() - t0))  # (wall, CPU) FLOP/s
-        return {'parts': {k: [p[k] for p in parts] for k in parts[0]}, 'step_flops': step_flops,
-                'tokenizer_flops': counter.get_total_flops(), 'matmul_flops': np.max(mm[1:], axis=0),  # best of 10
+        return {'parts': {k: [p[k] for p in parts] for k in parts[0]}, 'step_flops': step_flops.get_total_flops(),
+                'tokenizer_flops': tokenizer_flops.get_total_flops(), 'matmul_flops': np.max(mm[1:], axis=0),
                 'params': sum(p.numel() for p in model.parameters()),
                 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     run.details = lambda result, base: result
@@ -480,54 +470,40 @@ def _train_setup(name, steps):
 
 
 def bench_train(args):
-    """Per configuration, in run_side's fresh process: wall and CPU seconds per part (median of args.repeats steps
-    after a warm-up step; 1 for swin_t), images/s, FLOPs per step (FlopCounterMode) and the achieved FLOP/s as a
-    fraction of a dense 2048^3 fp32 matmul's (best of 10, same process). CPU seconds are robust to other load on a
-    shared machine, wall seconds are not; with other processes busy use --threads 1: OpenMP threads then wait for
-    each other at every op (measured at load 6: the synthetic step takes 2.3 s on 1 thread, 20 s on 2)."""
-    figures = {}
+    """Per configuration: seconds per part (median of --repeats steps; 1 for swin_t), FLOPs per step, and the
+    achieved FLOP/s as a fraction of a dense matmul's. On a busy machine use --threads 1 and read the CPU seconds."""
+    sides = {name: (_train_setup, (c, c.get('steps', args.repeats))) for name, c in TRAIN_BENCH_CONFIGS.items()}
+    runs = interleaved(sides, 1, args.threads, warmup=False)
+    figures, summary = {}, [('config', 'M params', 'img/s', 'TFLOP', 'tokenizer TFLOP', '% of matmul', 'per CPU s')]
     for name, c in TRAIN_BENCH_CONFIGS.items():
-        steps = c.get('steps', args.repeats)
-        r = run_side(_train_setup, (name, steps), args.threads, warmup=False)['details']
+        r = runs[name]['details']
         med = {k: np.median(v, axis=0) for k, v in r['parts'].items()}  # part -> (wall, CPU) seconds
         total = sum(med.values())
-        achieved = r['step_flops'] / (total - med['data'])  # (wall, CPU) FLOP/s outside data loading
-        peak = r['matmul_flops']
-        rows = [('part', 'wall s', 'share %', 'CPU s', 'share %')]
-        rows += [(k, wall, 100 * wall / total[0], cpu, 100 * cpu / total[1]) for k, (wall, cpu) in med.items()]
-        table(f"\n{name}: {c['backbone']} ({r['params'] / 1e6:.1f} M parameters), batch {c['batch']} x {c['crop']}^2, "
-              f"tokenizer {c['tok']}, {args.threads} threads, median of {steps} step(s) after a warm-up step",
-              rows + [('step', total[0], 100.0, total[1], 100.0)])
-        print(f"  {c['batch'] / total[0]:.2f} images/s; FLOPs per step {r['step_flops'] / 1e12:.3f} T (tokenizer "
-              f"{r['tokenizer_flops'] / 1e12:.3f} T); achieved {achieved[0] / 1e9:.1f} GFLOP/s = "
-              f"{100 * achieved[0] / peak[0]:.0f}% of a 2048^3 fp32 matmul's {peak[0] / 1e9:.1f} (per CPU-second: "
-              f"{100 * achieved[1] / peak[1]:.0f}%); peak RSS {r['peak_rss_mb']:.0f} MB")
+        achieved = r['step_flops'] / (total - med['data']) / r['matmul_flops']  # (wall, CPU), outside data loading
+        rows = [(k, wall, 100 * wall / total[0], cpu, 100 * cpu / total[1]) for k, (wall, cpu) in med.items()]
+        table(f"\n{name}: {c['backbone']}, batch {c['batch']} x {c['crop']}^2, {args.threads} threads",
+              [('part', 'wall s', 'share %', 'CPU s', 'share %')] + rows + [('step', total[0], 100.0, total[1], 100.0)])
         figures[name] = {'wall_s': {k: round(v[0], 4) for k, v in med.items()},
                          'cpu_s': {k: round(v[1], 4) for k, v in med.items()},
                          'step_wall_s': round(total[0], 3), 'step_cpu_s': round(total[1], 3),
                          'images_per_s': round(c['batch'] / total[0], 3),
                          'step_tflops': round(r['step_flops'] / 1e12, 4),
                          'tokenizer_tflops': round(r['tokenizer_flops'] / 1e12, 4),
-                         'fraction_of_matmul_peak': round(achieved[0] / peak[0], 3),
-                         'fraction_of_matmul_peak_per_cpu_s': round(achieved[1] / peak[1], 3),
-                         'matmul_gflops': round(peak[0] / 1e9, 1), 'peak_rss_mb': round(r['peak_rss_mb'])}
-    paper, ours, swin_t = figures['synthetic-paper-head'], figures['synthetic'], figures['swin_t']
-    over = figures['synthetic_paper_head_over_cpu_head_cpu_s'] = round(paper['step_cpu_s'] / ours['step_cpu_s'], 2)
-    print(f"\nbiggest avoidable cost: the paper-size head on the synthetic preset ({over}x the CPU-sized head's CPU "
-          f"seconds). With swin_t the frozen float32 tokenizer on the 2H x 2W maskige takes "
-          f"{100 * swin_t['cpu_s']['tokenizer'] / swin_t['step_cpu_s']:.0f}% of the CPU seconds, "
-          f"{100 * swin_t['tokenizer_tflops'] / swin_t['step_tflops']:.0f}% of the FLOPs: the method's own cost (bf16 "
-          f"would change the targets). {_load()}")
+                         'fraction_of_matmul_peak': round(achieved[0], 3),
+                         'fraction_of_matmul_peak_per_cpu_s': round(achieved[1], 3),
+                         'matmul_gflops': round(r['matmul_flops'][0] / 1e9, 1), 'peak_rss_mb': round(r['peak_rss_mb'])}
+        f = figures[name]
+        summary.append((name, r['params'] / 1e6, f['images_per_s'], f['step_tflops'], f['tokenizer_tflops'],
+                        100 * achieved[0], 100 * achieved[1]))
+    table('', summary)
+    over = figures['synthetic-paper-head']['step_cpu_s'] / figures['synthetic']['step_cpu_s']
+    figures['synthetic_paper_head_over_cpu_head_cpu_s'] = round(over, 2)  # the cost the CPU-sized head avoids
     return figures
 
 
-# ---- infer: end-to-end generative inference (gss.predict with nearest colour), random weights, float32, batch 1
-
-# name -> (backbone, K, image (H, W), mode, crop, stride), the paper's head (vocabulary 8192) and the DALL-E-size
-# tokenizer everywhere. ADE20K-like: Swin-T, whole 512x512, and mmseg's slide 512/341, one window there (the same
-# computation plus the slide canvas). Cityscapes' test setting: Swin-L on 1024x2048, slide 768/512 = 2 x 4 windows of
-# 768x768, the 8 GB target. Whole mode at 1024x2048 is not run: 3.6x the pixels of a 768 window (a peak of about
-# 17-20 GB by that scaling, too much for a shared machine).
+# name -> (backbone, K, image (H, W), mode, crop, stride); the paper's head and the DALL-E-size tokenizer everywhere.
+# Cityscapes' test setting is Swin-L on 1024x2048, slide 768/512 = 2 x 4 windows: the 8 GB target. Whole mode at
+# 1024x2048 is not run (3.6x a 768 window's pixels: about 17-20 GB, too much for a shared machine).
 INFER_CASES = {
     'swin_t_512_whole': ('swin_t', 150, (512, 512), 'whole', None, None),
     'swin_t_512_slide': ('swin_t', 150, (512, 512), 'slide', 512, 341),
@@ -536,56 +512,55 @@ INFER_CASES = {
 INFER_TARGET_MB = 8192  # Swin-L, 1024x2048, slide 768/512, DALL-E-size tokenizer, on CPU
 
 
-def _infer_windows(name):
-    _, _, (H, W), mode, crop, stride = INFER_CASES[name]
+def _infer_windows(case):
+    _, _, (H, W), mode, crop, stride = case
     return gss.slide_windows(H, W, crop, stride) if mode == 'slide' else [(0, H, 0, W)]
 
 
 @torch.no_grad()
-def _infer_tflop(name):
-    """FLOPs of one gss.predict call up to the maskige (backbone, head, token argmax, decode; nearest colour and the
-    canvas are negligible): the model counted on the meta device, the decoder on 8x8 real tokens scaled by the token
-    count (its convs' FLOPs are exactly proportional to it)."""
-    backbone, K, _, _, _, _ = INFER_CASES[name]
+def _infer_tflop(case):
+    """TFLOPs of one gss.predict call up to the maskige, and the decoder's share: the model counted on the meta
+    device, the decoder on 8x8 real tokens scaled by the token count (its convs' FLOPs are proportional to it);
+    nearest colour and the canvas are negligible."""
     with torch.device('meta'):
-        model = gss.GSS(gss.GSSConfig(backbone, K, 8192)).eval()
+        model = gss.GSS(gss.GSSConfig(case[0], case[1], 8192)).eval()
     tokenizer = gss.build_tokenizer(**DALLE_ARCH)
     with FlopCounterMode(display=False) as counter:
         tokenizer.decode(torch.zeros(1, 8, 8, dtype=torch.long))
     decode_per_token = counter.get_total_flops() / 64
-    total = 0
-    for y1, y2, x1, x2 in _infer_windows(name):
+    total = decode = 0
+    for y1, y2, x1, x2 in _infer_windows(case):
         with FlopCounterMode(display=False) as counter:
             feats = model.head.token_features(model.backbone(torch.empty(1, 3, y2 - y1, x2 - x1, device='meta')))
         h, w = feats.shape[2:]
+        decode += decode_per_token * h * w
         total += counter.get_total_flops() + 2 * h * w * model.head.conv_seg.weight.numel() + decode_per_token * h * w
-    return total / 1e12
+    return total / 1e12, decode / total
 
 
-def _infer_setup(name, windows):
-    """run_side() setup: the model, tokenizer, palette and a random image of case `name`; returns one gss.predict
-    call. Slide mode runs only the first `windows` windows when windows > 0 (gss.slide_windows patched in this child
-    process; the canvas keeps the full image size). Each window's end is recorded (time, peak and current RSS) by
-    wrapping gss.maskige_scores, which predict calls once per window, last."""
-    backbone, K, (H, W), mode, crop, stride = INFER_CASES[name]
+def _infer_setup(case, windows):
+    """The model, tokenizer, palette and a random image of `case`; returns one gss.predict call. Slide mode runs only
+    the first `windows` windows when windows > 0 (gss.slide_windows patched in this child process; the canvas keeps
+    the full size). gss.maskige_scores, which predict calls once per window, last, is wrapped to record each end."""
+    backbone, K, (H, W), mode, crop, stride = case
     torch.manual_seed(0)
     model = gss.GSS(gss.GSSConfig(backbone, K, 8192)).eval()
     tokenizer = _dalle_size()
     inverse = gss.NearestColour(gss.make_palette(K))
     images = torch.randn(1, 3, H, W)
-    boxes = _infer_windows(name)
+    boxes = _infer_windows(case)
     if mode == 'slide' and 0 < windows < len(boxes):
         gss.slide_windows = lambda *a: boxes[:windows]
     marks, scores_of = [], gss.maskige_scores
 
     def recorded(*a, **k):
         scores = scores_of(*a, **k)
-        marks.append((time.perf_counter(), time.process_time(), _rss_mb('VmHWM'), _rss_mb('VmRSS')))
+        marks.append((*_wall_and_cpu(), _rss_mb('VmHWM'), _rss_mb('VmRSS')))
         return scores
     gss.maskige_scores = recorded
 
     def call():
-        marks[:] = [(time.perf_counter(), time.process_time(), None, None)]
+        marks[:] = [(*_wall_and_cpu(), None, None)]
         return gss.predict(model, tokenizer, inverse, images, mode, crop, stride)
 
     def details(scores, base):
@@ -605,53 +580,38 @@ def _infer_setup(name, windows):
 
 
 def bench_infer(args):
-    """gss.predict per case, no warm-up call (a call takes minutes), `--repeats` rounds (default 1), medians."""
-    runs = {name: [] for name in INFER_CASES}
-    for _ in range(args.repeats):
-        for name in INFER_CASES:
-            runs[name].append(run_side(_infer_setup, (name, args.windows), args.threads, warmup=False))
+    """gss.predict per case in float32, batch 1, random weights; no warm-up call (a call takes minutes)."""
+    sides = {name: (_infer_setup, (case, args.windows)) for name, case in INFER_CASES.items()}
+    runs = interleaved(sides, args.repeats, args.threads, warmup=False)
     figures = {'bench': 'infer', 'device': 'cpu', 'dtype': 'float32', 'threads': args.threads, 'repeats': args.repeats,
                'tokenizer': 'DALL-E size (n_hid 256, vocab 8192, 2 blocks per group), random weights',
                'memory_method': 'bench.run_side: VmHWM of the timed call above the RSS before it (model, tokenizer, '
                                 'image built), fresh subprocess per case, no warm-up call'}
-    rows = [('case', 'image', 'mode', 'windows', 'wall s', 'CPU s', 'TFLOP', 'GFLOP/s', 'peak MB', 'base MB')]
-    for name, rs in runs.items():
-        backbone, K, (H, W), mode, crop, stride = INFER_CASES[name]
-        med = {k: statistics.median(r[k] for r in rs) for k in ('seconds', 'cpu_seconds', 'peak_mb')}
-        d = min(rs, key=lambda r: abs(r['seconds'] - med['seconds']))['details']
+    rows = [('case', 'windows', 'wall s', 'CPU s', 'TFLOP', 'decode %', 'GFLOP/s', 'peak MB', 'base MB')]
+    for name, case in INFER_CASES.items():
+        backbone, K, (H, W), mode, crop, stride = case
+        med, d = runs[name], runs[name]['details']
         n, total = d['windows_timed'], d['windows_total']
-        tflop = _infer_tflop(name) * n / total  # windows are equal-sized in every case here
+        tflop, decode = _infer_tflop(case)
+        tflop *= n / total  # windows are equal-sized in every case here
         f = figures[name] = dict(backbone=backbone, num_classes=K, image=[H, W], mode=mode, crop=crop, stride=stride,
                                  seconds=round(med['seconds'], 2), cpu_seconds=round(med['cpu_seconds'], 2),
                                  peak_mb=round(med['peak_mb']), tflop=round(tflop, 2),
                                  gflops_per_s=round(1e3 * tflop / med['seconds'], 1),
+                                 decode_flop_share=round(decode, 3),
                                  **{k: [round(v, 1) for v in d[k]] if isinstance(d[k], list) else d[k] for k in d})
         if n < total:  # ESTIMATE: the remaining windows cost what the timed ones did on average
             f['estimate_all_windows_seconds'] = round(med['seconds'] * total / n, 1)
-        window = mode if mode == 'whole' else f'slide {crop}/{stride}'
-        rows.append((name, f'{H}x{W}', window, f'{n}/{total}', med['seconds'], med['cpu_seconds'], tflop,
+        rows.append((name, f'{n}/{total}', med['seconds'], med['cpu_seconds'], tflop, 100 * decode,
                      f['gflops_per_s'], med['peak_mb'], d['baseline_rss_mb']))
-    table(f"infer: gss.predict with nearest colour, batch 1, float32, random weights, {args.threads} threads, "
-          f"{args.repeats} round(s) (median), run_side without a warm-up call (base MB: model, tokenizer and image "
-          f"built); {_load()}", rows)
+    table(f'infer: gss.predict with nearest colour, {args.threads} threads, MB above the RSS before the call', rows)
     big = figures['swin_l_1024x2048_slide']
-    n, total = big['windows_timed'], big['windows_total']
-    table('\nswin_l 1024x2048 slide 768/512, window by window (MB above the RSS before the call; a flat running peak '
-          'means no window used more than the ones before it):', [('window', 'wall s', 'CPU s', 'peak so far MB',
-          'RSS after MB')] + list(zip(range(1, n + 1), big['per_window_s'], big['per_window_cpu_s'],
-                                      big['peak_mb_after_window'], big['rss_mb_after_window'])))
-    met = big['peak_mb'] <= INFER_TARGET_MB
-    print(f"target: peak {big['peak_mb']} MB vs {INFER_TARGET_MB} MB on CPU, float32: {'met' if met else 'NOT met'} "
-          f"(measured over {n} of {total} windows, all of the same shapes, one after another; --windows 0 runs all)")
-    if n < total:
-        print(f"ESTIMATE, not measured: all {total} windows take about {big['estimate_all_windows_seconds']:.0f} s")
-    weights_mb = 2 * (big['params_model'] + big['params_tokenizer_decoder']) / 2 ** 20
-    gpu = round(big['peak_mb'] / 2 + weights_mb)
-    print(f"ESTIMATE, not measured: on a GPU in bf16, about {gpu} MB = half the float32 activation peak + the bf16 "
-          f"weights of the model and tokenizer decoder ({weights_mb:.0f} MB), before the CUDA context and allocator "
-          f"slack (gss's bf16 decode keeps its float32 residual stream, which holds most of that peak: expect more)")
-    return dict(figures, target_peak_mb=INFER_TARGET_MB, target_met=met, target_measured_windows=f'{n}/{total}',
-                estimate_gpu_bf16_peak_mb=gpu)
+    targets([('swin_l_1024x2048_slide peak MB', big['peak_mb'], '<=', INFER_TARGET_MB)])
+    # ESTIMATE, not measured: a GPU in bf16 holds about half the float32 activation peak plus the bf16 weights of the
+    # model and tokenizer decoder (gss's bf16 decode keeps its float32 residual stream: expect more)
+    gpu = round(big['peak_mb'] / 2 + 2 * (big['params_model'] + big['params_tokenizer_decoder']) / 2 ** 20)
+    return dict(figures, target_peak_mb=INFER_TARGET_MB, target_met=big['peak_mb'] <= INFER_TARGET_MB,
+                target_measured_windows=f"{big['windows_timed']}/{big['windows_total']}", estimate_gpu_bf16_peak_mb=gpu)
 
 
 BENCHES = {'swin': bench_swin, 'data': bench_data, 'inverse': bench_inverse, 'tokenizer': bench_tokenizer,
@@ -663,12 +623,13 @@ def main():
     parser.add_argument('name', choices=sorted(BENCHES))
     parser.add_argument('--repeats', type=int, default=None, help='rounds (default 3; 1 for infer)')
     parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--windows', type=int, default=3,
-                        help='infer: time only the first N of the 8 windows of the 1024x2048 case (0 = all of them)')
+    parser.add_argument('--windows', type=int, default=3, help='infer: the first N of 1024x2048\'s 8 windows (0: all)')
     args = parser.parse_args()
     if args.repeats is None:
         args.repeats = 1 if args.name == 'infer' else 3
-    print('BENCH ' + json.dumps(BENCHES[args.name](args)))
+    figures = BENCHES[args.name](args)
+    print(f'load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; torch {torch.__version__}')
+    print('BENCH ' + json.dumps(figures))
 
 
 if __name__ == '__main__':

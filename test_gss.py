@@ -1434,7 +1434,8 @@ def test_official_checkpoint_round_trip(tmp_path):
         maskige = torch.rand(1, 3, 16, 16)
         assert torch.equal(tokenizer.encode(maskige), tokenizer2.encode(maskige))
         assert torch.equal(inverse(maskige), inverse2(maskige))
-        assert torch.equal(gss.predict(model, tokenizer, inverse, images), gss.predict(model2, tokenizer2, inverse2, images))
+        ours = gss.predict(model, tokenizer, inverse, images)
+        assert torch.equal(ours, gss.predict(model2, tokenizer2, inverse2, images))
     sd = official_state_dict(model, tokenizer)  # GSS-FF file
     assert gss.load_official_checkpoint(sd)[2] is None
     with pytest.raises(gss.UserError, match=r'conv_seg\.weight \(512, 64, 1, 1\) vs ours \(1024, 64, 1, 1\)'):
