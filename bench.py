@@ -691,7 +691,7 @@ def bench_confidence(args):
     for j, s in enumerate(SIGNALS):
         judged = c['aux'] if j == len(SIGNALS) - 1 else c['gss']
         score, good = c[s].float(), judged == c['label']
-        r = [auroc(score, good), ece(score, good)] + [top_miou(score, judged, c['label'], q, K) 
+        r = [auroc(score, good), ece(score, good)] + [top_miou(score, judged, c['label'], q, K)
              for q in (.5, .8, .9, 1)]
         rows.append((s, 'aux head' if j == len(SIGNALS) - 1 else 'GSS-FF', *r))
         figures[f'{s} judging {rows[-1][1]}'] = r
