@@ -2221,6 +2221,12 @@ def test_evaluate_cli_saves_labels_that_reload_to_its_predictions(env, ref1, tmp
         maskige = gss.generate(model, tokenizer, item['image'][None])[0]  # (3, 2h, 2w)
         expected = (maskige * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         assert np.array_equal(np.asarray(Image.open(out / f'{stem}_maskige.png')), expected)
+        with torch.no_grad():  # the heat map of the doubt: its red channel is 255 min(1, 3 (1 - top-1 probability))
+            probs = gss.token_probs(model, model.backbone(item['image'][None]))
+        top1 = gss.token_confidence(probs, item['image'].shape[-2:])[:, :1]  # (1, 1, h, w)
+        red = 255 * (3 - 3 * F.interpolate(top1, pred.shape, mode='bilinear')[0, 0]).clamp(0, 1)  # (H, W)
+        heat = np.asarray(Image.open(out / f'{stem}_confidence.png'))  # (H, W, 3)
+        assert heat.shape == (*pred.shape, 3) and np.abs(heat[..., 0] - red.numpy()).max() <= 0.5 + 1e-3
         assert Image.open(out / f'{stem}_overlay.jpg').size == (pred.shape[1], pred.shape[0])
     # a checkpoint that is not one gives a one-line error
     bad = tmp_path / 'bad.pt'
