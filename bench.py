@@ -646,6 +646,23 @@ def top_miou(score, pred, label, q, K):
     return m.compute()['mIoU']
 
 
+# the signals the numbers did not pick for the library (README: beyond the paper)
+
+def palette_confidence(maskige, palette, size):
+    """1 - d1 / d2, d1 and d2 the distances of each maskige colour (B, 3, 2H, 2W) to its nearest and second-nearest
+    palette colours (K, 3) on 0-255: 1 on a palette colour, 0 halfway between two; area-resized -> (B, 1, *size)."""
+    x = 255 * maskige.float().permute(0, 2, 3, 1)[..., None, :]  # (B, 2H, 2W, 1, 3)
+    d = gss._sq_dist(x, palette.float()).topk(2, -1, largest=False).values.sqrt()  # (B, 2H, 2W, 2), ascending
+    return F.interpolate((1 - d[..., 0] / d[..., 1].clamp(min=1e-6))[:, None], size=tuple(size), mode='area')
+
+
+def majority_vote(labels, num_classes):
+    """labels (N, B, H, W) of N samples -> (the per-pixel majority (B, H, W), the fraction of the samples that agree
+    with it (B, H, W) in [1/N, 1]: the samples' confidence). Ties: the lowest class."""
+    top = F.one_hot(labels, num_classes).sum(0).max(-1)  # over (B, H, W, K) counts
+    return top.indices, top.values / len(labels)
+
+
 @torch.no_grad()
 def bench_confidence(args):
     """Confidence signals vs the aux head's softmax, N = 8 samples, soft decoding on the synthetic val split."""
@@ -669,7 +686,7 @@ def bench_confidence(args):
         probs = timed('token softmax', gss.token_probs, model, feats)  # (1, V, h/4, w/4)
         conf = timed('top-1 / entropy', lambda: F.interpolate(gss.token_confidence(probs, size), label.shape,
                                                               mode='bilinear')[0])  # (2, H, W)
-        margin = timed('palette margin', gss.palette_confidence, m, palette, label.shape)[0, 0]  # (H, W)
+        margin = timed('palette margin', palette_confidence, m, palette, label.shape)[0, 0]  # (H, W)
         soft = timed('soft decoding', tok.decode_soft, probs)[:, :, :2 * size[0], :2 * size[1]]
         metric['argmax'].update(pred, label)
         metric['soft'].update(labels_of(soft)[0], label)
@@ -680,7 +697,7 @@ def bench_confidence(args):
             if t == 1.0 and i < 50:  # the decoder one sample at a time, on the first 50 images
                 timed('decode 8 one by one (50 images)', lambda: [tok.decode(s[None]) for s in tokens])
             sampled = labels_of(ms)  # (N, H, W)
-            vote, agree[t] = gss.majority_vote(sampled[:, None], K)  # (1, H, W) each
+            vote, agree[t] = majority_vote(sampled[:, None], K)  # (1, H, W) each
             metric[f'majority T={t}'].update(vote[0], label)
             metric[f'best-of-8 T={t}'].update(sampled[((sampled == label) & valid).sum((1, 2)).argmax()], label)
         for k, v in zip(cols, (label, pred, aux.argmax(0), *conf, margin, agree[0.5][0], agree[1.0][0],

@@ -8,7 +8,7 @@ into maskiges (X), tokenized by a frozen VQ tokenizer, predicted from images by 
     4. Image encoder I_psi     build_backbone, MLA, GSSHead, GSSConfig, GSS
     5. Targets and losses      token_targets, token_cross_entropy, compute_loss (Eq. 7)
     6. Inference               predict, generate, aux_scores, infer, slide_windows; beyond the paper token_probs,
-                               sample_tokens, token_confidence, palette_confidence, majority_vote
+                               sample_tokens, token_confidence
     7. Official checkpoints    load_official_checkpoint, official_key, official_config
     8. Files and validation    UserError, load_file, save_atomic, load_tokenizer, convert_dalle, load_posterior
 
@@ -953,21 +953,6 @@ def token_confidence(probs, size):
     c = torch.stack([probs.max(1).values, 1 - entropy], 1)  # (B, 2, h, w)
     c = F.interpolate(c, (4 * c.shape[2], 4 * c.shape[3]), mode='bilinear', align_corners=False)
     return c[:, :, :size[0], :size[1]].clamp(0, 1)
-
-
-def palette_confidence(maskige, palette, size):
-    """1 - d1 / d2, d1 and d2 the distances of each maskige colour (B, 3, 2H, 2W) to its nearest and second-nearest
-    palette colours (K, 3) on 0-255: 1 on a palette colour, 0 halfway between two; area-resized -> (B, 1, *size)."""
-    x = 255 * maskige.float().permute(0, 2, 3, 1)[..., None, :]  # (B, 2H, 2W, 1, 3)
-    d = _sq_dist(x, palette.float()).topk(2, -1, largest=False).values.sqrt()  # (B, 2H, 2W, 2), ascending
-    return F.interpolate((1 - d[..., 0] / d[..., 1].clamp(min=1e-6))[:, None], size=tuple(size), mode='area')
-
-
-def majority_vote(labels, num_classes):
-    """labels (N, B, H, W) of N samples -> (the per-pixel majority (B, H, W), the fraction of the samples that agree
-    with it (B, H, W) in [1/N, 1]: the samples' confidence). Ties: the lowest class."""
-    top = F.one_hot(labels, num_classes).sum(0).max(-1)  # over (B, H, W, K) counts
-    return top.indices, top.values / len(labels)
 
 
 def aux_scores(model, feats, size):

@@ -1287,8 +1287,8 @@ def test_sampling_soft_decoding_and_confidence():
     maskige = torch.zeros(1, 3, 4, 4)
     maskige[0, 0, :, 2:], maskige[0, 0, :2, :2] = 1, 0.5  # red on the right; top left halfway from black to red
     palette = torch.tensor([[0, 0, 0], [255, 0, 0], [0, 255, 0]])
-    assert torch.equal(gss.palette_confidence(maskige, palette, (2, 2)), torch.tensor([[[[0., 1], [1, 1]]]]))
-    vote, agree = gss.majority_vote(torch.tensor([[0, 1, 2], [0, 1, 1], [0, 2, 1]])[:, None, None], 3)
+    assert torch.equal(bench.palette_confidence(maskige, palette, (2, 2)), torch.tensor([[[[0., 1], [1, 1]]]]))
+    vote, agree = bench.majority_vote(torch.tensor([[0, 1, 2], [0, 1, 1], [0, 2, 1]])[:, None, None], 3)
     assert vote.tolist() == [[[0, 1, 1]]] and torch.allclose(agree, torch.tensor([[[1, 2 / 3, 2 / 3]]]))
 
 
