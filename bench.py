@@ -10,11 +10,13 @@ one `BENCH {json}` line. The cores may be shared: compare ratios, not seconds.
     python bench.py train       # one stage-II step split into its parts
     python bench.py infer       # gss.predict end to end; Swin-L 1024x2048 slide 768/512 against 8 GB (--windows)
     python bench.py ablate-palette / ablate-posterior / ablate-prior  # the paper's Tables 9, 1, 3 on synthetic data
+    python bench.py confidence  # issue 19: confidence maps vs the aux head's softmax, samples, soft decoding
 
 Every measurement runs in a fresh subprocess (run_side): peak memory is its peak RSS (VmHWM, reset after setup and
 warm-up, once the memory they freed is handed back to the OS) minus its RSS then; timings are medians of rounds.
 """
 import argparse
+import collections
 import ctypes
 import json
 import multiprocessing as mp
@@ -768,8 +770,114 @@ def bench_ablate(args):
     return figures
 
 
+# ---- confidence, issue 19: what the token distribution gives beyond its argmax, against the auxiliary head's softmax
+
+SIGNALS = ('top-1 token probability', '1 - token entropy', 'palette margin', 'sample agreement T=0.5',
+           'sample agreement T=1', 'aux softmax', 'aux softmax')  # the last judges the aux head's own labels
+SAMPLES, TEMPERATURES = 8, (0.5, 1.0)
+
+
+def auroc(score, good):
+    """Area under the ROC curve of `score` telling good (True) from bad pixels (Mann-Whitney; ties count one half)."""
+    _, inv, cnt = torch.unique(score, return_inverse=True, return_counts=True)
+    rank = (cnt.cumsum(0) - (cnt - 1) / 2).double()[inv]  # (n,) 1-based tie-averaged ranks
+    n1 = good.sum().item()
+    return (rank[good].sum().item() - n1 * (n1 + 1) / 2) / (n1 * (len(good) - n1))
+
+
+def ece(score, good, bins=15):
+    """Expected calibration error: |accuracy - mean score| over 15 equal-width bins, weighted by their pixel share."""
+    b = (score * bins).long().clamp(max=bins - 1)  # (n,)
+    gap = torch.bincount(b, good.double(), bins) - torch.bincount(b, score.double(), bins)  # (bins,)
+    return (gap.abs().sum() / len(b)).item()
+
+
+def top_miou(score, pred, label, q, K):
+    """mIoU over the fraction q of the pixels with the highest score (ties: in pixel order)."""
+    keep = score.argsort(descending=True, stable=True)[:int(q * len(score))]
+    m = evaluate.SegMetric(K)
+    m.update(pred[keep], label[keep])
+    return m.compute()['mIoU']
+
+
+# the signals the numbers did not pick for the library (README: beyond the paper)
+
+def palette_confidence(maskige, palette, size):
+    """1 - d1 / d2, d1 and d2 the distances of each maskige colour (B, 3, 2H, 2W) to its nearest and second-nearest
+    palette colours (K, 3) on 0-255: 1 on a palette colour, 0 halfway between two; area-resized -> (B, 1, *size)."""
+    x = 255 * maskige.float().permute(0, 2, 3, 1)[..., None, :]  # (B, 2H, 2W, 1, 3)
+    d = gss._sq_dist(x, palette.float()).topk(2, -1, largest=False).values.sqrt()  # (B, 2H, 2W, 2), ascending
+    return F.interpolate((1 - d[..., 0] / d[..., 1].clamp(min=1e-6))[:, None], size=tuple(size), mode='area')
+
+
+def majority_vote(labels, num_classes):
+    """labels (N, B, H, W) of N samples -> (the per-pixel majority (B, H, W), the fraction of the samples that agree
+    with it (B, H, W) in [1/N, 1]: the samples' confidence). Ties: the lowest class."""
+    top = F.one_hot(labels, num_classes).sum(0).max(-1)  # over (B, H, W, K) counts
+    return top.indices, top.values / len(labels)
+
+
+@torch.no_grad()
+def bench_confidence(args):
+    """Confidence signals vs the aux head's softmax, N = 8 samples, soft decoding on the synthetic val split."""
+    torch.set_num_threads(args.threads)
+    model, tok, inverses, palette, _ = evaluate.load_stage2(args.checkpoint, None, 'synthetic', torch.device('cpu'))
+    inv, data = next(iter(inverses.values())), datasets.build_dataset('synthetic', 'val', train=False)
+    K, N, n = data.num_classes, SAMPLES, min(len(data), args.images)
+    metric = {k: evaluate.SegMetric(K) for k in ['argmax', 'soft'] + [f'{w} T={t}' for t in TEMPERATURES
+                                                                       for w in ('majority', 'best-of-8')]}
+    cols, times, agree = {k: [] for k in ('label', 'gss', 'aux', *SIGNALS[:-1])}, collections.defaultdict(float), {}
+    timed = lambda key, fn, *a: _timed(fn, times, key)(*a)
+    for i in range(n):
+        x, label = data[i]['image'][None], data[i]['label']  # (1, 3, h, w), (H, W)
+        size, valid = tuple(x.shape[-2:]), label != 255
+        labels_of = lambda m: evaluate.resized_argmax(gss.maskige_scores(inv, m, size), label.shape)  # (n, H, W)
+        feats = timed('backbone', model.backbone, x)
+        m = timed('argmax: tokens, decode', gss.generate, model, tok, x, feats)  # (1, 3, 2h, 2w)
+        pred = timed('X^-1', labels_of, m)[0]  # (H, W)
+        aux = timed('aux head', lambda: F.interpolate(gss.aux_scores(model, feats, size), label.shape,
+                                                      mode='bilinear').softmax(1)[0])  # (K, H, W)
+        probs = timed('token softmax', gss.token_probs, model, feats)  # (1, V, h/4, w/4)
+        conf = timed('top-1 / entropy', lambda: F.interpolate(gss.token_confidence(probs, size), label.shape,
+                                                              mode='bilinear')[0])  # (2, H, W)
+        margin = timed('palette margin', palette_confidence, m, palette, label.shape)[0, 0]  # (H, W)
+        soft = timed('soft decoding', tok.decode_soft, probs)[:, :, :2 * size[0], :2 * size[1]]
+        metric['argmax'].update(pred, label)
+        metric['soft'].update(labels_of(soft)[0], label)
+        for t in TEMPERATURES:
+            tokens = timed(f'draw 8, T={t}', gss.sample_tokens, gss.token_probs(model, feats, t), torch.tensor([i]),
+                           range(N))[:, 0]  # (N, h/4, w/4), keyed by the image index
+            ms = timed(f'decode 8 batched, T={t}', tok.decode, tokens)[:, :, :2 * size[0], :2 * size[1]]
+            if t == 1.0 and i < 50:  # the decoder one sample at a time, on the first 50 images
+                timed('decode 8 one by one (50 images)', lambda: [tok.decode(s[None]) for s in tokens])
+            sampled = labels_of(ms)  # (N, H, W)
+            vote, agree[t] = majority_vote(sampled[:, None], K)  # (1, H, W) each
+            metric[f'majority T={t}'].update(vote[0], label)
+            metric[f'best-of-8 T={t}'].update(sampled[((sampled == label) & valid).sum((1, 2)).argmax()], label)
+        for k, v in zip(cols, (label, pred, aux.argmax(0), *conf, margin, agree[0.5][0], agree[1.0][0],
+                               aux.max(0).values)):
+            cols[k].append(v[valid])
+    c = {k: torch.cat(v) for k, v in cols.items()}
+    rows, figures = [('signal', 'judges', 'AUROC', 'ECE', 'mIoU top 50%', 'top 80%', 'top 90%', 'all')], {}
+    for j, s in enumerate(SIGNALS):
+        judged = c['aux'] if j == len(SIGNALS) - 1 else c['gss']
+        score, good = c[s].float(), judged == c['label']
+        r = [auroc(score, good), ece(score, good)] + [top_miou(score, judged, c['label'], q, K)
+             for q in (.5, .8, .9, 1)]
+        rows.append((s, 'aux head' if j == len(SIGNALS) - 1 else 'GSS-FF', *r))
+        figures[f'{s} judging {rows[-1][1]}'] = r
+    table(f"confidence of {len(c['label'])} pixels, {n} synthetic val images", rows)
+    mious = {k: v.compute()['mIoU'] for k, v in metric.items()}
+    agreement = {t: c[f'sample agreement T={t:g}'].mean().item() for t in TEMPERATURES}  # with the majority
+    table(f'decoding: {N} samples (keyed by the image index), soft, argmax', [('decoding', 'mIoU')] +
+          list(mious.items()) + [(f'mean agreement T={t}', a) for t, a in agreement.items()])
+    per_image = {k: (v / (min(n, 50) if '50 images' in k else n)).tolist() for k, v in times.items()}
+    table('seconds per image', [('step', 'wall s', 'CPU s')] + [(k, *v) for k, v in per_image.items()])
+    return dict(confidence=figures, miou=mious, agreement=agreement, seconds_per_image=per_image)
+
+
 BENCHES = {'swin': bench_swin, 'data': bench_data, 'inverse': bench_inverse, 'tokenizer': bench_tokenizer,
-           'token-loss': bench_token_loss, 'train': bench_train, 'infer': bench_infer,
+           'token-loss': bench_token_loss, 'train': bench_train, 'infer': bench_infer, 'confidence': bench_confidence,
            **dict.fromkeys(ABLATIONS, bench_ablate)}
 
 
@@ -782,8 +890,9 @@ def main():
     parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu', help='train, infer, tokenizer: on a GPU')
     parser.add_argument('--runs', default='runs/synthetic', help='ablate-*: the default run (tokenizer.pt, ...)')
     parser.add_argument('--out', default='runs/ablations', help='ablate-*: where trained rows are written')
-    parser.add_argument('--images', type=int, default=200, help='ablate-*: validation images evaluated')
+    parser.add_argument('--images', type=int, default=200, help='ablate-*, confidence: the first N val images')
     parser.add_argument('--iters', type=int, help="ablate-*: trained rows' iterations (default: the preset's)")
+    parser.add_argument('--checkpoint', default='runs/synthetic/prior/latest.pt', help='confidence: the model')
     args = parser.parse_args()
     args.iters = ['--iters', str(args.iters)] if args.iters else []
     if args.repeats is None:

@@ -100,7 +100,8 @@ def resized_argmax(scores, size):
 
 def window_maps(model, tokenizer, inverses, aux=False, maskige=False):
     """gss.infer's window_fn: one backbone pass and one generation per window -> {name: (B, K, h, w)} for each X^-1
-    in `inverses` ({name: module}), plus 'aux head' (aux=True) and the generated 'maskige' (B, 3, 2h, 2w)."""
+    in `inverses` ({name: module}), plus 'aux head' (aux=True), the generated 'maskige' (B, 3, 2h, 2w) and its
+    'confidence' (B, 1, h, w), the token distribution's top-1 probability (maskige=True; bench.py confidence)."""
     def window_fn(x):
         feats = getattr(model, 'module', model).backbone(x)
         m = gss.generate(model, tokenizer, x, feats)  # (B, 3, 2h, 2w)
@@ -109,6 +110,7 @@ def window_maps(model, tokenizer, inverses, aux=False, maskige=False):
             out['aux head'] = gss.aux_scores(model, feats, x.shape[-2:])
         if maskige:
             out['maskige'] = m
+            out['confidence'] = gss.token_confidence(gss.token_probs(model, feats), x.shape[-2:])[:, :1]
         return out
     return window_fn
 
@@ -116,7 +118,8 @@ def window_maps(model, tokenizer, inverses, aux=False, maskige=False):
 @torch.no_grad()
 def evaluate_split(model, tokenizer, inverses, dataset, test_cfg, aux=True, indices=None, on_item=None):
     """{name: SegMetric} of each X^-1 in `inverses` ({name: module}) and of the 'aux head' (aux=True) over the items
-    `indices` of `dataset` (default all; a rank's share under DDP). on_item(item, {name: (H, W) labels}, maskige)."""
+    `indices` of `dataset` (default all; a rank's share under DDP). on_item(item, {name: (H, W) labels}, maskige,
+    confidence): window_maps' maps of the image."""
     names = list(inverses) + (['aux head'] if aux else [])
     metrics = {name: SegMetric(dataset.num_classes) for name in names}
     device = next(model.parameters()).device
@@ -126,12 +129,12 @@ def evaluate_split(model, tokenizer, inverses, dataset, test_cfg, aux=True, indi
         image = item['image'][None].to(device)  # (1, 3, h, w) at the test scale
         label = item['label'].to(device)  # (H, W) at the original resolution
         scores = gss.infer(window_fn, image, **test_cfg)
-        maskige = scores.pop('maskige', None)  # (1, 3, 2h, 2w)
+        maskige, confidence = scores.pop('maskige', None), scores.pop('confidence', None)  # (1, 3, 2h, 2w), (1,1,h,w)
         preds = {name: resized_argmax(s, label.shape)[0] for name, s in scores.items()}
         for name, pred in preds.items():
             metrics[name].update(pred, label)
         if on_item is not None:
-            on_item(item, preds, None if maskige is None else maskige[0])
+            on_item(item, preds, maskige[0], confidence[0])
     return metrics
 
 
@@ -158,10 +161,11 @@ def reconstruction_oracle(tokenizer, inverse, palette, ignore_colour, items, num
 # -----------------------------------------------------------------------------
 # outputs: label PNGs, overlays, maskiges, Cityscapes labelIds
 
-def save_outputs(save_dir, image_path, pred, palette, maskige=None, cityscapes_ids=False):
+def save_outputs(save_dir, image_path, pred, palette, maskige=None, cityscapes_ids=False, confidence=None):
     """Write <stem>.png (palette-mode labels, colours = the maskige palette), <stem>_overlay.jpg (labels over the
-    image), <stem>_maskige.png (the predicted maskige, when given) and, for the Cityscapes test server,
-    <stem>_labelIds.png (trainIds mapped back to label ids)."""
+    image), <stem>_maskige.png (the predicted maskige, when given), <stem>_confidence.png (a heat map of the doubt,
+    1 - confidence (1, h, w), when given: black sure, then red, yellow, white unsure) and, for the Cityscapes test
+    server, <stem>_labelIds.png (trainIds mapped back to label ids)."""
     os.makedirs(save_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(image_path))[0]
     labels = pred.to(torch.uint8).cpu().numpy()  # (H, W)
@@ -176,6 +180,10 @@ def save_outputs(save_dir, image_path, pred, palette, maskige=None, cityscapes_i
     if maskige is not None:
         m = (maskige.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # (2H, 2W, 3)
         Image.fromarray(m).save(os.path.join(save_dir, stem + '_maskige.png'))
+    if confidence is not None:
+        doubt = 1 - F.interpolate(confidence[None].float(), pred.shape, mode='bilinear')[0, 0].cpu().numpy()  # (H, W)
+        hot = np.clip(3 * doubt[..., None] - np.arange(3), 0, 1)  # (H, W, 3): the 'hot' colour map
+        Image.fromarray((255 * hot).round().astype(np.uint8)).save(os.path.join(save_dir, stem + '_confidence.png'))
     if cityscapes_ids:
         train_to_id = np.zeros(256, np.uint8)  # trainId -> label id; 255 -> 0 (unlabeled)
         for label_id, train_id in datasets.CITYSCAPES_ID_TO_TRAINID.items():
@@ -234,7 +242,7 @@ def parse_args(argv=None):
     p.add_argument('--crop', type=int, help="sliding-window size (default: the preset's, 768 for Cityscapes)")
     p.add_argument('--stride', type=int, help="sliding-window stride (default: the preset's, 512 for Cityscapes)")
     p.add_argument('--images', help="segment these image files or folders instead of a dataset split (the demo)")
-    p.add_argument('--save-dir', help="write label PNGs, overlays and predicted maskiges here")
+    p.add_argument('--save-dir', help="write label PNGs, overlays, predicted maskiges and confidence maps here")
     p.add_argument('--cityscapes-ids', action='store_true', help="also write *_labelIds.png for the Cityscapes server")
     p.add_argument('--device', choices=['cpu', 'cuda'], help="default cuda when available")
     args = p.parse_args(argv)
@@ -276,7 +284,7 @@ def segment_images(args, model, tokenizer, inverse, palette):
         with torch.no_grad():
             out = gss.infer(window_maps(model, tokenizer, {'': inverse}, maskige=True), image, **test_cfg)
         pred = resized_argmax(out[''], (H, W))[0]
-        save_outputs(save_dir, path, pred, palette, out['maskige'][0], args.cityscapes_ids)
+        save_outputs(save_dir, path, pred, palette, out['maskige'][0], args.cityscapes_ids, out['confidence'][0])
         print(f"{path}: {H}x{W} -> {save_dir}")
 
 
@@ -290,9 +298,9 @@ def run(args):
         if args.images:
             return segment_images(args, model, tokenizer, next(iter(inverses.values())), palette)
 
-        def save(item, preds, maskige):  # the first X^-1's labels and the model's maskige
+        def save(item, preds, maskige, confidence):  # the first X^-1's labels, the model's maskige and confidence
             save_outputs(args.save_dir, item['path'], next(iter(preds.values())), palette, maskige,
-                         args.cityscapes_ids)
+                         args.cityscapes_ids, confidence)
         t0 = time.time()
         results = evaluate_split(model, tokenizer, inverses, dataset,
                                  dict(mode=args.mode, crop=args.crop, stride=args.stride), indices=indices,

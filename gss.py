@@ -7,7 +7,8 @@ into maskiges (X), tokenized by a frozen VQ tokenizer, predicted from images by 
     3. Tokenizer               Tokenizer (encode, decode), build_tokenizer, reconstruct, recon_scores
     4. Image encoder I_psi     build_backbone, MLA, GSSHead, GSSConfig, GSS
     5. Targets and losses      token_targets, token_cross_entropy, compute_loss (Eq. 7)
-    6. Inference               predict, generate, aux_scores, infer, slide_windows
+    6. Inference               predict, generate, aux_scores, infer, slide_windows; beyond the paper token_probs,
+                               sample_tokens, token_confidence
     7. Official checkpoints    load_official_checkpoint, official_key, official_config
     8. Files and validation    UserError, load_file, save_atomic, load_tokenizer, convert_dalle, load_posterior
 
@@ -931,6 +932,39 @@ def generate(model, tokenizer, images, feats=None):
     tokens = token_argmax(model.head.token_features(feats), model.head.conv_seg)  # (B, ceil(H/d), ceil(W/d))
     f = 8 // model.head.tokens
     return tokenizer.decode(tokens)[:, :, :f * images.shape[2], :f * images.shape[3]]
+
+
+# Beyond the paper (issue 19): the token distribution that the argmax throws away, sampled, decoded softly and read
+# as a per-pixel confidence; measured against the auxiliary head's softmax by `python bench.py confidence`.
+
+@torch.no_grad()
+def token_probs(model, feats, temperature=1.0, top_k=None):
+    """The token distribution at 1/4: softmax(logits / T) over the vocabulary, only the top_k largest logits kept;
+    T = 0: the one-hot of generate's argmax (token_argmax, bit for bit). feats: the backbone's -> (B, V, h, w)."""
+    head = getattr(model, 'module', model).head
+    x = head.token_features(feats)  # (B, C, h, w)
+    if temperature == 0:
+        return F.one_hot(token_argmax(x, head.conv_seg), head.conv_seg.out_channels).permute(0, 3, 1, 2).float()
+    logits = head.conv_seg(x) / temperature  # (B, V, h, w), materialised (unlike token_argmax's chunks)
+    if top_k:
+        logits = logits.masked_fill(logits < logits.topk(top_k, 1).values[:, -1:], -math.inf)
+    return logits.softmax(1)
+
+
+def sample_tokens(probs, seeds, draws):
+    """Token maps drawn from probs (B, V, h, w) by the Gumbel-max trick, one per index in `draws`, each keyed by (the
+    image's seed, the index): the same tokens batched or one by one -> (len(draws), B, h, w) long."""
+    gumbel_max = lambda p: (p.log() - torch.empty_like(p).exponential_().log()).argmax(1)  # (1, h, w), one draw ~ p
+    return torch.stack([keyed(gumbel_max, seeds, n, probs) for n in draws])
+
+
+def token_confidence(probs, size):
+    """Top-1 probability and 1 - entropy / log V of the token distribution (B, V, h, w), brought from 1/4 to `size`
+    as aux_scores does -> (B, 2, *size) in [0, 1]."""
+    entropy = torch.special.entr(probs).sum(1) / math.log(probs.shape[1])  # (B, h, w), 0 = one-hot, 1 = uniform
+    c = torch.stack([probs.max(1).values, 1 - entropy], 1)  # (B, 2, h, w)
+    c = F.interpolate(c, (4 * c.shape[2], 4 * c.shape[3]), mode='bilinear', align_corners=False)
+    return c[:, :, :size[0], :size[1]].clamp(0, 1)
 
 
 def aux_scores(model, feats, size):

@@ -1284,6 +1284,39 @@ def test_predict_whole_slide_and_aux():
         gss.predict(model, tokenizer, inverse, images, 'slide')
 
 
+@torch.no_grad()
+def test_sampling_soft_decoding_and_confidence():
+    """Issue 19: sampling at T = 0 is the argmax path exactly; a one-hot decodes softly as hard; N samples give the same
+    tokens and maskiges batched and one by one; draws follow the distribution; confidences in [0, 1] at the size."""
+    model, tokenizer = tiny_gss().eval(), tiny_gss_tokenizer()
+    images, seeds = torch.randn(2, 3, 30, 46), torch.tensor([3, 4])
+    feats = model.backbone(images)
+    zero = gss.sample_tokens(gss.token_probs(model, feats, 0), seeds, range(2))  # (2 draws, 2 images, 8, 12)
+    assert torch.equal(tokenizer.decode(zero[1])[:, :, :60, :92], gss.generate(model, tokenizer, images))
+    one_hot = F.one_hot(zero[0], 512).permute(0, 3, 1, 2).float()  # (2, 512, 8, 12)
+    assert (tokenizer.decode_soft(one_hot) - tokenizer.decode(zero[0])).abs().max() < 1e-5
+    probs = gss.token_probs(model, feats, 1.0, top_k=5)  # (2, 512, 8, 12)
+    batched = gss.sample_tokens(probs, seeds, range(4))  # (4, 2, 8, 12)
+    assert all(torch.equal(batched[n], gss.sample_tokens(probs, seeds, [n])[0]) for n in range(4))
+    assert not torch.equal(batched[0], batched[1])  # the draws differ
+    top5 = model.head.conv_seg(model.head.token_features(feats)).topk(5, 1).indices  # (2, 5, 8, 12)
+    assert (top5 == batched[:, :, None]).any(2).all()  # top-k: only the 5 most likely tokens are drawn
+    one_by_one = torch.cat([tokenizer.decode(t) for t in batched])  # (8, 3, 64, 96)
+    assert (tokenizer.decode(batched.flatten(0, 1)) - one_by_one).abs().max() < 1e-5
+    p = torch.tensor([0.7, 0.2, 0.1, 0.0])[None, :, None, None].expand(1000, 4, 1, 1)  # 1000 images, 1 position
+    freq = torch.bincount(gss.sample_tokens(p, torch.arange(1000), [0]).flatten(), minlength=4) / 1000
+    assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1, 0.0]), atol=0.05)  # Gumbel-max draws ~ probs
+    conf = gss.token_confidence(probs, (30, 46))
+    assert conf.shape == (2, 2, 30, 46) and 0 <= conf.min() < conf.max() <= 1
+    assert torch.allclose(gss.token_confidence(one_hot, (30, 46)), torch.ones(2, 2, 30, 46))  # a one-hot is sure
+    maskige = torch.zeros(1, 3, 4, 4)
+    maskige[0, 0, :, 2:], maskige[0, 0, :2, :2] = 1, 0.5  # red on the right; top left halfway from black to red
+    palette = torch.tensor([[0, 0, 0], [255, 0, 0], [0, 255, 0]])
+    assert torch.equal(bench.palette_confidence(maskige, palette, (2, 2)), torch.tensor([[[[0., 1], [1, 1]]]]))
+    vote, agree = bench.majority_vote(torch.tensor([[0, 1, 2], [0, 1, 1], [0, 2, 1]])[:, None, None], 3)
+    assert vote.tolist() == [[[0, 1, 1]]] and torch.allclose(agree, torch.tensor([[[1, 2 / 3, 2 / 3]]]))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # parity with the official code (golden vectors of the official head) and its checkpoints
 
@@ -2264,6 +2297,12 @@ def test_evaluate_cli_saves_labels_that_reload_to_its_predictions(env, ref1, tmp
         maskige = gss.generate(model, tokenizer, item['image'][None])[0]  # (3, 2h, 2w)
         expected = (maskige * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         assert np.array_equal(np.asarray(Image.open(out / f'{stem}_maskige.png')), expected)
+        with torch.no_grad():  # the heat map of the doubt: its red channel is 255 min(1, 3 (1 - top-1 probability))
+            probs = gss.token_probs(model, model.backbone(item['image'][None]))
+        top1 = gss.token_confidence(probs, item['image'].shape[-2:])[:, :1]  # (1, 1, h, w)
+        red = 255 * (3 - 3 * F.interpolate(top1, pred.shape, mode='bilinear')[0, 0]).clamp(0, 1)  # (H, W)
+        heat = np.asarray(Image.open(out / f'{stem}_confidence.png'))  # (H, W, 3)
+        assert heat.shape == (*pred.shape, 3) and np.abs(heat[..., 0] - red.numpy()).max() <= 0.5 + 1e-3
         assert Image.open(out / f'{stem}_overlay.jpg').size == (pred.shape[1], pred.shape[0])
     # a checkpoint that is not one gives a one-line error
     bad = tmp_path / 'bad.pt'
