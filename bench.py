@@ -10,7 +10,7 @@ one `BENCH {json}` line. The cores may be shared: compare ratios, not seconds.
     python bench.py train       # one stage-II step split into its parts
     python bench.py infer       # gss.predict end to end; Swin-L 1024x2048 slide 768/512 against 8 GB (--windows)
     python bench.py ablate-palette / ablate-posterior / ablate-prior  # the paper's Tables 9, 1, 3 on synthetic data
-    python bench.py confidence  # issue 19: confidence maps vs the aux head's softmax, samples, soft decoding
+    python bench.py confidence  # beyond the paper: confidence maps vs the aux head's softmax, samples, soft decoding
 
 Every measurement runs in a fresh subprocess (run_side): peak memory is its peak RSS (VmHWM, reset after setup and
 warm-up, once the memory they freed is handed back to the OS) minus its RSS then; timings are medians of rounds.
@@ -770,7 +770,7 @@ def bench_ablate(args):
     return figures
 
 
-# ---- confidence, issue 19: what the token distribution gives beyond its argmax, against the auxiliary head's softmax
+# ---- confidence, beyond the paper: what the token distribution gives beyond its argmax, against the auxiliary head's softmax
 
 SIGNALS = ('top-1 token probability', '1 - token entropy', 'palette margin', 'sample agreement T=0.5',
            'sample agreement T=1', 'aux softmax', 'aux softmax')  # the last judges the aux head's own labels

@@ -934,7 +934,7 @@ def generate(model, tokenizer, images, feats=None):
     return tokenizer.decode(tokens)[:, :, :f * images.shape[2], :f * images.shape[3]]
 
 
-# Beyond the paper (issue 19): the token distribution that the argmax throws away, sampled, decoded softly and read
+# Beyond the paper: the token distribution that the argmax throws away, sampled, decoded softly and read
 # as a per-pixel confidence; measured against the auxiliary head's softmax by `python bench.py confidence`.
 
 @torch.no_grad()

@@ -1286,7 +1286,7 @@ def test_predict_whole_slide_and_aux():
 
 @torch.no_grad()
 def test_sampling_soft_decoding_and_confidence():
-    """Issue 19: sampling at T = 0 is the argmax path exactly; a one-hot decodes softly as hard; N samples give the same
+    """Sampling at T = 0 is the argmax path exactly; a one-hot decodes softly as hard; N samples give the same
     tokens and maskiges batched and one by one; draws follow the distribution; confidences in [0, 1] at the size."""
     model, tokenizer = tiny_gss().eval(), tiny_gss_tokenizer()
     images, seeds = torch.randn(2, 3, 30, 46), torch.tensor([3, 4])
@@ -1524,7 +1524,7 @@ ITERS = 8  # the reference runs: 8 iterations of 2 images
 with warnings.catch_warnings():  # this repo has no conftest.py / pytest.ini to register the marker in
     warnings.simplefilter('ignore', pytest.PytestUnknownMarkWarning)
     slow = pytest.mark.slow  # deselect with -m "not slow"
-    cuda = pytest.mark.cuda  # the GPU checks (issue 17): python -m pytest test_gss.py -m cuda
+    cuda = pytest.mark.cuda  # the GPU checks: python -m pytest test_gss.py -m cuda
 
 
 def on_gpu(test):
@@ -1751,7 +1751,7 @@ def test_weight_decay_follows_the_official_names():
 
 
 def test_training_step_syncs_with_the_host_once(tmp_path, monkeypatch):
-    """Issue 17: a stage-II step (2 micro-batches) keeps its loss, logs and finite flag on the device; its one host
+    """A stage-II step (2 micro-batches) keeps its loss, logs and finite flag on the device; its one host
     sync is Checkpoints.stop's .tolist(), the decision every rank must share (signal, non-finite loss)."""
     model, tokenizer, palette = tiny_gss(), tiny_gss_tokenizer(), torch.randint(0, 256, (5, 3))
     batch = {'image': torch.randn(2, 3, 32, 32), 'label': torch.randint(0, 5, (2, 32, 32))}
@@ -1773,7 +1773,7 @@ def test_training_step_syncs_with_the_host_once(tmp_path, monkeypatch):
 
 
 def test_stage1_gradients_all_reduce_as_one_flat_buffer(monkeypatch):
-    """Issue 17: sync_grads averages over the ranks in one collective (one per tensor costs a launch each on NCCL)."""
+    """sync_grads averages over the ranks in one collective (one per tensor costs a launch each on NCCL)."""
     calls = []
     monkeypatch.setattr(train_posterior.dist, 'all_reduce', lambda t: calls.append(t.shape) or t.mul_(2))  # 2 ranks
     params = [nn.Parameter(torch.zeros(3, 2)), nn.Parameter(torch.zeros(4))]
@@ -1857,7 +1857,7 @@ def test_moved_runs_folder_still_evaluates(env, tmp_path, monkeypatch, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# crash safety (issue 8 item 2)
+# crash safety
 
 def on_call(monkeypatch, module, name, n, action):
     """Wrap module.<name>, a loss function, so that its n-th call (1-based) returns action(loss) for its loss (the
@@ -1914,7 +1914,7 @@ def test_signal_saves_at_the_iteration_boundary_and_resumes_exactly(env, ref1, m
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the kill test (issue 8 item 3)
+# the kill test
 
 def progress(console):
     """(iteration the run resumed from or 0, last iteration logged or 0, its seconds per iteration) from a rank-0
@@ -2082,7 +2082,7 @@ def test_stage1_kill_and_resume_reaches_identical_weights(env):
 
 
 def test_ftw_trains_on_a_frozen_prior_and_resumes_exactly(env, ref1, monkeypatch, capsys):
-    """GSS-FT-W the official way (issue 6 item 3): X^-1 on the maskiges a stage-II checkpoint generates; the artifact
+    """GSS-FT-W the official way: X^-1 on the maskiges a stage-II checkpoint generates; the artifact
     takes that model's palette and tokenizer and records the checkpoint it was trained from."""
     prior = ref1 / 'latest.pt'
     common = dict(variant='ft-w', prior=prior, iters=3, depth=1)
