@@ -770,7 +770,7 @@ def bench_ablate(args):
     return figures
 
 
-# ---- confidence, beyond the paper: what the token distribution gives beyond its argmax, against the auxiliary head's softmax
+# ---- confidence, beyond the paper: the token distribution beyond its argmax, against the aux head's softmax
 
 SIGNALS = ('top-1 token probability', '1 - token entropy', 'palette margin', 'sample agreement T=0.5',
            'sample agreement T=1', 'aux softmax', 'aux softmax')  # the last judges the aux head's own labels

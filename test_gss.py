@@ -2157,7 +2157,7 @@ def run_stage1_rank(argv, env, console):
 
 
 def test_stage1_two_ranks_equal_one_rank_at_the_same_total_batch(env, tmp_path, monkeypatch, capsys):
-    """Issue 15 items 1, 6: --batch-size is the total over the ranks; 2 Gloo ranks x 1 image compute the first
+    """--batch-size is the total over the ranks; 2 Gloo ranks x 1 image compute the first
     gradients and the final weights of 1 rank x 2 images (the same initial weights, crops and Gumbel noise keyed by the
     sample, the tokenizer's code-usage term over all ranks). Not compared: per-rank batch statistics (PyTorch's
     SyncBatchNorm is GPU-only; on GPUs the FT-W inverse uses it), so BatchNorm runs on its running statistics here;
@@ -2255,7 +2255,7 @@ def test_long_settings_are_the_ones_that_reach_the_targets(env):
     assert (s['iters'], s['eval']) == (5000, 1000)
 
 
-# ---- the main job, end to end (issue 6): the README's chain of entry points on the tiny set, a few iterations each
+# ---- the main job, end to end: the README's chain of entry points on the tiny set, a few iterations each
 
 def test_main_job_runs_end_to_end_through_the_readme_entry_points(env, tmp_path, capsys):
     data, run = str(env / 'data'), tmp_path / 'runs'
@@ -2338,7 +2338,7 @@ def test_device_cuda_without_a_gpu_is_a_user_error(env, capsys, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# on a GPU (issue 17): python -m pytest test_gss.py -m cuda; each skips with "no CUDA device" elsewhere.
+# on a GPU: python -m pytest test_gss.py -m cuda; each skips with "no CUDA device" elsewhere.
 # Not measured yet: no GPU was lent to this project; the bounds below are the issue's targets, not measurements.
 
 @pytest.fixture(scope='module')
