@@ -110,7 +110,8 @@ def window_maps(model, tokenizer, inverses, aux=False, maskige=False):
             out['aux head'] = gss.aux_scores(model, feats, x.shape[-2:])
         if maskige:
             out['maskige'] = m
-            out['confidence'] = gss.token_confidence(gss.token_probs(model, feats), x.shape[-2:])[:, :1]
+            d = getattr(model, 'module', model).head.tokens  # token stride (Table 3's d)
+            out['confidence'] = gss.token_confidence(gss.token_probs(model, feats), x.shape[-2:], d)[:, :1]
         return out
     return window_fn
 

@@ -958,12 +958,12 @@ def sample_tokens(probs, seeds, draws):
     return torch.stack([keyed(gumbel_max, seeds, n, probs) for n in draws])
 
 
-def token_confidence(probs, size):
-    """Top-1 probability and 1 - entropy / log V of the token distribution (B, V, h, w), brought from 1/4 to `size`
-    as aux_scores does -> (B, 2, *size) in [0, 1]."""
+def token_confidence(probs, size, stride=4):
+    """Top-1 probability and 1 - entropy / log V of the token distribution (B, V, h, w), brought from 1/stride (the
+    head's `tokens`, Table 3's d) to `size` as aux_scores does -> (B, 2, *size) in [0, 1]."""
     entropy = torch.special.entr(probs).sum(1) / math.log(probs.shape[1])  # (B, h, w), 0 = one-hot, 1 = uniform
     c = torch.stack([probs.max(1).values, 1 - entropy], 1)  # (B, 2, h, w)
-    c = F.interpolate(c, (4 * c.shape[2], 4 * c.shape[3]), mode='bilinear', align_corners=False)
+    c = F.interpolate(c, (stride * c.shape[2], stride * c.shape[3]), mode='bilinear', align_corners=False)
     return c[:, :, :size[0], :size[1]].clamp(0, 1)
 
 

@@ -1236,6 +1236,9 @@ def test_table3_switches_tokens_at_1_8_and_mla_off(monkeypatch):
     assert torch.equal(labels_f, labels) and aux.shape == (2, 5, 32, 48) and fill is False  # the 1x GT, no fill
     assert targets(*seen[0])[0].shape == (2, 4, 6) and model(images)[0].shape[-2:] == (4, 6)  # H/8 x W/8 tokens
     assert gss.generate(model.eval(), tokenizer, images[:, :, :30, :44]).shape == (2, 3, 30, 44)  # H x W maskige
+    window_fn = evaluate.window_maps(model, tokenizer, {}, maskige=True)
+    maps = gss.infer(window_fn, images[:, :, :30, :44], 'whole', None, None)
+    assert maps['confidence'].shape == (2, 1, 30, 44)  # the confidence map at 1/8 brought to the image too
     with pytest.raises(gss.UserError, match='multiples of 8'):
         gss.compute_loss(model, tokenizer, torch.randint(0, 256, (5, 3)), images[:, :, :28], labels[:, :28])
     with pytest.raises(gss.UserError, match='tokens=2: expected 4 or 8'):
