@@ -772,9 +772,10 @@ def bench_ablate(args):
 
 # ---- confidence, beyond the paper: the token distribution beyond its argmax, against the aux head's softmax
 
-SIGNALS = ('top-1 token probability', '1 - token entropy', 'palette margin', 'sample agreement T=0.5',
-           'sample agreement T=1', 'aux softmax', 'aux softmax')  # the last judges the aux head's own labels
-SAMPLES, TEMPERATURES = 8, (0.5, 1.0)
+SAMPLES, BATCHING_IMAGES = 8, 10  # samples per image; images whose T=1 samples time the batched decoder
+DRAWS = {'T=0.5': (0.5, None), 'T=1': (1.0, None), 'T=1 top-5': (1.0, 5)}  # name: (temperature, top_k)
+SIGNALS = ('top-1 token probability', '1 - token entropy', 'palette margin', *(f'sample agreement {d}' for d in DRAWS),
+           'aux softmax', 'aux softmax')  # the last judges the aux head's own labels
 
 
 def auroc(score, good):
@@ -817,6 +818,39 @@ def majority_vote(labels, num_classes):
     return top.indices, top.values / len(labels)
 
 
+def signal_table(c, K, title):
+    """Print and return each signal's AUROC, ECE and mIoU on its most confident pixels; c: flat per-pixel columns."""
+    rows, figures = [('signal', 'judges', 'AUROC', 'ECE', 'mIoU top 50%', 'top 80%', 'top 90%', 'all')], {}
+    for j, s in enumerate(SIGNALS):
+        judged = c['aux'] if j == len(SIGNALS) - 1 else c['gss']
+        score, good = c[s].float(), judged == c['label']
+        r = [auroc(score, good), ece(score, good)] + [top_miou(score, judged, c['label'], q, K)
+                                                      for q in (.5, .8, .9, 1)]
+        rows.append((s, 'aux head' if j == len(SIGNALS) - 1 else 'GSS-FF', *r))
+        figures[f'{s} judging {rows[-1][1]}'] = r
+    table(title, rows)
+    return figures
+
+
+def decoder_batching(tok, token_maps, repeats):
+    """Seconds per image to decode N sampled token maps (N, h, w) as one batch and one by one, interleaved over
+    `repeats` rounds, at the set threads and at 1 -> {threads: (batched, one by one, batched / one by one)}."""
+    out, threads = {}, torch.get_num_threads()
+    for n in (threads, 1):
+        torch.set_num_threads(n)
+        t = {True: [], False: []}
+        for r in range(repeats):
+            for batched in (True, False) if r % 2 == 0 else (False, True):
+                t0 = time.perf_counter()
+                for tokens in token_maps:
+                    tok.decode(tokens) if batched else [tok.decode(s[None]) for s in tokens]
+                t[batched].append((time.perf_counter() - t0) / len(token_maps))
+        out[n] = (statistics.median(t[True]), statistics.median(t[False]))
+        out[n] += (out[n][0] / out[n][1],)
+    torch.set_num_threads(threads)
+    return out
+
+
 @torch.no_grad()
 def bench_confidence(args):
     """Confidence signals vs the aux head's softmax, N = 8 samples, soft decoding on the synthetic val split."""
@@ -824,9 +858,10 @@ def bench_confidence(args):
     model, tok, inverses, palette, _ = evaluate.load_stage2(args.checkpoint, None, 'synthetic', torch.device('cpu'))
     inv, data = next(iter(inverses.values())), datasets.build_dataset('synthetic', 'val', train=False)
     K, N, n = data.num_classes, SAMPLES, min(len(data), args.images)
-    metric = {k: evaluate.SegMetric(K) for k in ['argmax', 'soft'] + [f'{w} T={t}' for t in TEMPERATURES
-                                                                       for w in ('majority', 'best-of-8')]}
-    cols, times, agree = {k: [] for k in ('label', 'gss', 'aux', *SIGNALS[:-1])}, collections.defaultdict(float), {}
+    metric = {k: evaluate.SegMetric(K) for k in ['argmax', 'soft', *(f'{w} {d}' for d in DRAWS
+                                                                       for w in ('majority', 'best-of-8'))]}
+    cols, times = {k: [] for k in ('label', 'gss', 'aux', *SIGNALS[:-1])}, collections.defaultdict(float)
+    agree, kept = {}, []  # {draw: agreement (1, H, W)}; the first images' T=1 samples (N, h/4, w/4)
     timed = lambda key, fn, *a: _timed(fn, times, key)(*a)
     for i in range(n):
         x, label = data[i]['image'][None], data[i]['label']  # (1, 3, h, w), (H, W)
@@ -844,36 +879,32 @@ def bench_confidence(args):
         soft = timed('soft decoding', tok.decode_soft, probs)[:, :, :2 * size[0], :2 * size[1]]
         metric['argmax'].update(pred, label)
         metric['soft'].update(labels_of(soft)[0], label)
-        for t in TEMPERATURES:
-            tokens = timed(f'draw 8, T={t}', gss.sample_tokens, gss.token_probs(model, feats, t), torch.tensor([i]),
+        for d, (t, k) in DRAWS.items():
+            tokens = timed(f'draw 8, {d}', gss.sample_tokens, gss.token_probs(model, feats, t, k), torch.tensor([i]),
                            range(N))[:, 0]  # (N, h/4, w/4), keyed by the image index
-            ms = timed(f'decode 8 batched, T={t}', tok.decode, tokens)[:, :, :2 * size[0], :2 * size[1]]
-            if t == 1.0 and i < 50:  # the decoder one sample at a time, on the first 50 images
-                timed('decode 8 one by one (50 images)', lambda: [tok.decode(s[None]) for s in tokens])
+            ms = timed(f'decode 8 batched, {d}', tok.decode, tokens)[:, :, :2 * size[0], :2 * size[1]]
+            kept += [tokens] if d == 'T=1' and i < BATCHING_IMAGES else []
             sampled = labels_of(ms)  # (N, H, W)
-            vote, agree[t] = majority_vote(sampled[:, None], K)  # (1, H, W) each
-            metric[f'majority T={t}'].update(vote[0], label)
-            metric[f'best-of-8 T={t}'].update(sampled[((sampled == label) & valid).sum((1, 2)).argmax()], label)
-        for k, v in zip(cols, (label, pred, aux.argmax(0), *conf, margin, agree[0.5][0], agree[1.0][0],
+            vote, agree[d] = majority_vote(sampled[:, None], K)  # (1, H, W) each
+            metric[f'majority {d}'].update(vote[0], label)
+            metric[f'best-of-8 {d}'].update(sampled[((sampled == label) & valid).sum((1, 2)).argmax()], label)
+        for k, v in zip(cols, (label, pred, aux.argmax(0), *conf, margin, *(a[0] for a in agree.values()),
                                aux.max(0).values)):
             cols[k].append(v[valid])
+        if (i + 1) % 25 == 0:
+            print(f'{i + 1}/{n} images', file=sys.stderr, flush=True)
     c = {k: torch.cat(v) for k, v in cols.items()}
-    rows, figures = [('signal', 'judges', 'AUROC', 'ECE', 'mIoU top 50%', 'top 80%', 'top 90%', 'all')], {}
-    for j, s in enumerate(SIGNALS):
-        judged = c['aux'] if j == len(SIGNALS) - 1 else c['gss']
-        score, good = c[s].float(), judged == c['label']
-        r = [auroc(score, good), ece(score, good)] + [top_miou(score, judged, c['label'], q, K)
-             for q in (.5, .8, .9, 1)]
-        rows.append((s, 'aux head' if j == len(SIGNALS) - 1 else 'GSS-FF', *r))
-        figures[f'{s} judging {rows[-1][1]}'] = r
-    table(f"confidence of {len(c['label'])} pixels, {n} synthetic val images", rows)
+    figures = signal_table(c, K, f"confidence of {len(c['label'])} pixels, {n} synthetic val images")
     mious = {k: v.compute()['mIoU'] for k, v in metric.items()}
-    agreement = {t: c[f'sample agreement T={t:g}'].mean().item() for t in TEMPERATURES}  # with the majority
+    agreement = {d: c[f'sample agreement {d}'].mean().item() for d in DRAWS}  # with the majority
     table(f'decoding: {N} samples (keyed by the image index), soft, argmax', [('decoding', 'mIoU')] +
-          list(mious.items()) + [(f'mean agreement T={t}', a) for t, a in agreement.items()])
-    per_image = {k: (v / (min(n, 50) if '50 images' in k else n)).tolist() for k, v in times.items()}
+          list(mious.items()) + [(f'mean agreement {d}', a) for d, a in agreement.items()])
+    per_image = {k: (v / n).tolist() for k, v in times.items()}
     table('seconds per image', [('step', 'wall s', 'CPU s')] + [(k, *v) for k, v in per_image.items()])
-    return dict(confidence=figures, miou=mious, agreement=agreement, seconds_per_image=per_image)
+    batching = decoder_batching(tok, kept, args.repeats)
+    table(f'decoding {N} samples, seconds per image, first {len(kept)} images, median of {args.repeats} rounds',
+          [('threads', 'batched', 'one by one', 'ratio')] + [(k, *v) for k, v in batching.items()])
+    return dict(confidence=figures, miou=mious, agreement=agreement, seconds_per_image=per_image, batching=batching)
 
 
 BENCHES = {'swin': bench_swin, 'data': bench_data, 'inverse': bench_inverse, 'tokenizer': bench_tokenizer,
