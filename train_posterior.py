@@ -149,7 +149,6 @@ def tokenizer_loss(tok, labels, seeds, palette, ignore_colour, crop, progress):
     return F.mse_loss(mean, (1 - 2 * gss.LOGIT_LAPLACE_EPS) * maskige + gss.LOGIT_LAPLACE_EPS) + DIVERSITY * diversity
 
 
-
 def prior_maskige(prior, tok, images):
     """The noisy maskige of the official FT-W recipe (gss-ft-w_*.py): a frozen stage-II model's generation for augmented
     training crops, its backbone in eval mode as official frozen_stages=4 keeps it (no drop path, BatchNorm on running
