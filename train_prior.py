@@ -339,8 +339,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, FLAGS, required=('dataset',))
     args = p.parse_args(argv)
-    preset = with_long(dataset_preset(args.dataset), args.long,
-                       f"--dataset {args.dataset} has no longer schedule")
+    preset = with_long(dataset_preset(args.dataset), args.long, f"--dataset {args.dataset} has no longer schedule")
     synthetic = args.dataset == 'synthetic'
     cuda = (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')) == 'cuda'
     if cuda and not torch.cuda.is_available():
