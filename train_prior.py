@@ -213,9 +213,7 @@ class Checkpoints:
             for path in stale:
                 os.remove(path)
             log.info(f"removed {len(stale)} unfinished checkpoint file(s) of a killed run: {', '.join(stale)}")
-        if resume == 'auto':  # `latest` if there is one, else a fresh start
-            resume = latest if os.path.exists(latest) else None
-        self.resume = resume
+        self.resume = (latest if os.path.exists(latest) else None) if resume == 'auto' else resume  # None: fresh start
 
     def __enter__(self):
         self.signum = 0
