@@ -400,12 +400,6 @@ def param_groups(model, weight_decay=0.01, prefix=''):
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': rest, 'weight_decay': 0.0}]
 
 
-def peak_memory_mb(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS; Linux reports KiB
-
-
 @torch.no_grad()
 def validate(model, tokenizer, inverse, val_set, preset, autocast, rank, world_size):
     """-> (mIoU of the generative prediction, mIoU of the auxiliary head) over the whole val split in the dataset's
@@ -515,9 +509,10 @@ def log_means(log, it, sums, n, seconds, left, lr, device, world_size):
     if world_size > 1:
         dist.all_reduce(means)
         means /= world_size
-    eta = datetime.timedelta(seconds=round(seconds / n * left))
-    log.log(it, {**dict(zip(sums, means.tolist())), 'lr': lr, 's_per_iter': seconds / n, 'eta': str(eta),
-                 'peak_mem_mb': round(peak_memory_mb(device))})
+    peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == 'cuda' else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS; Linux reports KiB
+    log.log(it, {**dict(zip(sums, means.tolist())), 'lr': lr, 's_per_iter': seconds / n,
+                 'eta': str(datetime.timedelta(seconds=round(seconds / n * left))), 'peak_mem_mb': round(peak_mb)})
 
 
 def build_model(args, num_classes, vocab_size, world_size, device):
