@@ -82,6 +82,12 @@ DATASET_PRESETS = {
 DATASET_PRESETS['folder'] = dict(DATASET_PRESETS['ade20k'], num_classes=None, classes=None, root=None, batch_size=16,
                                  iters=80000)
 
+def dataset_preset(name):
+    """--dataset NAME -> its DATASET_PRESETS entry; a one-line error for an unknown one (all three CLIs)."""
+    if name not in DATASET_PRESETS:
+        raise UserError(f"--dataset {name}: unknown dataset; expected one of {', '.join(DATASET_PRESETS)}")
+    return DATASET_PRESETS[name]
+
 # -----------------------------------------------------------------------------
 # file I/O with one-line UserErrors
 
@@ -323,9 +329,7 @@ def folder_files(root, split):
 
 def build_dataset(name, split, root=None, train=True):
     """name in DATASET_PRESETS; split 'train'/'val' (also 'training'/'validation'); root overrides the preset's."""
-    if name not in DATASET_PRESETS:
-        raise UserError(f"--dataset {name}: unknown dataset; expected one of {', '.join(DATASET_PRESETS)}")
-    p = dict(DATASET_PRESETS[name])
+    p = dict(dataset_preset(name))
     root = root or p['root']
     if name == 'ade20k':
         files, expected = ade_files(root, split, 150), "0..150 (0 = other)"
