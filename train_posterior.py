@@ -337,7 +337,7 @@ def parse_args(argv=None):
     if args.variant is None:
         raise gss.UserError("--variant: required; expected one of ff, ff-r, lstsq, ft, ft-w, tf, tt, tokenizer "
                             "(or --convert-dalle)")
-    train_prior.dataset_preset(args.dataset)
+    datasets.dataset_preset(args.dataset)
     if args.prior and args.variant not in ('ft', 'ft-w'):
         raise gss.UserError(f"--prior: only for --variant ft-w or ft (X^-1 on generated maskiges); got {args.variant}")
     train_prior.check_positive(args, ('iters', 'batch_size', 'depth', 'ckpt_interval'))
