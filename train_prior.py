@@ -93,13 +93,6 @@ def check_positive(args, names):
             raise gss.UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive integer")
 
 
-def dataset_preset(name):
-    """--dataset NAME -> its datasets.DATASET_PRESETS entry; a one-line error for an unknown one."""
-    if name not in datasets.DATASET_PRESETS:
-        raise gss.UserError(f"--dataset {name}: unknown dataset; expected one of {', '.join(datasets.DATASET_PRESETS)}")
-    return datasets.DATASET_PRESETS[name]
-
-
 def with_long(settings, long, what):
     """--long: the settings updated by their 'long' entry; a one-line error (naming `what`) where there is none."""
     if long and 'long' not in settings:
@@ -337,7 +330,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, FLAGS, required=('dataset',))
     args = p.parse_args(argv)
-    preset = with_long(dataset_preset(args.dataset), args.long, f"--dataset {args.dataset} has no longer schedule")
+    preset = with_long(datasets.dataset_preset(args.dataset), args.long,
+                       f"--dataset {args.dataset} has no longer schedule")
     synthetic = args.dataset == 'synthetic'
     cuda = (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')) == 'cuda'
     if cuda and not torch.cuda.is_available():
