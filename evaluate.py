@@ -247,14 +247,11 @@ def parse_args(argv=None):
     p.add_argument('--cityscapes-ids', action='store_true', help="also write *_labelIds.png for the Cityscapes server")
     p.add_argument('--device', choices=['cpu', 'cuda'], help="default cuda when available")
     args = p.parse_args(argv)
-    if args.dataset not in datasets.DATASET_PRESETS:
-        raise gss.UserError(f"--dataset {args.dataset}: unknown dataset; expected one of "
-                            f"{', '.join(datasets.DATASET_PRESETS)}")
+    preset = datasets.dataset_preset(args.dataset)
     if args.checkpoint is None and not (args.recon and args.posterior):
         raise gss.UserError("--checkpoint: required (or --recon with --posterior for the reconstruction oracle alone)")
     if args.images and not args.checkpoint:
         raise gss.UserError("--images: needs --checkpoint")
-    preset = datasets.DATASET_PRESETS[args.dataset]
     args.mode = args.mode or preset['test_mode']
     args.crop, args.stride = args.crop or preset['test_crop'], args.stride or preset['test_stride']
     args.device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
