@@ -314,9 +314,8 @@ def run(args):
         oracle = reconstruction_oracle(tokenizer, next(iter(inverses.values())), palette, ignore,
                                        labels_and_test_sizes(dataset, indices), dataset.num_classes)
         results = {'tokenizer oracle': oracle, **results}
-    classes = dataset.classes
     for name, metric in results.items():
-        print(f"\n{name}\n" + format_table(metric.compute(), classes))
+        print(f"\n{name}\n" + format_table(metric.compute(), dataset.classes))
     print(f"\n{args.dataset} {args.split}: {len(indices)} images")
     print(f"{'':<18} {'aAcc':>6} {'mIoU':>6} {'mAcc':>6}")
     for name, metric in results.items():
