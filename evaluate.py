@@ -175,8 +175,7 @@ def save_outputs(save_dir, image_path, pred, palette, maskige=None, cityscapes_i
     png.putpalette(flat + [0] * (768 - len(flat)))  # classes beyond the palette (255 = ignore) are black
     png.save(os.path.join(save_dir, stem + '.png'))
     image = datasets.read_image(image_path)  # (H, W, 3) uint8
-    colours = np.asarray(png.convert('RGB'))
-    overlay = (0.5 * image + 0.5 * colours).astype(np.uint8)
+    overlay = (0.5 * image + 0.5 * np.asarray(png.convert('RGB'))).astype(np.uint8)
     Image.fromarray(overlay).save(os.path.join(save_dir, stem + '_overlay.jpg'), quality=92)
     if maskige is not None:
         m = (maskige.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # (2H, 2W, 3)
