@@ -186,8 +186,7 @@ def save_outputs(save_dir, image_path, pred, palette, maskige=None, cityscapes_i
         Image.fromarray((255 * hot).round().astype(np.uint8)).save(os.path.join(save_dir, stem + '_confidence.png'))
     if cityscapes_ids:
         train_to_id = np.zeros(256, np.uint8)  # trainId -> label id; 255 -> 0 (unlabeled)
-        for label_id, train_id in datasets.CITYSCAPES_ID_TO_TRAINID.items():
-            train_to_id[train_id] = label_id
+        train_to_id[list(datasets.CITYSCAPES_ID_TO_TRAINID.values())] = list(datasets.CITYSCAPES_ID_TO_TRAINID)
         ids_path = os.path.join(save_dir, stem.replace('_leftImg8bit', '') + '_labelIds.png')
         Image.fromarray(train_to_id[labels]).save(ids_path)
 
