@@ -56,8 +56,7 @@ class SegMetric:
     def all_reduce(self):
         """Sum the areas over all ranks when torch.distributed is initialised; returns self."""
         if dist.is_available() and dist.is_initialized():
-            device = f'cuda:{torch.cuda.current_device()}' if dist.get_backend() == 'nccl' else 'cpu'
-            self.areas = self.areas.to(device)
+            self.areas = self.areas.to(f'cuda:{torch.cuda.current_device()}' if dist.get_backend() == 'nccl' else 'cpu')
             dist.all_reduce(self.areas)
         return self
 
