@@ -1,5 +1,4 @@
-"""
-Evaluation for GSS: SegMetric (mmseg's IoUMetric), evaluate_split (generative inference and the auxiliary head),
+"""Evaluation for GSS: SegMetric (mmseg's IoUMetric), evaluate_split (generative inference and the auxiliary head),
 reconstruction_oracle (stage I), save_outputs, load_stage2 (ours or an official release); the CLI, also a demo.
 
     python evaluate.py --checkpoint runs/synthetic/prior/latest.pt                    # GSS-FF + aux head
