@@ -1,5 +1,4 @@
-"""
-Datasets for GSS with mmsegmentation 0.x's pipelines (configs/_base_/datasets/*.py); imports only torch, numpy and
+"""Datasets for GSS with mmsegmentation 0.x's pipelines (configs/_base_/datasets/*.py); imports only torch, numpy and
 pillow, so the file can be copied alone. In order: class names and label tables, DATASET_PRESETS, file reading, the
 train and test pipelines, the layouts (ADE20K, Cityscapes, a folder) behind build_dataset, the synthetic scenes.
 Items: train {'image': (3, crop, crop) normalised, 'label': (crop, crop) long, 255 = ignore}; test {'image': (3, h, w)
