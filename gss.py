@@ -576,8 +576,7 @@ def build_tokenizer(n_hid=64, vocab_size=512, n_init=128, n_blk_per_group=2):
     the package requires n_hid >= 64 and vocab_size >= 512). Weights are dall_e's random init."""
     import dall_e  # here, not at the top: everything but the tokenizer works without the package
     return Tokenizer(dall_e.Encoder(n_hid=n_hid, n_blk_per_group=n_blk_per_group, vocab_size=vocab_size),
-                     dall_e.Decoder(n_init=n_init, n_hid=n_hid, n_blk_per_group=n_blk_per_group,
-                                    vocab_size=vocab_size))
+                     dall_e.Decoder(n_init=n_init, n_hid=n_hid, n_blk_per_group=n_blk_per_group, vocab_size=vocab_size))
 
 
 def tokenizer_config(tok):
