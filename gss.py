@@ -690,9 +690,8 @@ class MLA(nn.Module):
 
 
 class GSSHead(nn.Module):
-    """Token head: MLA -> D Swin blocks -> LayerNorm -> 1x1 conv + BN + ReLU -> Dropout2d -> conv_seg to the
-    vocabulary (GenerativeSegHeadFF), and the unlabeled-area auxiliary head p_xi (Sec. 3.4): a separate MLA -> 1x1
-    conv to K."""
+    """Token head: MLA -> D Swin blocks -> LayerNorm -> 1x1 conv + BN + ReLU -> Dropout2d -> conv_seg to the vocabulary
+    (GenerativeSegHeadFF), and the unlabeled-area auxiliary head p_xi (Sec. 3.4): a separate MLA -> 1x1 conv to K."""
 
     def __init__(self, in_channels, c):  # c: a GSSConfig
         super().__init__()
