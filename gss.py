@@ -912,8 +912,7 @@ def infer(window_fn, images, mode='whole', crop=None, stride=None):
 def predict(model, tokenizer, inverse, images, mode='whole', crop=None, stride=None):
     """Generative inference: image -> tokens (argmax) -> tokenizer.decode -> maskige at 2H x 2W -> X^-1 -> class
     scores resized to the input (maskige_scores): (B, 3, H, W) -> (B, K, H, W). Put the modules in eval mode."""
-    def window_fn(x):
-        return {'': maskige_scores(inverse, generate(model, tokenizer, x), x.shape[-2:])}  # (B, K, h, w)
+    window_fn = lambda x: {'': maskige_scores(inverse, generate(model, tokenizer, x), x.shape[-2:])}  # (B, K, h, w)
     return infer(window_fn, images, mode, crop, stride)['']
 
 
