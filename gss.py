@@ -866,8 +866,7 @@ def compute_loss(model, tokenizer, palette, images, labels):
     valid = labels_f != 255  # (B, fH, fW)
     loss_aux = F.cross_entropy(aux, labels_f, ignore_index=255, reduction='sum') / valid.sum().clamp(min=1)
     loss = 0.8 * loss_token + 0.2 * loss_aux
-    def count(mask):  # float64 as Python's: the same logged figures as .item() gave, without its host sync
-        return mask.sum().double()
+    count = lambda mask: mask.sum().double()  # float64 as Python's: the figures .item() logged, without its host sync
     logs = dict(loss_token=0.8 * loss_token.detach().double(), loss_aux=0.2 * loss_aux.detach().double(),
                 acc_token=100.0 * correct.double() / count(targets != tokenizer.vocab_size).clamp(min=1),
                 acc_aux=100.0 * count((aux.argmax(1) == labels_f) & valid) / count(valid).clamp(min=1))
