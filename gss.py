@@ -61,8 +61,7 @@ def _micro_batches(x, budget):
 # ----------------------------------------------------------------------------------------------------------
 # 1. Palettes: the maskige transform X (Sec. 3.3), a colour table beta (K, 3) on the 0-255 scale
 
-# Official palettes (decode_head.palette of configs/gss/<dataset>/*.py), hex RRGGBB in class order; the last entry is
-# the colour of ignore/unlabeled pixels.
+# decode_head.palette of configs/gss/<dataset>/*.py: hex RRGGBB in class order, then the ignore/unlabeled colour
 OFFICIAL_PALETTES = {
     'ade20k': (  # 150 classes, posterior_learning.py grid 5x6x5 with noise and hand edits, ignore D7D8C4
         'DEDE91 121E07 08172F 1E0660 010DA4 0C1CBF 193420 1D3034 0F335F 1938A7 192AD2 1B511F 095836 1B5C71 0B6397 '
