@@ -139,8 +139,7 @@ class SwinBlock(nn.Module):
     def forward(self, x):
         """x (B, H, W, C), any H, W -> (B, H, W, C)."""
         x = x + drop_path(self.shifted_window_attention(self.norm1(x)), self.drop_path, self.training)
-        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
-        return x
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
 class PatchMerging(nn.Module):
