@@ -83,7 +83,7 @@ VAL_IMAGES = 100  # validation images for the recon metrics logged while trainin
 
 
 def choose_palette(variant, palette, dataset, num_classes, seed):
-    """-> (palette (K, 3), ignore colour (3,)) for --palette maximal / official / random (GSS-FF-R)."""
+    """-> (palette (K, 3), ignore colour (3,), its name) for --palette maximal / official / random (GSS-FF-R)."""
     if variant == 'ff-r' and palette not in (None, 'random'):
         raise gss.UserError(f"--palette {palette}: GSS-FF-R uses a random palette; expected --palette random or none")
     palette = palette or ('random' if variant == 'ff-r' else 'maximal')
@@ -92,9 +92,9 @@ def choose_palette(variant, palette, dataset, num_classes, seed):
         if len(full) != num_classes + 1:
             raise gss.UserError(f"--palette official: the {dataset} palette has {len(full) - 1} classes but the "
                                 f"dataset has {num_classes}; expected --palette maximal")
-        return full[:-1], full[-1]
+        return full[:-1], full[-1], palette
     colours = gss.random_palette(num_classes, seed) if palette == 'random' else gss.make_palette(num_classes, seed)
-    return colours, gss.ignore_colour_for(colours)
+    return colours, gss.ignore_colour_for(colours), palette
 
 
 def val_labels(args, n):
@@ -405,7 +405,7 @@ def stage1(args, rank, world_size, device):
     torch.manual_seed(args.seed)  # the same initial weights on every rank: nothing broadcasts them
     preset = datasets.DATASET_PRESETS[args.dataset]
     num_classes = preset['num_classes'] or datasets.build_dataset(args.dataset, 'val', args.data_root).num_classes
-    palette, ignore_colour = choose_palette(v, args.palette, args.dataset, num_classes, args.seed)
+    palette, ignore_colour, palette_name = choose_palette(v, args.palette, args.dataset, num_classes, args.seed)
     tok_path, prior, record = args.tokenizer_path, None, {}
     if args.prior:  # the palette and tokenizer of the stage-II model
         prior, tok, palette, ignore_colour, tok_path, record = load_prior(args, device, world_size)
@@ -435,7 +435,6 @@ def stage1(args, rank, world_size, device):
         if v in ('tf', 'tt') and len(set(map(tuple, palette.tolist()))) < num_classes:
             raise gss.UserError(f"--lr {s['lr']}: training merged two palette colours; expected a smaller --lr")
     if code == 0 and rank == 0:
-        palette_name = args.palette or ('random' if v == 'ff-r' else 'maximal')
         settings = {**s, 'seed': args.seed, **record, 'palette': palette_name}
         gss.make_posterior(args.out, v, palette, ignore_colour, tok_path, tok.vocab_size, inverse, config,
                            args.dataset, settings)
