@@ -119,8 +119,7 @@ def evaluate_split(model, tokenizer, inverses, dataset, test_cfg, aux=True, indi
     """{name: SegMetric} of each X^-1 in `inverses` ({name: module}) and of the 'aux head' (aux=True) over the items
     `indices` of `dataset` (default all; a rank's share under DDP). on_item(item, {name: (H, W) labels}, maskige,
     confidence): window_maps' maps of the image."""
-    names = list(inverses) + (['aux head'] if aux else [])
-    metrics = {name: SegMetric(dataset.num_classes) for name in names}
+    metrics = {name: SegMetric(dataset.num_classes) for name in list(inverses) + (['aux head'] if aux else [])}
     device = next(model.parameters()).device
     window_fn = window_maps(model, tokenizer, inverses, aux, maskige=on_item is not None)
     for i in range(len(dataset)) if indices is None else indices:
