@@ -265,10 +265,8 @@ def split_files(root, split, lut, layout):
     paths under root/annotations/<split>."""
     images = os.path.join(root, 'images')
     _need_dir(images, layout)
-    for s in (split, SPLIT_ALIASES.get(split)):
-        if s and os.path.isdir(os.path.join(images, s)):
-            break
-    else:
+    s = next((s for s in (split, SPLIT_ALIASES.get(split)) if s and os.path.isdir(os.path.join(images, s))), None)
+    if s is None:
         raise UserError(f"{os.path.join(images, split)}: no such split directory; "
                         f"expected one of {sorted(d for d in os.listdir(images) if not d.startswith('.'))}")
     img_dir, lab_dir = os.path.join(images, s), os.path.join(root, 'annotations', s)
