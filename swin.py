@@ -267,8 +267,7 @@ def _resize_bias_table(t, n):
     """Bicubic resize of a ((2M-1)^2, heads) table to n rows (official load_pretrained recipe)."""
     s, s2 = math.isqrt(t.shape[0]), math.isqrt(n)
     t = t.t().reshape(1, -1, s, s).float()  # (1, heads, 2M-1, 2M-1)
-    t = F.interpolate(t, size=(s2, s2), mode='bicubic', align_corners=False)
-    return t.reshape(-1, n).t()  # (n, heads)
+    return F.interpolate(t, size=(s2, s2), mode='bicubic', align_corners=False).reshape(-1, n).t()  # (n, heads)
 
 
 def load_pretrained(model, checkpoint):
