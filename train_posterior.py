@@ -422,8 +422,7 @@ def stage1(args, rank, world_size, device):
         return code
     if prior is None:
         tok = gss.load_tokenizer(tok_path).to(device)
-        trained_on = tok.info.get('palette')
-        if trained_on is not None and trained_on != palette.tolist():
+        if tok.info.get('palette') not in (None, palette.tolist()):  # the palette it was trained on, if recorded
             log.info(f"warning: {tok_path} was trained on maskiges of another palette; reconstruction will suffer")
     inverse, config, code = None, {}, 0
     if v in ('ft', 'ft-w', 'tf', 'tt'):
