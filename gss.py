@@ -1056,7 +1056,6 @@ def load_official_checkpoint(checkpoint, model=None, variant=None):
     except KeyError as e:
         raise UserError(f"{what}: no {e}; expected an official GSS-{variant.upper()} checkpoint") from None
     _load_decode_head(sd, model, {'head': model.head, 'tokenizer': tokenizer, 'inverse': inverse}, variant, what)
-    # the backbone: mmseg Swin via swin.py, mmseg ResNet-V1c as is
     backbone = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')}
     if isinstance(model.backbone, swin.SwinTransformer):
         missing, unexpected = _load_swin(model.backbone, backbone, f"{what}: backbone")
