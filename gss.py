@@ -1041,8 +1041,7 @@ def load_official_checkpoint(checkpoint, model=None, variant=None):
     if not any(k.startswith(('decode_head.', 'backbone.')) for k in sd):  # the head's own state dict
         sd = {'decode_head.' + k: v for k, v in sd.items()}
     variant = variant or ('ft-w' if 'decode_head.cls_segmap.conv.weight' in sd else 'ff')
-    if model is None:
-        model = GSS.from_config(official_config(sd))
+    model = GSS.from_config(official_config(sd)) if model is None else model
     try:
         tokenizer = build_tokenizer(n_hid=sd['decode_head.d_vae.encoder.blocks.input.w'].shape[0],
                                     vocab_size=sd['decode_head.d_vae.encoder.blocks.output.conv.w'].shape[0],
