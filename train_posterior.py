@@ -311,8 +311,7 @@ def train_inverse(args, s, num_classes, palette, ignore_colour, tok, prior, devi
             inverse.train()  # back to batch statistics (FT-W's BatchNorm)
         return out
 
-    def loss_fn(batch, progress):
-        return inverse_loss(v, batch, tok, pal, ign, beta, inverse, prior)
+    loss_fn = lambda batch, progress: inverse_loss(v, batch, tok, pal, ign, beta, inverse, prior)
     code, _ = train(args, s, trained, opt, loss_fn, validate, ds, log, rank, world_size, device, clamp=beta)
     palette, inverse = current_stage1(beta, palette, inverse, device)
     return palette, None if v == 'tf' else inverse, config, code  # GSS-TF's inverse follows from its learned beta
