@@ -98,8 +98,7 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         # index[i, j] = (dh + M-1) * (2M-1) + (dw + M-1) for tokens i, j of a window; recomputable, so not saved
-        ij = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing='ij'))
-        ij = ij.flatten(1)  # (2, N), N = M*M
+        ij = torch.cartesian_prod(torch.arange(window_size), torch.arange(window_size)).t()  # (2, N), N = M*M
         rel = ij[:, :, None] - ij[:, None, :] + window_size - 1  # (2, N, N), each in [0, 2M-2]
         self.register_buffer('relative_position_index', rel[0] * (2 * window_size - 1) + rel[1], persistent=False)
 
