@@ -624,7 +624,11 @@ class ResNet(nn.Module):
     def forward(self, x):
         """(B, 3, H, W) -> 4 levels (B, C_i, ceil(H/s), ceil(W/s)) at strides s = 4, 8, 8, 8."""
         x = self.maxpool(self.stem(x))  # (B, 64, H/4, W/4)
-        return [x := layer(x) for layer in (self.layer1, self.layer2, self.layer3, self.layer4)]  # each feeds the next
+        outs = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            outs.append(x)
+        return outs
 
 
 BACKBONES = [*swin.SWIN_PRESETS, 'resnet50', 'resnet101', 'resnet50_v1c', 'resnet101_v1c']
