@@ -213,7 +213,10 @@ def upsample_labels_2x(labels):
 
 def _sq_dist(x, p):
     """Squared distances, channels summed in order like the official sum over dim 2: x (..., 3), p (..., 3) -> (...)."""
-    return (x[..., 0] - p[..., 0]) ** 2 + (x[..., 1] - p[..., 1]) ** 2 + (x[..., 2] - p[..., 2]) ** 2
+    d = (x[..., 0] - p[..., 0]) ** 2
+    d += (x[..., 1] - p[..., 1]) ** 2
+    d += (x[..., 2] - p[..., 2]) ** 2
+    return d
 
 
 def _candidate_table(palette, cells):
