@@ -248,8 +248,11 @@ def resume(ckpts, args, trained, optimizer, log):
         raise gss.UserError(f"{ckpts.resume}: checkpoint of --variant {ckpt['variant']}; expected --variant "
                             f"{args.variant}")
     try:
-        for name, t in trained.items():  # a module's state dict, or a Parameter's values (checkpoint() saves them so)
-            (t.load_state_dict if isinstance(t, nn.Module) else t.data.copy_)(ckpt['trained'][name])
+        for name, t in trained.items():
+            if isinstance(t, nn.Module):
+                t.load_state_dict(ckpt['trained'][name])
+            else:
+                t.data.copy_(ckpt['trained'][name])
         optimizer.load_state_dict(ckpt['optimizer'])  # (one written before FT-W's two weight-decay groups: error)
     except (RuntimeError, ValueError) as e:
         raise gss.UserError(f"{ckpts.resume}: does not match the flags or this version ({str(e).splitlines()[0]}); "
