@@ -81,11 +81,13 @@ DATASET_PRESETS = {
 DATASET_PRESETS['folder'] = dict(DATASET_PRESETS['ade20k'], num_classes=None, classes=None, root=None, batch_size=16,
                                  iters=80000)
 
+
 def dataset_preset(name):
     """--dataset NAME -> its DATASET_PRESETS entry; a one-line error for an unknown one (all three CLIs)."""
     if name not in DATASET_PRESETS:
         raise UserError(f"--dataset {name}: unknown dataset; expected one of {', '.join(DATASET_PRESETS)}")
     return DATASET_PRESETS[name]
+
 
 # -----------------------------------------------------------------------------
 # file I/O with one-line UserErrors

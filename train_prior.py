@@ -503,8 +503,8 @@ def log_means(log, it, sums, n, seconds, left, lr, device, world_size):
     if world_size > 1:
         dist.all_reduce(means)
         means /= world_size
-    peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == 'cuda' else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS; Linux reports KiB
+    peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == 'cuda'
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # the CPU's: peak RSS, Linux in KiB
     log.log(it, {**dict(zip(sums, means.tolist())), 'lr': lr, 's_per_iter': seconds / n,
                  'eta': str(datetime.timedelta(seconds=round(seconds / n * left))), 'peak_mem_mb': round(peak_mb)})
 
