@@ -1,5 +1,4 @@
-"""
-Datasets for GSS with mmsegmentation 0.x's pipelines (configs/_base_/datasets/*.py); imports only torch, numpy and
+"""Datasets for GSS with mmsegmentation 0.x's pipelines (configs/_base_/datasets/*.py); imports only torch, numpy and
 pillow, so the file can be copied alone. In order: class names and label tables, DATASET_PRESETS, file reading, the
 train and test pipelines, the layouts (ADE20K, Cityscapes, a folder) behind build_dataset, the synthetic scenes.
 Items: train {'image': (3, crop, crop) normalised, 'label': (crop, crop) long, 255 = ignore}; test {'image': (3, h, w)
@@ -81,6 +80,14 @@ DATASET_PRESETS = {
 }
 DATASET_PRESETS['folder'] = dict(DATASET_PRESETS['ade20k'], num_classes=None, classes=None, root=None, batch_size=16,
                                  iters=80000)
+
+
+def dataset_preset(name):
+    """--dataset NAME -> its DATASET_PRESETS entry; a one-line error for an unknown one (all three CLIs)."""
+    if name not in DATASET_PRESETS:
+        raise UserError(f"--dataset {name}: unknown dataset; expected one of {', '.join(DATASET_PRESETS)}")
+    return DATASET_PRESETS[name]
+
 
 # -----------------------------------------------------------------------------
 # file I/O with one-line UserErrors
@@ -260,10 +267,8 @@ def split_files(root, split, lut, layout):
     paths under root/annotations/<split>."""
     images = os.path.join(root, 'images')
     _need_dir(images, layout)
-    for s in (split, SPLIT_ALIASES.get(split)):
-        if s and os.path.isdir(os.path.join(images, s)):
-            break
-    else:
+    s = next((s for s in (split, SPLIT_ALIASES.get(split)) if s and os.path.isdir(os.path.join(images, s))), None)
+    if s is None:
         raise UserError(f"{os.path.join(images, split)}: no such split directory; "
                         f"expected one of {sorted(d for d in os.listdir(images) if not d.startswith('.'))}")
     img_dir, lab_dir = os.path.join(images, s), os.path.join(root, 'annotations', s)
@@ -323,9 +328,7 @@ def folder_files(root, split):
 
 def build_dataset(name, split, root=None, train=True):
     """name in DATASET_PRESETS; split 'train'/'val' (also 'training'/'validation'); root overrides the preset's."""
-    if name not in DATASET_PRESETS:
-        raise UserError(f"--dataset {name}: unknown dataset; expected one of {', '.join(DATASET_PRESETS)}")
-    p = dict(DATASET_PRESETS[name])
+    p = dict(dataset_preset(name))
     root = root or p['root']
     if name == 'ade20k':
         files, expected = ade_files(root, split, 150), "0..150 (0 = other)"

@@ -1,5 +1,4 @@
-"""
-Evaluation for GSS: SegMetric (mmseg's IoUMetric), evaluate_split (generative inference and the auxiliary head),
+"""Evaluation for GSS: SegMetric (mmseg's IoUMetric), evaluate_split (generative inference and the auxiliary head),
 reconstruction_oracle (stage I), save_outputs, load_stage2 (ours or an official release); the CLI, also a demo.
 
     python evaluate.py --checkpoint runs/synthetic/prior/latest.pt                    # GSS-FF + aux head
@@ -56,8 +55,7 @@ class SegMetric:
     def all_reduce(self):
         """Sum the areas over all ranks when torch.distributed is initialised; returns self."""
         if dist.is_available() and dist.is_initialized():
-            device = f'cuda:{torch.cuda.current_device()}' if dist.get_backend() == 'nccl' else 'cpu'
-            self.areas = self.areas.to(device)
+            self.areas = self.areas.to(f'cuda:{torch.cuda.current_device()}' if dist.get_backend() == 'nccl' else 'cpu')
             dist.all_reduce(self.areas)
         return self
 
@@ -121,8 +119,7 @@ def evaluate_split(model, tokenizer, inverses, dataset, test_cfg, aux=True, indi
     """{name: SegMetric} of each X^-1 in `inverses` ({name: module}) and of the 'aux head' (aux=True) over the items
     `indices` of `dataset` (default all; a rank's share under DDP). on_item(item, {name: (H, W) labels}, maskige,
     confidence): window_maps' maps of the image."""
-    names = list(inverses) + (['aux head'] if aux else [])
-    metrics = {name: SegMetric(dataset.num_classes) for name in names}
+    metrics = {name: SegMetric(dataset.num_classes) for name in list(inverses) + (['aux head'] if aux else [])}
     device = next(model.parameters()).device
     window_fn = window_maps(model, tokenizer, inverses, aux, maskige=on_item is not None)
     for i in range(len(dataset)) if indices is None else indices:
@@ -175,8 +172,7 @@ def save_outputs(save_dir, image_path, pred, palette, maskige=None, cityscapes_i
     png.putpalette(flat + [0] * (768 - len(flat)))  # classes beyond the palette (255 = ignore) are black
     png.save(os.path.join(save_dir, stem + '.png'))
     image = datasets.read_image(image_path)  # (H, W, 3) uint8
-    colours = np.asarray(png.convert('RGB'))
-    overlay = (0.5 * image + 0.5 * colours).astype(np.uint8)
+    overlay = (0.5 * image + 0.5 * np.asarray(png.convert('RGB'))).astype(np.uint8)
     Image.fromarray(overlay).save(os.path.join(save_dir, stem + '_overlay.jpg'), quality=92)
     if maskige is not None:
         m = (maskige.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # (2H, 2W, 3)
@@ -187,8 +183,7 @@ def save_outputs(save_dir, image_path, pred, palette, maskige=None, cityscapes_i
         Image.fromarray((255 * hot).round().astype(np.uint8)).save(os.path.join(save_dir, stem + '_confidence.png'))
     if cityscapes_ids:
         train_to_id = np.zeros(256, np.uint8)  # trainId -> label id; 255 -> 0 (unlabeled)
-        for label_id, train_id in datasets.CITYSCAPES_ID_TO_TRAINID.items():
-            train_to_id[train_id] = label_id
+        train_to_id[list(datasets.CITYSCAPES_ID_TO_TRAINID.values())] = list(datasets.CITYSCAPES_ID_TO_TRAINID)
         ids_path = os.path.join(save_dir, stem.replace('_leftImg8bit', '') + '_labelIds.png')
         Image.fromarray(train_to_id[labels]).save(ids_path)
 
@@ -247,14 +242,11 @@ def parse_args(argv=None):
     p.add_argument('--cityscapes-ids', action='store_true', help="also write *_labelIds.png for the Cityscapes server")
     p.add_argument('--device', choices=['cpu', 'cuda'], help="default cuda when available")
     args = p.parse_args(argv)
-    if args.dataset not in datasets.DATASET_PRESETS:
-        raise gss.UserError(f"--dataset {args.dataset}: unknown dataset; expected one of "
-                            f"{', '.join(datasets.DATASET_PRESETS)}")
+    preset = datasets.dataset_preset(args.dataset)
     if args.checkpoint is None and not (args.recon and args.posterior):
         raise gss.UserError("--checkpoint: required (or --recon with --posterior for the reconstruction oracle alone)")
     if args.images and not args.checkpoint:
         raise gss.UserError("--images: needs --checkpoint")
-    preset = datasets.DATASET_PRESETS[args.dataset]
     args.mode = args.mode or preset['test_mode']
     args.crop, args.stride = args.crop or preset['test_crop'], args.stride or preset['test_stride']
     args.device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -317,9 +309,8 @@ def run(args):
         oracle = reconstruction_oracle(tokenizer, next(iter(inverses.values())), palette, ignore,
                                        labels_and_test_sizes(dataset, indices), dataset.num_classes)
         results = {'tokenizer oracle': oracle, **results}
-    classes = dataset.classes
     for name, metric in results.items():
-        print(f"\n{name}\n" + format_table(metric.compute(), classes))
+        print(f"\n{name}\n" + format_table(metric.compute(), dataset.classes))
     print(f"\n{args.dataset} {args.split}: {len(indices)} images")
     print(f"{'':<18} {'aAcc':>6} {'mIoU':>6} {'mAcc':>6}")
     for name, metric in results.items():

@@ -61,8 +61,7 @@ def _micro_batches(x, budget):
 # ----------------------------------------------------------------------------------------------------------
 # 1. Palettes: the maskige transform X (Sec. 3.3), a colour table beta (K, 3) on the 0-255 scale
 
-# Official palettes (decode_head.palette of configs/gss/<dataset>/*.py), hex RRGGBB in class order; the last entry is
-# the colour of ignore/unlabeled pixels.
+# decode_head.palette of configs/gss/<dataset>/*.py: hex RRGGBB in class order, then the ignore/unlabeled colour
 OFFICIAL_PALETTES = {
     'ade20k': (  # 150 classes, posterior_learning.py grid 5x6x5 with noise and hand edits, ignore D7D8C4
         'DEDE91 121E07 08172F 1E0660 010DA4 0C1CBF 193420 1D3034 0F335F 1938A7 192AD2 1B511F 095836 1B5C71 0B6397 '
@@ -576,8 +575,7 @@ def build_tokenizer(n_hid=64, vocab_size=512, n_init=128, n_blk_per_group=2):
     the package requires n_hid >= 64 and vocab_size >= 512). Weights are dall_e's random init."""
     import dall_e  # here, not at the top: everything but the tokenizer works without the package
     return Tokenizer(dall_e.Encoder(n_hid=n_hid, n_blk_per_group=n_blk_per_group, vocab_size=vocab_size),
-                     dall_e.Decoder(n_init=n_init, n_hid=n_hid, n_blk_per_group=n_blk_per_group,
-                                    vocab_size=vocab_size))
+                     dall_e.Decoder(n_init=n_init, n_hid=n_hid, n_blk_per_group=n_blk_per_group, vocab_size=vocab_size))
 
 
 def tokenizer_config(tok):
@@ -695,9 +693,8 @@ class MLA(nn.Module):
 
 
 class GSSHead(nn.Module):
-    """Token head: MLA -> D Swin blocks -> LayerNorm -> 1x1 conv + BN + ReLU -> Dropout2d -> conv_seg to the
-    vocabulary (GenerativeSegHeadFF), and the unlabeled-area auxiliary head p_xi (Sec. 3.4): a separate MLA -> 1x1
-    conv to K."""
+    """Token head: MLA -> D Swin blocks -> LayerNorm -> 1x1 conv + BN + ReLU -> Dropout2d -> conv_seg to the vocabulary
+    (GenerativeSegHeadFF), and the unlabeled-area auxiliary head p_xi (Sec. 3.4): a separate MLA -> 1x1 conv to K."""
 
     def __init__(self, in_channels, c):  # c: a GSSConfig
         super().__init__()
@@ -872,8 +869,7 @@ def compute_loss(model, tokenizer, palette, images, labels):
     valid = labels_f != 255  # (B, fH, fW)
     loss_aux = F.cross_entropy(aux, labels_f, ignore_index=255, reduction='sum') / valid.sum().clamp(min=1)
     loss = 0.8 * loss_token + 0.2 * loss_aux
-    def count(mask):  # float64 as Python's: the same logged figures as .item() gave, without its host sync
-        return mask.sum().double()
+    count = lambda mask: mask.sum().double()  # float64 as Python's: the figures .item() logged, without its host sync
     logs = dict(loss_token=0.8 * loss_token.detach().double(), loss_aux=0.2 * loss_aux.detach().double(),
                 acc_token=100.0 * correct.double() / count(targets != tokenizer.vocab_size).clamp(min=1),
                 acc_aux=100.0 * count((aux.argmax(1) == labels_f) & valid) / count(valid).clamp(min=1))
@@ -918,8 +914,7 @@ def infer(window_fn, images, mode='whole', crop=None, stride=None):
 def predict(model, tokenizer, inverse, images, mode='whole', crop=None, stride=None):
     """Generative inference: image -> tokens (argmax) -> tokenizer.decode -> maskige at 2H x 2W -> X^-1 -> class
     scores resized to the input (maskige_scores): (B, 3, H, W) -> (B, K, H, W). Put the modules in eval mode."""
-    def window_fn(x):
-        return {'': maskige_scores(inverse, generate(model, tokenizer, x), x.shape[-2:])}  # (B, K, h, w)
+    window_fn = lambda x: {'': maskige_scores(inverse, generate(model, tokenizer, x), x.shape[-2:])}  # (B, K, h, w)
     return infer(window_fn, images, mode, crop, stride)['']
 
 
@@ -1053,8 +1048,7 @@ def load_official_checkpoint(checkpoint, model=None, variant=None):
     if not any(k.startswith(('decode_head.', 'backbone.')) for k in sd):  # the head's own state dict
         sd = {'decode_head.' + k: v for k, v in sd.items()}
     variant = variant or ('ft-w' if 'decode_head.cls_segmap.conv.weight' in sd else 'ff')
-    if model is None:
-        model = GSS.from_config(official_config(sd))
+    model = GSS.from_config(official_config(sd)) if model is None else model
     try:
         tokenizer = build_tokenizer(n_hid=sd['decode_head.d_vae.encoder.blocks.input.w'].shape[0],
                                     vocab_size=sd['decode_head.d_vae.encoder.blocks.output.conv.w'].shape[0],
@@ -1068,7 +1062,6 @@ def load_official_checkpoint(checkpoint, model=None, variant=None):
     except KeyError as e:
         raise UserError(f"{what}: no {e}; expected an official GSS-{variant.upper()} checkpoint") from None
     _load_decode_head(sd, model, {'head': model.head, 'tokenizer': tokenizer, 'inverse': inverse}, variant, what)
-    # the backbone: mmseg Swin via swin.py, mmseg ResNet-V1c as is
     backbone = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')}
     if isinstance(model.backbone, swin.SwinTransformer):
         missing, unexpected = _load_swin(model.backbone, backbone, f"{what}: backbone")

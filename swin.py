@@ -98,8 +98,7 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         # index[i, j] = (dh + M-1) * (2M-1) + (dw + M-1) for tokens i, j of a window; recomputable, so not saved
-        ij = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing='ij'))
-        ij = ij.flatten(1)  # (2, N), N = M*M
+        ij = torch.cartesian_prod(torch.arange(window_size), torch.arange(window_size)).t()  # (2, N), N = M*M
         rel = ij[:, :, None] - ij[:, None, :] + window_size - 1  # (2, N, N), each in [0, 2M-2]
         self.register_buffer('relative_position_index', rel[0] * (2 * window_size - 1) + rel[1], persistent=False)
 
@@ -139,8 +138,7 @@ class SwinBlock(nn.Module):
     def forward(self, x):
         """x (B, H, W, C), any H, W -> (B, H, W, C)."""
         x = x + drop_path(self.shifted_window_attention(self.norm1(x)), self.drop_path, self.training)
-        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
-        return x
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
 class PatchMerging(nn.Module):
@@ -268,8 +266,7 @@ def _resize_bias_table(t, n):
     """Bicubic resize of a ((2M-1)^2, heads) table to n rows (official load_pretrained recipe)."""
     s, s2 = math.isqrt(t.shape[0]), math.isqrt(n)
     t = t.t().reshape(1, -1, s, s).float()  # (1, heads, 2M-1, 2M-1)
-    t = F.interpolate(t, size=(s2, s2), mode='bicubic', align_corners=False)
-    return t.reshape(-1, n).t()  # (n, heads)
+    return F.interpolate(t, size=(s2, s2), mode='bicubic', align_corners=False).reshape(-1, n).t()  # (n, heads)
 
 
 def load_pretrained(model, checkpoint):

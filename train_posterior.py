@@ -83,7 +83,7 @@ VAL_IMAGES = 100  # validation images for the recon metrics logged while trainin
 
 
 def choose_palette(variant, palette, dataset, num_classes, seed):
-    """-> (palette (K, 3), ignore colour (3,)) for --palette maximal / official / random (GSS-FF-R)."""
+    """-> (palette (K, 3), ignore colour (3,), its name) for --palette maximal / official / random (GSS-FF-R)."""
     if variant == 'ff-r' and palette not in (None, 'random'):
         raise gss.UserError(f"--palette {palette}: GSS-FF-R uses a random palette; expected --palette random or none")
     palette = palette or ('random' if variant == 'ff-r' else 'maximal')
@@ -92,9 +92,9 @@ def choose_palette(variant, palette, dataset, num_classes, seed):
         if len(full) != num_classes + 1:
             raise gss.UserError(f"--palette official: the {dataset} palette has {len(full) - 1} classes but the "
                                 f"dataset has {num_classes}; expected --palette maximal")
-        return full[:-1], full[-1]
+        return full[:-1], full[-1], palette
     colours = gss.random_palette(num_classes, seed) if palette == 'random' else gss.make_palette(num_classes, seed)
-    return colours, gss.ignore_colour_for(colours)
+    return colours, gss.ignore_colour_for(colours), palette
 
 
 def val_labels(args, n):
@@ -147,7 +147,6 @@ def tokenizer_loss(tok, labels, seeds, palette, ignore_colour, crop, progress):
         q = q + (total / dist.get_world_size() - q).detach()
     diversity = math.log(len(q)) + (q * torch.log(q + 1e-10)).sum()  # log V - H(q) >= 0
     return F.mse_loss(mean, (1 - 2 * gss.LOGIT_LAPLACE_EPS) * maskige + gss.LOGIT_LAPLACE_EPS) + DIVERSITY * diversity
-
 
 
 def prior_maskige(prior, tok, images):
@@ -315,8 +314,7 @@ def train_inverse(args, s, num_classes, palette, ignore_colour, tok, prior, devi
             inverse.train()  # back to batch statistics (FT-W's BatchNorm)
         return out
 
-    def loss_fn(batch, progress):
-        return inverse_loss(v, batch, tok, pal, ign, beta, inverse, prior)
+    loss_fn = lambda batch, progress: inverse_loss(v, batch, tok, pal, ign, beta, inverse, prior)
     code, _ = train(args, s, trained, opt, loss_fn, validate, ds, log, rank, world_size, device, clamp=beta)
     palette, inverse = current_stage1(beta, palette, inverse, device)
     return palette, None if v == 'tf' else inverse, config, code  # GSS-TF's inverse follows from its learned beta
@@ -338,7 +336,7 @@ def parse_args(argv=None):
     if args.variant is None:
         raise gss.UserError("--variant: required; expected one of ff, ff-r, lstsq, ft, ft-w, tf, tt, tokenizer "
                             "(or --convert-dalle)")
-    train_prior.dataset_preset(args.dataset)
+    datasets.dataset_preset(args.dataset)
     if args.prior and args.variant not in ('ft', 'ft-w'):
         raise gss.UserError(f"--prior: only for --variant ft-w or ft (X^-1 on generated maskiges); got {args.variant}")
     train_prior.check_positive(args, ('iters', 'batch_size', 'depth', 'ckpt_interval'))
@@ -406,7 +404,7 @@ def stage1(args, rank, world_size, device):
     torch.manual_seed(args.seed)  # the same initial weights on every rank: nothing broadcasts them
     preset = datasets.DATASET_PRESETS[args.dataset]
     num_classes = preset['num_classes'] or datasets.build_dataset(args.dataset, 'val', args.data_root).num_classes
-    palette, ignore_colour = choose_palette(v, args.palette, args.dataset, num_classes, args.seed)
+    palette, ignore_colour, palette_name = choose_palette(v, args.palette, args.dataset, num_classes, args.seed)
     tok_path, prior, record = args.tokenizer_path, None, {}
     if args.prior:  # the palette and tokenizer of the stage-II model
         prior, tok, palette, ignore_colour, tok_path, record = load_prior(args, device, world_size)
@@ -426,8 +424,7 @@ def stage1(args, rank, world_size, device):
         return code
     if prior is None:
         tok = gss.load_tokenizer(tok_path).to(device)
-        trained_on = tok.info.get('palette')
-        if trained_on is not None and trained_on != palette.tolist():
+        if tok.info.get('palette') not in (None, palette.tolist()):  # the palette it was trained on, if recorded
             log.info(f"warning: {tok_path} was trained on maskiges of another palette; reconstruction will suffer")
     inverse, config, code = None, {}, 0
     if v in ('ft', 'ft-w', 'tf', 'tt'):
@@ -436,7 +433,6 @@ def stage1(args, rank, world_size, device):
         if v in ('tf', 'tt') and len(set(map(tuple, palette.tolist()))) < num_classes:
             raise gss.UserError(f"--lr {s['lr']}: training merged two palette colours; expected a smaller --lr")
     if code == 0 and rank == 0:
-        palette_name = args.palette or ('random' if v == 'ff-r' else 'maximal')
         settings = {**s, 'seed': args.seed, **record, 'palette': palette_name}
         gss.make_posterior(args.out, v, palette, ignore_colour, tok_path, tok.vocab_size, inverse, config,
                            args.dataset, settings)

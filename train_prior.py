@@ -93,13 +93,6 @@ def check_positive(args, names):
             raise gss.UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive integer")
 
 
-def dataset_preset(name):
-    """--dataset NAME -> its datasets.DATASET_PRESETS entry; a one-line error for an unknown one."""
-    if name not in datasets.DATASET_PRESETS:
-        raise gss.UserError(f"--dataset {name}: unknown dataset; expected one of {', '.join(datasets.DATASET_PRESETS)}")
-    return datasets.DATASET_PRESETS[name]
-
-
 def with_long(settings, long, what):
     """--long: the settings updated by their 'long' entry; a one-line error (naming `what`) where there is none."""
     if long and 'long' not in settings:
@@ -213,9 +206,7 @@ class Checkpoints:
             for path in stale:
                 os.remove(path)
             log.info(f"removed {len(stale)} unfinished checkpoint file(s) of a killed run: {', '.join(stale)}")
-        if resume == 'auto':  # `latest` if there is one, else a fresh start
-            resume = latest if os.path.exists(latest) else None
-        self.resume = resume
+        self.resume = (latest if os.path.exists(latest) else None) if resume == 'auto' else resume  # None: fresh start
 
     def __enter__(self):
         self.signum = 0
@@ -339,7 +330,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, FLAGS, required=('dataset',))
     args = p.parse_args(argv)
-    preset = with_long(dataset_preset(args.dataset), args.long,
+    preset = with_long(datasets.dataset_preset(args.dataset), args.long,
                        f"--dataset {args.dataset} has no longer schedule")
     synthetic = args.dataset == 'synthetic'
     cuda = (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')) == 'cuda'
@@ -401,12 +392,6 @@ def param_groups(model, weight_decay=0.01, prefix=''):
         if p.requires_grad:
             (rest if any(s in official for s in no_decay) else decay).append(p)
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': rest, 'weight_decay': 0.0}]
-
-
-def peak_memory_mb(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS; Linux reports KiB
 
 
 @torch.no_grad()
@@ -518,9 +503,10 @@ def log_means(log, it, sums, n, seconds, left, lr, device, world_size):
     if world_size > 1:
         dist.all_reduce(means)
         means /= world_size
-    eta = datetime.timedelta(seconds=round(seconds / n * left))
-    log.log(it, {**dict(zip(sums, means.tolist())), 'lr': lr, 's_per_iter': seconds / n, 'eta': str(eta),
-                 'peak_mem_mb': round(peak_memory_mb(device))})
+    peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == 'cuda'
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # the CPU's: peak RSS, Linux in KiB
+    log.log(it, {**dict(zip(sums, means.tolist())), 'lr': lr, 's_per_iter': seconds / n,
+                 'eta': str(datetime.timedelta(seconds=round(seconds / n * left))), 'peak_mem_mb': round(peak_mb)})
 
 
 def build_model(args, num_classes, vocab_size, world_size, device):
