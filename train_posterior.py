@@ -129,8 +129,8 @@ def tokenizer_loss(tok, labels, seeds, palette, ignore_colour, crop, progress):
     """Eq. 3 on a random crop of each 1x or 2x label map: MSE between the decoder's sigmoid means (fed relaxed
     one-hots) and map_pixels(maskige), plus DIVERSITY x (log V - entropy of the batch's mean code distribution),
     wav2vec 2.0's codebook-diversity term: without it training collapses onto ~22 of 512 codes. DALL-E's Gumbel-softmax
-    temperature anneals from 1 to 1/16 and its noise from full to none (progress: fraction done), so the decoder ends
-    on the argmax codes of test time. Crops and noise are keyed by the samples' seeds."""
+    temperature anneals from 1 to 1/16 and its noise from full to none (progress: fraction done), meant to end the
+    decoder on test time's argmax codes; with --long it does not (README: known defect). Crops, noise: keyed by seed."""
     def random_crop(label):  # (1, H, W) -> (1, crop, crop) of the 1x or the 2x map
         label = gss.upsample_labels_2x(label) if torch.rand(()) < 0.5 else label
         y, x = (int(torch.randint(0, n - crop + 1, ())) for n in label.shape[1:])
