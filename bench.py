@@ -19,6 +19,7 @@ import argparse
 import collections
 import ctypes
 import json
+import math
 import multiprocessing as mp
 import os
 import resource
@@ -803,19 +804,21 @@ def top_miou(score, pred, label, q, K):
 
 # the signals the numbers did not pick for the library (README: beyond the paper)
 
+def token_confidence(probs, size):
+    """Top-1 probability and 1 - entropy / log V of the token distribution (B, V, h, w) at 1/4, brought to `size` as
+    gss.aux_scores does -> (B, 2, *size) in [0, 1]."""
+    entropy = torch.special.entr(probs).sum(1) / math.log(probs.shape[1])  # (B, h, w), 0 = one-hot, 1 = uniform
+    c = torch.stack([probs.max(1).values, 1 - entropy], 1)  # (B, 2, h, w)
+    c = F.interpolate(c, (4 * c.shape[2], 4 * c.shape[3]), mode='bilinear', align_corners=False)
+    return c[:, :, :size[0], :size[1]].clamp(0, 1)
+
+
 def palette_confidence(maskige, palette, size):
     """1 - d1 / d2, d1 and d2 the distances of each maskige colour (B, 3, 2H, 2W) to its nearest and second-nearest
     palette colours (K, 3) on 0-255: 1 on a palette colour, 0 halfway between two; area-resized -> (B, 1, *size)."""
     x = 255 * maskige.float().permute(0, 2, 3, 1)[..., None, :]  # (B, 2H, 2W, 1, 3)
     d = gss._sq_dist(x, palette.float()).topk(2, -1, largest=False).values.sqrt()  # (B, 2H, 2W, 2), ascending
     return F.interpolate((1 - d[..., 0] / d[..., 1].clamp(min=1e-6))[:, None], size=tuple(size), mode='area')
-
-
-def majority_vote(labels, num_classes):
-    """labels (N, B, H, W) of N samples -> (the per-pixel majority (B, H, W), the fraction of the samples that agree
-    with it (B, H, W) in [1/N, 1]: the samples' confidence). Ties: the lowest class."""
-    top = F.one_hot(labels, num_classes).sum(0).max(-1)  # over (B, H, W, K) counts
-    return top.indices, top.values / len(labels)
 
 
 def signal_table(c, K, title):
@@ -873,7 +876,7 @@ def bench_confidence(args):
         aux = timed('aux head', lambda: F.interpolate(gss.aux_scores(model, feats, size), label.shape,
                                                       mode='bilinear').softmax(1)[0])  # (K, H, W)
         probs = timed('token softmax', gss.token_probs, model, feats)  # (1, V, h/4, w/4)
-        conf = timed('top-1 / entropy', lambda: F.interpolate(gss.token_confidence(probs, size), label.shape,
+        conf = timed('top-1 / entropy', lambda: F.interpolate(token_confidence(probs, size), label.shape,
                                                               mode='bilinear')[0])  # (2, H, W)
         margin = timed('palette margin', palette_confidence, m, palette, label.shape)[0, 0]  # (H, W)
         soft = timed('soft decoding', tok.decode_soft, probs)[:, :, :2 * size[0], :2 * size[1]]
@@ -885,7 +888,7 @@ def bench_confidence(args):
             ms = timed(f'decode 8 batched, {d}', tok.decode, tokens)[:, :, :2 * size[0], :2 * size[1]]
             kept += [tokens] if d == 'T=1' and i < BATCHING_IMAGES else []
             sampled = labels_of(ms)  # (N, H, W)
-            vote, agree[d] = majority_vote(sampled[:, None], K)  # (1, H, W) each
+            vote, agree[d] = gss.majority_vote(sampled[:, None], K)  # (1, H, W) each
             metric[f'majority {d}'].update(vote[0], label)
             metric[f'best-of-8 {d}'].update(sampled[((sampled == label) & valid).sum((1, 2)).argmax()], label)
         for k, v in zip(cols, (label, pred, aux.argmax(0), *conf, margin, *(a[0] for a in agree.values()),

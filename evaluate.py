@@ -99,7 +99,7 @@ def resized_argmax(scores, size):
 def window_maps(model, tokenizer, inverses, aux=False, maskige=False):
     """gss.infer's window_fn: one backbone pass and one generation per window -> {name: (B, K, h, w)} for each X^-1
     in `inverses` ({name: module}), plus 'aux head' (aux=True), the generated 'maskige' (B, 3, 2h, 2w) and its
-    'confidence' (B, 1, h, w), the token distribution's top-1 probability (maskige=True; bench.py confidence)."""
+    'confidence' (B, 1, h, w), gss.sample_agreement with the first X^-1 (maskige=True, for --save-dir)."""
     def window_fn(x):
         feats = getattr(model, 'module', model).backbone(x)
         m = gss.generate(model, tokenizer, x, feats)  # (B, 3, 2h, 2w)
@@ -108,8 +108,8 @@ def window_maps(model, tokenizer, inverses, aux=False, maskige=False):
             out['aux head'] = gss.aux_scores(model, feats, x.shape[-2:])
         if maskige:
             out['maskige'] = m
-            d = getattr(model, 'module', model).head.tokens  # token stride (Table 3's d)
-            out['confidence'] = gss.token_confidence(gss.token_probs(model, feats), x.shape[-2:], d)[:, :1]
+            first = next(iter(inverses.values()))
+            out['confidence'] = gss.sample_agreement(model, tokenizer, first, feats, x.shape[-2:])  # (B, 1, h, w)
         return out
     return window_fn
 

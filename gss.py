@@ -8,7 +8,7 @@ into maskiges (X), tokenized by a frozen VQ tokenizer, predicted from images by 
     4. Image encoder I_psi     build_backbone, MLA, GSSHead, GSSConfig, GSS
     5. Targets and losses      token_targets, token_cross_entropy, compute_loss (Eq. 7)
     6. Inference               predict, generate, aux_scores, infer, slide_windows; beyond the paper token_probs,
-                               sample_tokens, token_confidence
+                               sample_tokens, majority_vote, sample_agreement
     7. Official checkpoints    load_official_checkpoint, official_key, official_config
     8. Files and validation    UserError, load_file, save_atomic, load_tokenizer, convert_dalle, load_posterior
 
@@ -934,8 +934,8 @@ def generate(model, tokenizer, images, feats=None):
 
 @torch.no_grad()
 def token_probs(model, feats, temperature=1.0, top_k=None):
-    """The token distribution at 1/4: softmax(logits / T) over the vocabulary, only the top_k largest logits kept;
-    T = 0: the one-hot of generate's argmax (token_argmax, bit for bit). feats: the backbone's -> (B, V, h, w)."""
+    """The token distribution: softmax(logits / T) over the vocabulary, only the top_k largest logits kept; T = 0: the
+    one-hot of generate's argmax (token_argmax, bit for bit). feats: the backbone's -> (B, V, h, w), h = H/4 (or /8)."""
     head = getattr(model, 'module', model).head
     x = head.token_features(feats)  # (B, C, h, w)
     if temperature == 0:
@@ -953,13 +953,25 @@ def sample_tokens(probs, seeds, draws):
     return torch.stack([keyed(gumbel_max, seeds, n, probs) for n in draws])
 
 
-def token_confidence(probs, size, stride=4):
-    """Top-1 probability and 1 - entropy / log V of the token distribution (B, V, h, w), brought from 1/stride (the
-    head's `tokens`, Table 3's d) to `size` as aux_scores does -> (B, 2, *size) in [0, 1]."""
-    entropy = torch.special.entr(probs).sum(1) / math.log(probs.shape[1])  # (B, h, w), 0 = one-hot, 1 = uniform
-    c = torch.stack([probs.max(1).values, 1 - entropy], 1)  # (B, 2, h, w)
-    c = F.interpolate(c, (stride * c.shape[2], stride * c.shape[3]), mode='bilinear', align_corners=False)
-    return c[:, :, :size[0], :size[1]].clamp(0, 1)
+def majority_vote(labels, num_classes):
+    """labels (N, B, H, W) of N samples -> (their per-pixel majority (B, H, W), the fraction of the N that agree with
+    it (B, H, W) in [1/N, 1]). Counts as (B, K, H, W), not a one-hot per sample; ties: torch.max's pick."""
+    counts = torch.zeros(labels.shape[1], num_classes, *labels.shape[2:], device=labels.device)  # (B, K, H, W)
+    counts.scatter_add_(1, labels.transpose(0, 1), torch.ones(labels.transpose(0, 1).shape, device=labels.device))
+    top = counts.max(1)
+    return top.indices, top.values / len(labels)
+
+
+@torch.no_grad()
+def sample_agreement(model, tokenizer, inverse, feats, size, n=8, temperature=1.0, top_k=5):
+    """The confidence `bench.py confidence` picked: n token maps drawn at T from the top_k tokens (keyed by seed 0 and
+    the draw: reproducible), decoded as one batch, each inverted; the fraction of them that agree with their per-pixel
+    majority -> (B, 1, *size) in [1/n, 1]. feats: the backbone's of images of `size`."""
+    probs = token_probs(model, feats, temperature, top_k)  # (B, V, h, w)
+    tokens = sample_tokens(probs, torch.zeros(len(probs), dtype=torch.long), range(n))  # (n, B, h, w)
+    maskiges = tokenizer.decode(tokens.flatten(0, 1))[:, :, :2 * size[0], :2 * size[1]]  # (n B, 3, 2H, 2W)
+    labels = torch.stack([maskige_scores(inverse, m, size).argmax(1) for m in maskiges.split(len(probs))])
+    return majority_vote(labels, int(labels.max()) + 1)[1][:, None]  # labels (n, B, *size): classes seen suffice
 
 
 def aux_scores(model, feats, size):

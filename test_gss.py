@@ -1236,9 +1236,10 @@ def test_table3_switches_tokens_at_1_8_and_mla_off(monkeypatch):
     assert torch.equal(labels_f, labels) and aux.shape == (2, 5, 32, 48) and fill is False  # the 1x GT, no fill
     assert targets(*seen[0])[0].shape == (2, 4, 6) and model(images)[0].shape[-2:] == (4, 6)  # H/8 x W/8 tokens
     assert gss.generate(model.eval(), tokenizer, images[:, :, :30, :44]).shape == (2, 3, 30, 44)  # H x W maskige
-    window_fn = evaluate.window_maps(model, tokenizer, {}, maskige=True)
+    window_fn = evaluate.window_maps(model, tokenizer, {'ff': gss.NearestColour(torch.randint(0, 256, (5, 3)))},
+                                     maskige=True)
     maps = gss.infer(window_fn, images[:, :, :30, :44], 'whole', None, None)
-    assert maps['confidence'].shape == (2, 1, 30, 44)  # the confidence map at 1/8 brought to the image too
+    assert maps['confidence'].shape == (2, 1, 30, 44)  # the confidence map with tokens at 1/8 has the image's size
     with pytest.raises(gss.UserError, match='multiples of 8'):
         gss.compute_loss(model, tokenizer, torch.randint(0, 256, (5, 3)), images[:, :, :28], labels[:, :28])
     with pytest.raises(gss.UserError, match='tokens=2: expected 4 or 8'):
@@ -1273,7 +1274,7 @@ def test_predict_whole_slide_and_aux():
     assert torch.equal(one['maskige'], out['maskige'])  # one window: the whole-image maskige
     decodes.clear()
     four = gss.infer(maps, images, 'slide', (24, 32), (12, 16))
-    assert len(decodes) == 4  # one generation per window, shared by both X^-1
+    assert len(decodes) == 8  # per window: one generation shared by both X^-1, one batch of the 8 samples
     assert four['maskige'].shape == (2, 3, 60, 92) and 0 <= four['maskige'].min() <= four['maskige'].max() <= 1
     # windows (0, 24, 0, 32), (0, 24, 14, 46), (6, 30, 0, 32), (6, 30, 14, 46):
     # rows < 6 and columns < 14 are covered by the first window only
@@ -1309,14 +1310,20 @@ def test_sampling_soft_decoding_and_confidence():
     p = torch.tensor([0.7, 0.2, 0.1, 0.0])[None, :, None, None].expand(1000, 4, 1, 1)  # 1000 images, 1 position
     freq = torch.bincount(gss.sample_tokens(p, torch.arange(1000), [0]).flatten(), minlength=4) / 1000
     assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1, 0.0]), atol=0.05)  # Gumbel-max draws ~ probs
-    conf = gss.token_confidence(probs, (30, 46))
+    conf = bench.token_confidence(probs, (30, 46))
     assert conf.shape == (2, 2, 30, 46) and 0 <= conf.min() < conf.max() <= 1
-    assert torch.allclose(gss.token_confidence(one_hot, (30, 46)), torch.ones(2, 2, 30, 46))  # a one-hot is sure
+    assert torch.allclose(bench.token_confidence(one_hot, (30, 46)), torch.ones(2, 2, 30, 46))  # a one-hot is sure
+    inverse = gss.NearestColour((255 * one_by_one[:5, :, 30, 46]).round())  # colours the samples decode to
+    agree = gss.sample_agreement(model, tokenizer, inverse, feats, (30, 46))  # the heat map's confidence
+    assert agree.shape == (2, 1, 30, 46) and 1 / 8 <= agree.min() < agree.max() <= 1
+    assert torch.equal(agree * 8, (agree * 8).round())  # a fraction of the 8 samples
+    assert torch.equal(gss.sample_agreement(model, tokenizer, inverse, feats, (30, 46), temperature=0),
+                       torch.ones(2, 1, 30, 46))  # 8 argmax draws agree everywhere
     maskige = torch.zeros(1, 3, 4, 4)
     maskige[0, 0, :, 2:], maskige[0, 0, :2, :2] = 1, 0.5  # red on the right; top left halfway from black to red
     palette = torch.tensor([[0, 0, 0], [255, 0, 0], [0, 255, 0]])
     assert torch.equal(bench.palette_confidence(maskige, palette, (2, 2)), torch.tensor([[[[0., 1], [1, 1]]]]))
-    vote, agree = bench.majority_vote(torch.tensor([[0, 1, 2], [0, 1, 1], [0, 2, 1]])[:, None, None], 3)
+    vote, agree = gss.majority_vote(torch.tensor([[0, 1, 2], [0, 1, 1], [0, 2, 1]])[:, None, None], 3)
     assert vote.tolist() == [[[0, 1, 1]]] and torch.allclose(agree, torch.tensor([[[1, 2 / 3, 2 / 3]]]))
 
 
@@ -2300,10 +2307,10 @@ def test_evaluate_cli_saves_labels_that_reload_to_its_predictions(env, ref1, tmp
         maskige = gss.generate(model, tokenizer, item['image'][None])[0]  # (3, 2h, 2w)
         expected = (maskige * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         assert np.array_equal(np.asarray(Image.open(out / f'{stem}_maskige.png')), expected)
-        with torch.no_grad():  # the heat map of the doubt: its red channel is 255 min(1, 3 (1 - top-1 probability))
-            probs = gss.token_probs(model, model.backbone(item['image'][None]))
-        top1 = gss.token_confidence(probs, item['image'].shape[-2:])[:, :1]  # (1, 1, h, w)
-        red = 255 * (3 - 3 * F.interpolate(top1, pred.shape, mode='bilinear')[0, 0]).clamp(0, 1)  # (H, W)
+        with torch.no_grad():  # the heat map of the doubt: its red channel is 255 min(1, 3 (1 - sample agreement))
+            agree = gss.sample_agreement(model, tokenizer, inverses['GSS-FF'], model.backbone(item['image'][None]),
+                                         item['image'].shape[-2:])  # (1, 1, h, w)
+        red = 255 * (3 - 3 * F.interpolate(agree, pred.shape, mode='bilinear')[0, 0]).clamp(0, 1)  # (H, W)
         heat = np.asarray(Image.open(out / f'{stem}_confidence.png'))  # (H, W, 3)
         assert heat.shape == (*pred.shape, 3) and np.abs(heat[..., 0] - red.numpy()).max() <= 0.5 + 1e-3
         assert Image.open(out / f'{stem}_overlay.jpg').size == (pred.shape[1], pred.shape[0])
