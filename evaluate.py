@@ -238,7 +238,7 @@ def parse_args(argv=None):
     p.add_argument('--crop', type=int, help="sliding-window size (default: the preset's, 768 for Cityscapes)")
     p.add_argument('--stride', type=int, help="sliding-window stride (default: the preset's, 512 for Cityscapes)")
     p.add_argument('--images', help="segment these image files or folders instead of a dataset split (the demo)")
-    p.add_argument('--save-dir', help="write label PNGs, overlays, predicted maskiges and confidence maps here")
+    p.add_argument('--save-dir', help="write labels, overlays, maskiges, confidence maps (8 sampled decodes a window)")
     p.add_argument('--cityscapes-ids', action='store_true', help="also write *_labelIds.png for the Cityscapes server")
     p.add_argument('--device', choices=['cpu', 'cuda'], help="default cuda when available")
     args = p.parse_args(argv)
