@@ -804,12 +804,12 @@ def top_miou(score, pred, label, q, K):
 
 # the signals the numbers did not pick for the library (README: beyond the paper)
 
-def token_confidence(probs, size):
-    """Top-1 probability and 1 - entropy / log V of the token distribution (B, V, h, w) at 1/4, brought to `size` as
-    gss.aux_scores does -> (B, 2, *size) in [0, 1]."""
+def token_confidence(probs, size, stride=4):
+    """Top-1 probability and 1 - entropy / log V of the token distribution (B, V, h, w) at 1/stride (the head's
+    `tokens`, Table 3's d), brought to `size` as gss.aux_scores does -> (B, 2, *size) in [0, 1]."""
     entropy = torch.special.entr(probs).sum(1) / math.log(probs.shape[1])  # (B, h, w), 0 = one-hot, 1 = uniform
     c = torch.stack([probs.max(1).values, 1 - entropy], 1)  # (B, 2, h, w)
-    c = F.interpolate(c, (4 * c.shape[2], 4 * c.shape[3]), mode='bilinear', align_corners=False)
+    c = F.interpolate(c, (stride * c.shape[2], stride * c.shape[3]), mode='bilinear', align_corners=False)
     return c[:, :, :size[0], :size[1]].clamp(0, 1)
 
 
@@ -862,6 +862,7 @@ def bench_confidence(args):
     model, tok, inverses, palette, _ = evaluate.load_stage2(args.checkpoint, None, 'synthetic', torch.device('cpu'))
     inv, data = next(iter(inverses.values())), datasets.build_dataset('synthetic', 'val', train=False)
     K, N, n = data.num_classes, SAMPLES, min(len(data), args.images)
+    stride = model.head.tokens  # the token stride, Table 3's d
     metric = {k: evaluate.SegMetric(K) for k in ['argmax', 'soft', *(f'{w} {d}' for d in DRAWS
                                                                        for w in ('majority', 'best-of-8'))]}
     cols, times = {k: [] for k in ('label', 'gss', 'aux', *SIGNALS[:-1])}, collections.defaultdict(float)
@@ -877,16 +878,16 @@ def bench_confidence(args):
         aux = timed('aux head', lambda: F.interpolate(gss.aux_scores(model, feats, size), label.shape,
                                                       mode='bilinear').softmax(1)[0])  # (K, H, W)
         probs = timed('token softmax', gss.token_probs, model, feats)  # (1, V, h/4, w/4)
-        conf = timed('top-1 / entropy', lambda: F.interpolate(token_confidence(probs, size), label.shape,
+        conf = timed('top-1 / entropy', lambda: F.interpolate(token_confidence(probs, size, stride), label.shape,
                                                               mode='bilinear')[0])  # (2, H, W)
         margin = timed('palette margin', palette_confidence, m, palette, label.shape)[0, 0]  # (H, W)
-        soft = timed('soft decoding', tok.decode_soft, probs)[:, :, :2 * size[0], :2 * size[1]]
+        soft = gss.crop_maskige(model, timed('soft decoding', tok.decode_soft, probs), size)
         metric['argmax'].update(pred, label)
         metric['soft'].update(labels_of(soft)[0], label)
         for d, (t, k) in DRAWS.items():
             tokens = timed(f'draw 8, {d}', gss.sample_tokens, gss.token_probs(model, feats, t, k), torch.tensor([i]),
                            range(N))[:, 0]  # (N, h/4, w/4), keyed by the image index
-            ms = timed(f'decode 8 batched, {d}', tok.decode, tokens)[:, :, :2 * size[0], :2 * size[1]]
+            ms = gss.crop_maskige(model, timed(f'decode 8 batched, {d}', tok.decode, tokens), size)
             kept += [tokens] if d == 'T=1' and i < BATCHING_IMAGES else []
             sampled = labels_of(ms)  # (N, H, W)
             vote, agree[d] = gss.majority_vote(sampled[:, None], K)  # (1, H, W) each

@@ -7,8 +7,8 @@ into maskiges (X), tokenized by a frozen VQ tokenizer, predicted from images by 
     3. Tokenizer               Tokenizer (encode, decode), build_tokenizer, reconstruct, recon_scores
     4. Image encoder I_psi     build_backbone, MLA, GSSHead, GSSConfig, GSS
     5. Targets and losses      token_targets, token_cross_entropy, compute_loss (Eq. 7)
-    6. Inference               predict, generate, aux_scores, infer, slide_windows; beyond the paper token_probs,
-                               sample_tokens, majority_vote, sample_agreement
+    6. Inference               predict, generate, crop_maskige, aux_scores, infer, slide_windows; beyond the paper
+                               token_probs, sample_tokens, majority_vote, sample_agreement
     7. Official checkpoints    load_official_checkpoint, official_key, official_config
     8. Files and validation    UserError, load_file, save_atomic, load_tokenizer, convert_dalle, load_posterior
 
@@ -925,8 +925,14 @@ def generate(model, tokenizer, images, feats=None):
     model = getattr(model, 'module', model)  # through a DDP wrapper
     feats = model.backbone(images) if feats is None else feats
     tokens = token_argmax(model.head.token_features(feats), model.head.conv_seg)  # (B, ceil(H/d), ceil(W/d))
-    f = 8 // model.head.tokens
-    return tokenizer.decode(tokens)[:, :, :f * images.shape[2], :f * images.shape[3]]
+    return crop_maskige(model, tokenizer.decode(tokens), images.shape[-2:])
+
+
+def crop_maskige(model, maskige, size):
+    """A decoded maskige (B, 3, 8h, 8w) of tokens at 1/d of padded images, cropped to the images' `size` (H, W) at
+    f = 8 / d: (B, 3, fH, fW), f = 2 for tokens at 1/4 (official), 1 at 1/8 (Table 3)."""
+    f = 8 // getattr(model, 'module', model).head.tokens
+    return maskige[:, :, :f * size[0], :f * size[1]]
 
 
 # Beyond the paper: the token distribution that the argmax throws away, sampled, decoded softly and read
@@ -956,8 +962,9 @@ def sample_tokens(probs, seeds, draws):
 def majority_vote(labels, num_classes):
     """labels (N, B, H, W) of N samples -> (their per-pixel majority (B, H, W), the fraction of the N that agree with
     it (B, H, W) in [1/N, 1]). Counts as (B, K, H, W), not a one-hot per sample; ties: torch.max's pick."""
+    per_image = labels.transpose(0, 1)  # (B, N, H, W)
     counts = torch.zeros(labels.shape[1], num_classes, *labels.shape[2:], device=labels.device)  # (B, K, H, W)
-    counts.scatter_add_(1, labels.transpose(0, 1), torch.ones(labels.transpose(0, 1).shape, device=labels.device))
+    counts.scatter_add_(1, per_image, torch.ones_like(per_image, dtype=counts.dtype))
     top = counts.max(1)
     return top.indices, top.values / len(labels)
 
@@ -969,7 +976,7 @@ def sample_agreement(model, tokenizer, inverse, feats, size, n=8, temperature=1.
     majority -> (B, 1, *size) in [1/n, 1]. feats: the backbone's of images of `size`."""
     probs = token_probs(model, feats, temperature, top_k)  # (B, V, h, w)
     tokens = sample_tokens(probs, torch.zeros(len(probs), dtype=torch.long), range(n))  # (n, B, h, w)
-    maskiges = tokenizer.decode(tokens.flatten(0, 1))[:, :, :2 * size[0], :2 * size[1]]  # (n B, 3, 2H, 2W)
+    maskiges = crop_maskige(model, tokenizer.decode(tokens.flatten(0, 1)), size)  # (n B, 3, fH, fW)
     labels = torch.stack([maskige_scores(inverse, m, size).argmax(1) for m in maskiges.split(len(probs))])
     return majority_vote(labels, int(labels.max()) + 1)[1][:, None]  # labels (n, B, *size): classes seen suffice
 

@@ -206,7 +206,9 @@ class Checkpoints:
             for path in stale:
                 os.remove(path)
             log.info(f"removed {len(stale)} unfinished checkpoint file(s) of a killed run: {', '.join(stale)}")
-        self.resume = (latest if os.path.exists(latest) else None) if resume == 'auto' else resume  # None: fresh start
+        if resume == 'auto':  # `latest` if there is one, else a fresh start
+            resume = latest if os.path.exists(latest) else None
+        self.resume = resume
 
     def __enter__(self):
         self.signum = 0
